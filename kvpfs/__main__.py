@@ -1,0 +1,3 @@
+from kvpfs.cli import main
+
+raise SystemExit(main())

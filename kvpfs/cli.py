@@ -1,0 +1,190 @@
+"""The `kvpfs` command line.
+
+`kvpfs mount` runs the daemon in the foreground; `kvpfs host ...` plays the
+host's administrator against a running simulated instance. Exit codes:
+0 success, 1 the host answered with a failure status (or the key is missing),
+2 usage or validation error, 3 kvpfs not reachable or failed to start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import grp
+import json
+import logging
+import sys
+from pathlib import Path
+
+from kvpfs import __version__, control
+from kvpfs.fs import POOL_NAMES
+
+EXIT_OK = 0
+EXIT_NOT_FOUND = 1
+EXIT_USAGE = 2
+EXIT_UNAVAILABLE = 3
+
+log = logging.getLogger("kvpfs")
+
+
+def parse_pool(text: str) -> int:
+    """A pool by number (0-4) or by its directory name."""
+    if text.isdigit() and 0 <= int(text) < len(POOL_NAMES):
+        return int(text)
+    if text in POOL_NAMES:
+        return POOL_NAMES.index(text)
+    raise argparse.ArgumentTypeError(
+        f"unknown pool {text!r}: use 0-4 or one of {', '.join(POOL_NAMES)}"
+    )
+
+
+def setup_logging(debug: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.INFO,
+        format="kvpfs: %(levelname)s: %(message)s" if not debug
+        else "kvpfs: %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kvpfs", description="Hyper-V KVP pools as a filesystem (replaces hv_kvp_daemon)."
+    )
+    parser.add_argument("--version", action="version", version=f"kvpfs {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    mount = sub.add_parser("mount", help="serve the KVP device and mount the pools (foreground)")
+    mount.add_argument("mountpoint", type=Path)
+    mount.add_argument("--device", default="/dev/vmbus/hv_kvp",
+                       help="KVP device (default /dev/vmbus/hv_kvp)")
+    mount.add_argument("--pool-dir", type=Path,
+                       help="pool files directory (default /var/lib/hyperv; with --simulate"
+                            " ~/.local/state/kvpfs/simulated-pools)")
+    mount.add_argument("--simulate", action="store_true",
+                       help="run against the built-in simulated Hyper-V host")
+    mount.add_argument("--allow-other", action="store_true",
+                       help="let other users in (the kernel enforces file modes)")
+    mount.add_argument("--guest-group", help="group allowed to write guest/ (with --allow-other)")
+    mount.add_argument("--external-readable", action="store_true",
+                       help="make external/ (pool 0, may hold secrets) readable by everyone")
+    mount.add_argument("--raw", action="store_true",
+                       help="store written bytes exactly (keep a trailing newline)")
+    mount.add_argument("--control", type=Path, help="control socket path")
+    mount.add_argument("--lock-timeout", type=float, default=5.0,
+                       help="seconds to wait for another program's pool lock (default 5)")
+    mount.add_argument("--debug", action="store_true", help="log every host message")
+    mount.add_argument("--debug-fuse", action="store_true", help="libfuse request tracing")
+    mount.add_argument("-o", dest="options", action="append", default=[],
+                       help="extra FUSE mount options (comma-separated)")
+
+    host = sub.add_parser("host", help="act as the Hyper-V host of a simulated kvpfs")
+    host.add_argument("--control", type=Path, help="control socket of the kvpfs to use")
+    host.add_argument("--mount", type=Path, help="mount point of the kvpfs to use")
+    host_sub = host.add_subparsers(dest="host_command", required=True)
+    h_set = host_sub.add_parser("set", help="AddKvpItems/ModifyKvpItems: set a key in a pool")
+    h_set.add_argument("pool", type=parse_pool)
+    h_set.add_argument("key")
+    h_set.add_argument("value")
+    h_del = host_sub.add_parser("delete", help="RemoveKvpItems: delete a key")
+    h_del.add_argument("pool", type=parse_pool)
+    h_del.add_argument("key")
+    h_get = host_sub.add_parser("get", help="what the host reads for one key (by enumeration)")
+    h_get.add_argument("pool", type=parse_pool)
+    h_get.add_argument("key")
+    h_list = host_sub.add_parser("list", help="enumerate a pool as the host does")
+    h_list.add_argument("pool", type=parse_pool)
+    h_list.add_argument("--json", action="store_true")
+    return parser
+
+
+def _run_mount(args: argparse.Namespace) -> int:
+    from kvpfs.mount import MountConfig, StartupError, run
+
+    setup_logging(args.debug)
+    guest_gid = None
+    if args.guest_group:
+        try:
+            guest_gid = grp.getgrnam(args.guest_group).gr_gid
+        except KeyError:
+            if not args.guest_group.isdigit():
+                log.error("unknown group %r for --guest-group", args.guest_group)
+                return EXIT_USAGE
+            guest_gid = int(args.guest_group)
+    if not args.mountpoint.is_dir():
+        log.error("mount point %s is not a directory (create it first)", args.mountpoint)
+        return EXIT_USAGE
+    extra = [opt for group in args.options for opt in group.split(",") if opt]
+
+    def announce() -> None:
+        mnt = args.mountpoint
+        print(f"kvpfs is serving {'the simulated host' if args.simulate else args.device}"
+              f" on {mnt}. Try:", flush=True)
+        print(f"  ls {mnt}/auto_external; cat {mnt}/auto_external/VirtualMachineId", flush=True)
+        print(f"  echo Ready > {mnt}/guest/Status", flush=True)
+        if args.simulate:
+            print("  kvpfs host list guest      # what the host sees", flush=True)
+            print("  kvpfs host set external greeting hello; cat "
+                  f"{mnt}/external/greeting", flush=True)
+        print("Stop with Ctrl-C (or umount).", flush=True)
+
+    config = MountConfig(
+        mountpoint=args.mountpoint, device=args.device, pool_dir=args.pool_dir,
+        simulate=args.simulate, allow_other=args.allow_other, raw=args.raw,
+        debug_fuse=args.debug_fuse, control_path=args.control, guest_gid=guest_gid,
+        external_readable=args.external_readable, lock_timeout=args.lock_timeout,
+        extra_fuse_options=extra, on_ready=announce,
+    )
+    try:
+        run(config)
+    except StartupError as exc:
+        log.error("%s", exc)
+        return EXIT_UNAVAILABLE
+    except KeyboardInterrupt:
+        return EXIT_OK
+    return EXIT_OK
+
+
+def _run_host(args: argparse.Namespace) -> int:
+    try:
+        path = control.find_control(args.control, args.mount)
+        command = args.host_command
+        request = {"op": command, "pool": args.pool}
+        if command in ("set", "delete", "get"):
+            request["key"] = args.key
+        if command == "set":
+            request["value"] = args.value
+        answer = control.call(path, request)
+    except control.ControlError as exc:
+        print(f"kvpfs host: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    if command == "list":
+        items = answer["items"]
+        if args.json:
+            print(json.dumps({k: v for k, v in items} if len(items) == len(
+                {k for k, _ in items}) else items, ensure_ascii=False, indent=1))
+        else:
+            for key, value in items:
+                print(f"{key}\t{value}")
+        return EXIT_OK
+    if answer["status"] != 0:
+        print(f"kvpfs host {command}: {answer['status_name']}"
+              f" (0x{answer['status']:08X})", file=sys.stderr)
+        return EXIT_NOT_FOUND
+    if command == "get":
+        print(answer["value"])
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "mount":
+        return _run_mount(args)
+    if args.command == "host":
+        return _run_host(args)
+    return EXIT_USAGE
+
+
+def mount_helper_main() -> int:
+    """`mount.kvpfs` for /etc/fstab (issue: fstab support); not implemented yet."""
+    print("mount.kvpfs: not implemented yet", file=sys.stderr)
+    return EXIT_USAGE

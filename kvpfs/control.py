@@ -1,0 +1,157 @@
+"""The control socket: how `kvpfs host ...` reaches a running kvpfs.
+
+One JSON object per line each way over a Unix stream socket (mode 0600). The
+running instance names its socket in the extended attribute
+`user.kvpfs.control` of its mount root, so the command line finds it from
+/proc/self/mountinfo without being told where it is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import trio
+
+log = logging.getLogger(__name__)
+
+CONTROL_XATTR = "user.kvpfs.control"
+MAX_REQUEST = 64 * 1024
+
+Handler = Callable[[dict], Awaitable[dict]]
+
+
+class ControlError(Exception):
+    """The control socket could not be reached or answered with an error."""
+
+
+def default_control_path(mountpoint: Path) -> Path:
+    runtime = "/run" if os.geteuid() == 0 else os.environ.get("XDG_RUNTIME_DIR", "/tmp")
+    name = str(mountpoint.resolve()).strip("/").replace("/", "-") or "root"
+    return Path(runtime) / "kvpfs" / f"{name}.sock"
+
+
+async def serve(path: Path, handler: Handler, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if path.is_socket():
+        path.unlink()
+    listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)
+    try:
+        await listener.bind(str(path))
+    finally:
+        os.umask(old_umask)
+    listener.listen(16)
+    try:
+        async with trio.open_nursery() as nursery:
+            task_status.started()
+            while True:
+                conn, _ = await listener.accept()
+                nursery.start_soon(_serve_one, trio.SocketStream(conn), handler)
+    finally:
+        listener.close()
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+async def _serve_one(stream: trio.SocketStream, handler: Handler) -> None:
+    async with stream:
+        buffer = b""
+        try:
+            while b"\n" not in buffer:
+                chunk = await stream.receive_some(4096)
+                if not chunk:
+                    return
+                buffer += chunk
+                if len(buffer) > MAX_REQUEST:
+                    raise ValueError(f"request longer than {MAX_REQUEST} bytes")
+            request = json.loads(buffer.split(b"\n", 1)[0])
+            if not isinstance(request, dict):
+                raise ValueError("a request is a JSON object")
+            answer = await handler(request)
+        except (ValueError, KeyError, TypeError) as exc:
+            answer = {"error": f"bad request: {exc}"}
+        except trio.BrokenResourceError:
+            return
+        with contextlib.suppress(trio.BrokenResourceError):
+            await stream.send_all(json.dumps(answer).encode() + b"\n")
+
+
+def call(path: Path, request: dict, *, timeout: float = 60.0) -> dict:
+    """Send one request and wait for the answer (blocking; for the command line)."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(str(path))
+            sock.sendall(json.dumps(request).encode() + b"\n")
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+    except OSError as exc:
+        raise ControlError(f"cannot talk to kvpfs at {path}: {exc.strerror or exc}") from None
+    if not data:
+        raise ControlError(f"kvpfs at {path} closed the connection without an answer")
+    answer = json.loads(data)
+    if "error" in answer:
+        raise ControlError(answer["error"])
+    return answer
+
+
+def kvpfs_mounts() -> list[Path]:
+    """Mount points of kvpfs filesystems visible to this process."""
+    mounts = []
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                fields = line.split()
+                sep = fields.index("-")
+                if fields[sep + 1] == "fuse.kvpfs":
+                    mounts.append(Path(_unescape_mountinfo(fields[4])))
+    except OSError:
+        pass
+    return mounts
+
+
+def _unescape_mountinfo(text: str) -> str:
+    out, i = [], 0
+    while i < len(text):
+        if text[i] == "\\" and text[i + 1 : i + 4].isdigit():
+            out.append(chr(int(text[i + 1 : i + 4], 8)))
+            i += 4
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)
+
+
+def find_control(explicit: Path | None = None, mountpoint: Path | None = None) -> Path:
+    """The control socket to use: given, from a named mount, or the only running mount."""
+    if explicit is not None:
+        return explicit
+    candidates = [mountpoint] if mountpoint is not None else kvpfs_mounts()
+    found = []
+    for mount in candidates:
+        try:
+            found.append(Path(os.getxattr(mount, CONTROL_XATTR).decode()))
+        except OSError:
+            continue
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise ControlError(
+            "no running kvpfs found (no fuse.kvpfs mount in /proc/self/mountinfo);"
+            " start one with `kvpfs mount MOUNTPOINT --simulate` or pass --control PATH"
+        )
+    raise ControlError(
+        "several kvpfs mounts are running ("
+        + ", ".join(str(m) for m in candidates)
+        + "); choose one with --mount MOUNTPOINT or --control PATH"
+    )

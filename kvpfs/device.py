@@ -1,0 +1,106 @@
+"""Opening `/dev/vmbus/hv_kvp` and moving whole 7432-byte messages over it.
+
+The kernel's device is exclusive (EBUSY for a second opener), reads exactly
+one message at a time (EINVAL for a shorter buffer) and supports poll; its read
+blocks whatever O_NONBLOCK says, so we only read once poll reports a message.
+The simulated host hands out a socket pair instead, and the same `Channel`
+works for both: all that matters is an fd that carries one message per
+read/write.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from typing import Protocol
+
+import trio
+
+from kvpfs.protocol import MESSAGE_SIZE
+
+DEFAULT_DEVICE = "/dev/vmbus/hv_kvp"
+
+
+class DeviceUnavailable(Exception):
+    """The device cannot be used at all; the message says why and what to do."""
+
+
+class Channel:
+    """One open device (or simulated device) fd."""
+
+    def __init__(self, fd: int, name: str) -> None:
+        self.fd = fd
+        self.name = name
+        os.set_blocking(fd, False)
+
+    async def read_message(self) -> bytes:
+        while True:
+            await trio.lowlevel.wait_readable(self.fd)
+            try:
+                data = os.read(self.fd, MESSAGE_SIZE)
+            except BlockingIOError:
+                continue
+            if len(data) != MESSAGE_SIZE:
+                raise OSError(
+                    errno.EIO,
+                    f"{self.name}: read returned {len(data)} bytes, expected one"
+                    f" {MESSAGE_SIZE}-byte message",
+                )
+            return data
+
+    async def write_message(self, message: bytes) -> None:
+        assert len(message) == MESSAGE_SIZE
+        while True:
+            try:
+                written = os.write(self.fd, message)
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(self.fd)
+                continue
+            if written != MESSAGE_SIZE:
+                raise OSError(errno.EIO, f"{self.name}: short write of {written} bytes")
+            return
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            trio.lowlevel.notify_closing(self.fd)
+            os.close(self.fd)
+            self.fd = -1
+
+
+class Opener(Protocol):
+    name: str
+
+    async def open(self) -> Channel: ...
+
+
+class CharDevice:
+    """The real kernel device."""
+
+    def __init__(self, path: str = DEFAULT_DEVICE) -> None:
+        self.path = path
+        self.name = path
+
+    async def open(self) -> Channel:
+        try:
+            fd = await trio.to_thread.run_sync(
+                os.open, self.path, os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK
+            )
+        except FileNotFoundError:
+            raise DeviceUnavailable(
+                f"{self.path} does not exist: this does not look like a Hyper-V guest"
+                " (or the hv_utils module is not loaded). To try kvpfs without Hyper-V, add"
+                " --simulate to run against the built-in simulated host."
+            ) from None
+        except OSError as exc:
+            if exc.errno == errno.EBUSY:
+                raise DeviceUnavailable(
+                    f"{self.path} is busy: another KVP daemon holds it, most likely"
+                    " hv_kvp_daemon (stop it first: systemctl stop hv-kvp-daemon.service"
+                    " hypervkvpd.service). The device allows only one opener."
+                ) from None
+            if exc.errno in (errno.EACCES, errno.EPERM):
+                raise DeviceUnavailable(
+                    f"cannot open {self.path}: {exc.strerror}; kvpfs must run as root"
+                ) from None
+            raise
+        return Channel(fd, self.path)

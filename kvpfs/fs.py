@@ -1,0 +1,805 @@
+"""FUSE semantics for the KVP pools: each pool a directory, each key a file.
+
+This module only translates between the kernel's requests and the `Store`
+(plus `Intrinsics` for pool 2); it never mounts anything (see `mount.py`) and
+never calls pyfuse3's invalidation functions from a handler: invalidations
+are queued to `invalidator()`, a separate task that runs them in a worker
+thread.
+
+Writes are buffered per open file and committed when the file is closed
+(flush), so the host never sees half a value. Only `guest` (pool 1) is
+writable. Names starting with `.` in `guest` are scratch files kept in memory
+until renamed to a key, which is how editors, `sed -i` and rsync save.
+
+Every handler is wrapped by `_handler`: anything but FUSEError becomes EIO and
+a log line, because any other exception would end pyfuse3's main loop and
+leave a dead mount.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+import time
+from bisect import bisect_right
+from dataclasses import dataclass, field
+
+import pyfuse3
+import trio
+
+from kvpfs import names
+from kvpfs.intrinsic import KEYS as INTRINSIC_KEYS
+from kvpfs.intrinsic import Intrinsics
+from kvpfs.poolfile import LockTimeout, PoolFileError
+from kvpfs.store import AUTO_POOL, KEY_MAX_BYTES, VALUE_MAX_BYTES, Change, Origin, Store
+
+log = logging.getLogger(__name__)
+
+GUEST = 1
+POOL_NAMES = ("external", "guest", "auto", "auto_external", "auto_internal")
+ROOT_INODE = pyfuse3.ROOT_INODE
+DIR_INODES = tuple(ROOT_INODE + 1 + pool for pool in range(5))  # 2..6
+LINK_INODES = tuple(ROOT_INODE + 6 + pool for pool in range(5))  # 7..11
+FIRST_KEY_INODE = 100
+
+# The host's limits for what the guest sends (the kernel truncates silently beyond them).
+KEY_MAX_UNITS = 254
+VALUE_MAX_UNITS = 1022
+
+TTL = 1.0  # attribute/entry cache; host changes are also invalidated explicitly
+XATTR_KEY = b"user.kvp.key"
+XATTR_POOL = b"user.kvp.pool"
+XATTR_CONTROL = b"user.kvpfs.control"
+
+
+def _handler(method):
+    """Let only FUSEError out of a handler; anything else is logged and becomes EIO."""
+
+    @functools.wraps(method)
+    async def wrapper(*args, **kwargs):
+        try:
+            return await method(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except LockTimeout as exc:
+            log.warning("%s: pool file stayed locked: %s (held by %s)",
+                        method.__name__, exc, exc.holders or "unknown")
+            raise pyfuse3.FUSEError(errno.EBUSY) from None
+        except PoolFileError as exc:
+            log.error("%s: %s", method.__name__, exc)
+            code = errno.ENOSPC if exc.errno == errno.ENOSPC else errno.EIO
+            raise pyfuse3.FUSEError(code) from None
+        except Exception:
+            log.exception("unexpected error in %s; answered EIO", method.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+def utf16_units(data: bytes) -> int:
+    return len(data.decode("utf-8").encode("utf-16-le")) // 2
+
+
+@dataclass(frozen=True)
+class Permissions:
+    """Mode bits shown to the kernel, which enforces them (default_permissions).
+
+    `external` (pool 0) often carries secrets (user data, keys): root only by
+    default. `guest` is writable by its owner and, if set, by `guest_gid`.
+    """
+
+    uid: int = 0
+    gid: int = 0
+    guest_gid: int | None = None
+    external_readable: bool = False
+
+    def dir_mode(self, pool: int) -> int:
+        if pool == GUEST:
+            return 0o775 if self.guest_gid is not None else 0o755
+        if pool == 0 and not self.external_readable:
+            return 0o500
+        return 0o555
+
+    def file_mode(self, pool: int) -> int:
+        if pool == GUEST:
+            return 0o664 if self.guest_gid is not None else 0o644
+        if pool == 0 and not self.external_readable:
+            return 0o400
+        return 0o444
+
+    def group(self, pool: int) -> int:
+        return self.guest_gid if pool == GUEST and self.guest_gid is not None else self.gid
+
+
+@dataclass(eq=False)
+class Node:
+    """A key (or scratch) file; its inode number is never reused."""
+
+    ino: int
+    pool: int
+    key: bytes | None  # None for a scratch file
+    name: bytes
+    lookups: int = 0
+    handles: int = 0
+    linked: bool = True
+    pending: bool = False  # created through the mount, not committed yet
+    content: bytes = b""  # scratch files and pending keys only
+    last_size: int = 0
+    mtime_ns: int = field(default_factory=time.time_ns)
+    ctime_ns: int = 0
+    atime_ns: int = 0
+    mode: int | None = None  # chmod/chown are accepted and remembered, not stored in pools
+    uid: int | None = None
+    gid: int | None = None
+
+
+@dataclass(eq=False)
+class Handle:
+    node: Node
+    buffer: bytearray
+    writable: bool
+    append: bool
+    dirty: bool = False
+    failed: bool = False
+
+
+class KvpOperations(pyfuse3.Operations):
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+
+    def __init__(
+        self,
+        store: Store,
+        intrinsics: Intrinsics,
+        *,
+        raw: bool = False,
+        permissions: Permissions | None = None,
+        control_path: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.store = store
+        self.intrinsics = intrinsics
+        self.raw = raw
+        self.perm = permissions or Permissions(uid=os.getuid(), gid=os.getgid())
+        self.control_path = control_path
+        self.started_ns = time.time_ns()
+        self._next_ino = FIRST_KEY_INODE
+        self._nodes: dict[int, Node] = {}
+        self._by_key: dict[tuple[int, bytes], Node] = {}
+        self._guest_extra: dict[bytes, Node] = {}  # name -> scratch or pending node
+        self._handles: dict[int, Handle] = {}
+        self._dir_handles: dict[int, list[tuple[int, bytes, Node | None]]] = {}
+        self._next_fh = 1
+        self._guest_lock = trio.Lock()
+        self._invalidations_send, self._invalidations = trio.open_memory_channel(float("inf"))
+        store.add_listener(self.on_store_change)
+
+    # ================================================================ nodes
+    def _new_ino(self) -> int:
+        ino = self._next_ino
+        self._next_ino += 1
+        return ino
+
+    def _key_node(self, pool: int, key: bytes) -> Node:
+        node = self._by_key.get((pool, key))
+        if node is None:
+            node = Node(self._new_ino(), pool, key, names.key_to_name(key))
+            node.mtime_ns = node.ctime_ns = self.store.states[pool].mtime_ns or self.started_ns
+            self._nodes[node.ino] = node
+            self._by_key[(pool, key)] = node
+        return node
+
+    def _unlink_node(self, node: Node) -> None:
+        node.linked = False
+        if node.key is not None and self._by_key.get((node.pool, node.key)) is node:
+            del self._by_key[(node.pool, node.key)]
+        if self._guest_extra.get(node.name) is node:
+            del self._guest_extra[node.name]
+        self._maybe_drop(node)
+
+    def _maybe_drop(self, node: Node) -> None:
+        if not node.linked and node.lookups <= 0 and node.handles <= 0:
+            self._nodes.pop(node.ino, None)
+
+    def _value(self, node: Node) -> bytes | None:
+        """The current value of a key node, None if it no longer exists."""
+        if node.key is None or node.pending:
+            return node.content
+        if node.pool == AUTO_POOL:
+            return None  # computed by _auto_value
+        return self.store.get(node.pool, node.key)
+
+    async def _auto_value(self, node: Node) -> bytes:
+        index = INTRINSIC_KEYS.index(node.key.decode())
+        if self.intrinsics.needs_thread(index):
+            item = await trio.to_thread.run_sync(self.intrinsics.value, index)
+        else:
+            item = self.intrinsics.value(index)
+        return item[1].encode()
+
+    async def _current(self, node: Node) -> bytes | None:
+        if node.pool == AUTO_POOL and node.key is not None:
+            return await self._auto_value(node)
+        return self._value(node)
+
+    def _find(self, pool: int, name: bytes) -> Node | None:
+        """The live node for `name` in a pool directory, or None."""
+        if pool == GUEST:
+            extra = self._guest_extra.get(name)
+            if extra is not None:
+                return extra
+            if name.startswith(b"."):
+                return None
+        if pool == AUTO_POOL:
+            try:
+                key = names.name_to_key(name)
+            except names.InvalidName:
+                return None
+            return self._key_node(pool, key) if key.decode() in INTRINSIC_KEYS else None
+        if names.is_shortened(name):
+            for key in self.store.states[pool].unique_keys():
+                if names.key_to_name(key) == name:
+                    return self._key_node(pool, key)
+            return None
+        try:
+            key = names.name_to_key(name)
+        except names.InvalidName:
+            return None
+        if self.store.get(pool, key) is None:
+            return None
+        return self._key_node(pool, key)
+
+    # ================================================================ attributes
+    def _base_attr(self, ino: int, mode: int, size: int, mtime_ns: int, ttl: float = TTL):
+        attr = pyfuse3.EntryAttributes()
+        attr.st_ino = ino
+        attr.st_mode = mode
+        attr.st_size = size
+        attr.st_uid = self.perm.uid
+        attr.st_gid = self.perm.gid
+        attr.st_nlink = 1
+        attr.st_blksize = 4096
+        attr.st_blocks = (size + 511) // 512
+        attr.st_mtime_ns = attr.st_ctime_ns = attr.st_atime_ns = mtime_ns
+        attr.entry_timeout = ttl
+        attr.attr_timeout = ttl
+        return attr
+
+    async def _attr(self, ino: int):
+        if ino == ROOT_INODE:
+            attr = self._base_attr(ino, stat.S_IFDIR | 0o555, 0, self.started_ns, 60)
+            attr.st_nlink = 2 + len(POOL_NAMES)
+            return attr
+        if ino in DIR_INODES:
+            pool = DIR_INODES.index(ino)
+            mtime = self.store.states[pool].mtime_ns or self.started_ns
+            attr = self._base_attr(ino, stat.S_IFDIR | self.perm.dir_mode(pool), 0, mtime)
+            attr.st_nlink = 2
+            attr.st_gid = self.perm.group(pool)
+            return attr
+        if ino in LINK_INODES:
+            target = POOL_NAMES[LINK_INODES.index(ino)].encode()
+            return self._base_attr(ino, stat.S_IFLNK | 0o777, len(target), self.started_ns, 60)
+        node = self._nodes.get(ino)
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return await self._node_attr(node)
+
+    async def _node_attr(self, node: Node):
+        value = await self._current(node) if node.linked else None
+        if value is not None:
+            node.last_size = len(value)
+        ttl = TTL if node.pool != AUTO_POOL else 0.5
+        mode = node.mode if node.mode is not None else self.perm.file_mode(node.pool)
+        attr = self._base_attr(node.ino, stat.S_IFREG | mode, node.last_size, node.mtime_ns, ttl)
+        attr.st_ctime_ns = max(node.ctime_ns, node.mtime_ns)
+        if node.atime_ns:
+            attr.st_atime_ns = node.atime_ns
+        attr.st_uid = node.uid if node.uid is not None else self.perm.uid
+        attr.st_gid = node.gid if node.gid is not None else self.perm.group(node.pool)
+        attr.st_nlink = 1 if node.linked else 0
+        return attr
+
+    # ================================================================ lookup & dirs
+    @_handler
+    async def lookup(self, parent_inode, name, ctx=None):
+        if parent_inode == ROOT_INODE:
+            if name in (b".", b".."):
+                return await self._attr(ROOT_INODE)
+            for pool, pool_name in enumerate(POOL_NAMES):
+                if name == pool_name.encode():
+                    return await self._attr(DIR_INODES[pool])
+                if name == str(pool).encode():
+                    return await self._attr(LINK_INODES[pool])
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        pool = self._pool_of_dir(parent_inode)
+        if name == b".":
+            return await self._attr(parent_inode)
+        if name == b"..":
+            return await self._attr(ROOT_INODE)
+        node = self._find(pool, name)
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        attr = await self._node_attr(node)
+        node.lookups += 1
+        return attr
+
+    def _pool_of_dir(self, inode: int) -> int:
+        if inode in DIR_INODES:
+            return DIR_INODES.index(inode)
+        raise pyfuse3.FUSEError(errno.ENOTDIR if inode in self._nodes else errno.ENOENT)
+
+    @_handler
+    async def getattr(self, inode, ctx=None):
+        return await self._attr(inode)
+
+    @_handler
+    async def readlink(self, inode, ctx):
+        if inode in LINK_INODES:
+            return POOL_NAMES[LINK_INODES.index(inode)].encode()
+        raise pyfuse3.FUSEError(errno.EINVAL)
+
+    @_handler
+    async def opendir(self, inode, ctx):
+        if inode == ROOT_INODE:
+            entries: list[tuple[int, bytes, Node | None]] = []
+            entries += [(DIR_INODES[p], n.encode(), None) for p, n in enumerate(POOL_NAMES)]
+            entries += [(LINK_INODES[p], str(p).encode(), None) for p in range(len(POOL_NAMES))]
+        else:
+            pool = self._pool_of_dir(inode)
+            if pool == AUTO_POOL:
+                nodes = [self._key_node(pool, k.encode()) for k in INTRINSIC_KEYS]
+            else:
+                nodes = [self._key_node(pool, key) for key in self.store.states[pool].unique_keys()]
+                if pool == GUEST:
+                    seen = {n.ino for n in nodes}
+                    nodes += [n for n in self._guest_extra.values() if n.ino not in seen]
+            entries = [(n.ino, n.name, n) for n in nodes]
+        entries.sort(key=lambda entry: entry[0])  # inode order: stable next_id
+        fh = self._next_fh
+        self._next_fh += 1
+        self._dir_handles[fh] = entries
+        return fh
+
+    @_handler
+    async def readdir(self, fh, start_id, token):
+        entries = self._dir_handles.get(fh)
+        if entries is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        position = bisect_right(entries, start_id, key=lambda entry: entry[0])
+        for ino, name, node in entries[position:]:
+            if node is not None and not node.linked:
+                continue
+            attr = await (self._node_attr(node) if node is not None else self._attr(ino))
+            if not pyfuse3.readdir_reply(token, name, attr, ino):
+                return
+            if node is not None:
+                node.lookups += 1
+
+    @_handler
+    async def releasedir(self, fh):
+        self._dir_handles.pop(fh, None)
+
+    async def forget(self, inode_list):
+        # Must not raise: no _handler, nothing in here can fail.
+        for inode, count in inode_list:
+            node = self._nodes.get(inode)
+            if node is not None:
+                node.lookups -= count
+                self._maybe_drop(node)
+
+    @_handler
+    async def statfs(self, ctx):
+        st = pyfuse3.StatvfsData()
+        st.f_bsize = st.f_frsize = 2560
+        records = sum(len(s.records) for s in self.store.states)
+        st.f_blocks = records
+        st.f_files = records + len(self._guest_extra)
+        st.f_namemax = names.NAME_MAX
+        return st
+
+    # ================================================================ reading
+    @_handler
+    async def open(self, inode, flags, ctx):
+        node = self._nodes.get(inode)
+        if node is None or not node.linked:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        writable = (flags & os.O_ACCMODE) != os.O_RDONLY
+        truncate = bool(flags & os.O_TRUNC)
+        if (writable or truncate) and node.pool != GUEST:
+            log.info("refused write to %s/%s: only guest is writable",
+                     POOL_NAMES[node.pool], node.name.decode(errors="replace"))
+            raise pyfuse3.FUSEError(errno.EACCES)
+        value = await self._current(node)
+        if value is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        handle = Handle(node, bytearray() if truncate else bytearray(value), writable,
+                        bool(flags & os.O_APPEND), dirty=truncate)
+        return self._new_handle(handle)
+
+    def _new_handle(self, handle: Handle):
+        fh = self._next_fh
+        self._next_fh += 1
+        self._handles[fh] = handle
+        handle.node.handles += 1
+        # Fresh data on every open: the value may have changed behind the page cache.
+        return pyfuse3.FileInfo(fh=fh, keep_cache=False, direct_io=False)
+
+    def _handle(self, fh: int) -> Handle:
+        handle = self._handles.get(fh)
+        if handle is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        return handle
+
+    @_handler
+    async def read(self, fh, off, size):
+        return bytes(self._handle(fh).buffer[off : off + size])
+
+    # ================================================================ writing
+    @_handler
+    async def write(self, fh, off, buf):
+        handle = self._handle(fh)
+        if not handle.writable:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        data = handle.buffer
+        if handle.append:
+            off = len(data)  # the kernel's offset comes from a possibly stale size
+        if off > len(data):
+            data.extend(b"\0" * (off - len(data)))
+        data[off : off + len(buf)] = buf
+        handle.dirty = True
+        error = self._early_check(handle)
+        if error:
+            handle.failed = True
+            raise pyfuse3.FUSEError(error)
+        return len(buf)
+
+    def _early_check(self, handle: Handle) -> int:
+        """Refuse a write as soon as the value can no longer become valid."""
+        if handle.node.key is None:
+            return 0  # scratch files take anything until renamed to a key
+        data = bytes(handle.buffer)
+        limit = VALUE_MAX_BYTES + (0 if self.raw else 1)
+        if len(data) > limit:
+            self._refuse(handle.node, "value longer than 2047 bytes (and 1022 UTF-16 units)")
+            return errno.EFBIG
+        if b"\0" in data:
+            self._refuse(handle.node, "value contains a NUL byte")
+            return errno.EINVAL
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            if exc.reason != "unexpected end of data":
+                self._refuse(handle.node, f"value is not UTF-8 (byte {exc.start})")
+                return errno.EILSEQ
+        return 0
+
+    def _refuse(self, node: Node, why: str) -> None:
+        log.warning("refused value for %s/%s: %s; nothing stored",
+                    POOL_NAMES[node.pool], node.name.decode(errors="replace"), why)
+
+    def _final_value(self, node: Node, data: bytes) -> bytes:
+        """The value to publish, or FUSEError naming the broken limit."""
+        if not self.raw and data.endswith(b"\n"):
+            data = data[:-1]
+        if b"\0" in data:
+            self._refuse(node, "value contains a NUL byte")
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        try:
+            units = utf16_units(data)
+        except UnicodeDecodeError as exc:
+            self._refuse(node, f"value is not UTF-8 (byte {exc.start})")
+            raise pyfuse3.FUSEError(errno.EILSEQ) from None
+        if units > VALUE_MAX_UNITS or len(data) > VALUE_MAX_BYTES:
+            self._refuse(node, f"value is {units} UTF-16 units / {len(data)} bytes; the host"
+                               f" takes at most {VALUE_MAX_UNITS} units")
+            raise pyfuse3.FUSEError(errno.EFBIG)
+        return data
+
+    def _checked_key(self, name: bytes) -> bytes:
+        try:
+            key = names.name_to_key(name)
+        except names.InvalidName as exc:
+            log.warning("refused name %r in guest: %s", name, exc)
+            raise pyfuse3.FUSEError(errno.EINVAL) from None
+        units = utf16_units(key)
+        if units > KEY_MAX_UNITS or len(key) > KEY_MAX_BYTES:
+            log.warning("refused key %r: %d UTF-16 units; the host takes at most %d",
+                        key, units, KEY_MAX_UNITS)
+            raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
+        return key
+
+    async def _commit(self, handle: Handle) -> None:
+        """Publish what the handle holds (at flush, fsync, release)."""
+        if not handle.dirty or handle.failed:
+            return
+        node = handle.node
+        if node.key is None:  # scratch: keep exact bytes until renamed
+            node.content = bytes(handle.buffer)
+            node.mtime_ns = time.time_ns()
+            handle.dirty = False
+            return
+        value = self._final_value(node, bytes(handle.buffer))
+        async with self._guest_lock:
+            if node.linked:
+                await self._publish(node, value)
+        handle.dirty = False
+
+    async def _publish(self, node: Node, value: bytes) -> None:
+        """Store a guest key's value; the caller holds _guest_lock."""
+        assert node.key is not None
+        await self.store.set(GUEST, node.key, value, Origin.MOUNT)
+        if node.pending:
+            node.pending = False
+            node.content = b""
+            if self._guest_extra.get(node.name) is node:
+                del self._guest_extra[node.name]
+        node.last_size = len(value)
+        node.mtime_ns = node.ctime_ns = time.time_ns()
+
+    @_handler
+    async def flush(self, fh):
+        await self._commit(self._handle(fh))
+
+    @_handler
+    async def fsync(self, fh, datasync):
+        await self._commit(self._handle(fh))
+
+    @_handler
+    async def release(self, fh):
+        handle = self._handles.pop(fh, None)
+        if handle is None:
+            return
+        handle.node.handles -= 1
+        try:
+            await self._commit(handle)
+        finally:
+            self._maybe_drop(handle.node)
+
+    @_handler
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        pool = self._pool_of_dir(parent_inode)
+        if pool != GUEST:
+            raise pyfuse3.FUSEError(errno.EACCES)
+        async with self._guest_lock:
+            node = self._find(pool, name)
+            if node is None:
+                if name.startswith(b"."):
+                    node = Node(self._new_ino(), GUEST, None, name)
+                else:
+                    key = self._checked_key(name)
+                    node = Node(self._new_ino(), GUEST, key, name, pending=True)
+                    self._by_key[(GUEST, key)] = node
+                self._nodes[node.ino] = node
+                self._guest_extra[name] = node
+            elif flags & os.O_EXCL:
+                raise pyfuse3.FUSEError(errno.EEXIST)
+        value = await self._current(node)
+        truncate = bool(flags & os.O_TRUNC) or node.pending
+        handle = Handle(node, bytearray() if truncate else bytearray(value or b""), True,
+                        bool(flags & os.O_APPEND), dirty=True)
+        info = self._new_handle(handle)
+        attr = await self._node_attr(node)
+        node.lookups += 1
+        return info, attr
+
+    @_handler
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        node = self._nodes.get(inode)
+        if node is None:
+            if inode in (ROOT_INODE, *DIR_INODES, *LINK_INODES):
+                raise pyfuse3.FUSEError(errno.EACCES)
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        if node.pool != GUEST:
+            raise pyfuse3.FUSEError(errno.EACCES)
+        if fields.update_size:
+            await self._truncate(node, attr.st_size, fh)
+        now = time.time_ns()
+        if fields.update_mode:
+            node.mode = stat.S_IMODE(attr.st_mode)
+        if fields.update_uid:
+            node.uid = attr.st_uid
+        if fields.update_gid:
+            node.gid = attr.st_gid
+        if fields.update_mtime:
+            node.mtime_ns = attr.st_mtime_ns
+        if fields.update_atime:
+            node.atime_ns = attr.st_atime_ns
+        node.ctime_ns = now
+        return await self._node_attr(node)
+
+    async def _truncate(self, node: Node, size: int, fh) -> None:
+        handle = self._handles.get(fh) if fh is not None else None
+        if handle is not None:
+            del handle.buffer[size:]
+            handle.buffer.extend(b"\0" * (size - len(handle.buffer)))
+            handle.dirty = True
+            error = self._early_check(handle)
+            if error:
+                handle.failed = True
+                raise pyfuse3.FUSEError(error)
+            return
+        current = await self._current(node) or b""
+        data = current[:size] + b"\0" * max(0, size - len(current))
+        if node.key is None:
+            node.content = data
+            return
+        # truncate(2) by path: there is no close to wait for, publish now
+        # (never strip a newline here: nothing was written).
+        value = data
+        if b"\0" in value:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        async with self._guest_lock:
+            if node.linked:
+                await self._publish(node, value)
+
+    @_handler
+    async def unlink(self, parent_inode, name, ctx):
+        pool = self._pool_of_dir(parent_inode)
+        if pool != GUEST:
+            raise pyfuse3.FUSEError(errno.EACCES)
+        async with self._guest_lock:
+            node = self._find(pool, name)
+            if node is None:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            if node.key is not None and not node.pending:
+                await self.store.delete(GUEST, node.key, Origin.MOUNT)
+            self._unlink_node(node)
+
+    @_handler
+    async def rename(self, parent_old, name_old, parent_new, name_new, flags, ctx):
+        pool_old = self._pool_of_dir(parent_old)
+        pool_new = self._pool_of_dir(parent_new)
+        if pool_old != GUEST or pool_new != GUEST:
+            raise pyfuse3.FUSEError(errno.EACCES if GUEST not in (pool_old, pool_new)
+                                    or pool_old == pool_new else errno.EXDEV)
+        if flags & ~pyfuse3.RENAME_NOREPLACE:
+            raise pyfuse3.FUSEError(errno.EINVAL)  # RENAME_EXCHANGE, RENAME_WHITEOUT
+        async with self._guest_lock:
+            node = self._find(GUEST, name_old)
+            if node is None:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            if name_new == name_old:
+                return
+            target = self._find(GUEST, name_new)
+            if target is not None and flags & pyfuse3.RENAME_NOREPLACE:
+                raise pyfuse3.FUSEError(errno.EEXIST)
+            new_key = None if name_new.startswith(b".") else self._checked_key(name_new)
+            value = await self._current(node) or b""
+            if new_key is not None:
+                if node.key is None:
+                    value = self._final_value(node, value)  # scratch bytes become a value
+                await self.store.set(GUEST, new_key, value, Origin.MOUNT)
+            if node.key is not None and not node.pending:
+                await self.store.delete(GUEST, node.key, Origin.MOUNT)
+            if target is not None and target is not node:
+                self._unlink_node(target)
+            # The same inode lives on under its new name.
+            if node.key is not None and self._by_key.get((GUEST, node.key)) is node:
+                del self._by_key[(GUEST, node.key)]
+            if self._guest_extra.get(node.name) is node:
+                del self._guest_extra[node.name]
+            node.name = name_new
+            node.key = new_key
+            node.pending = False
+            node.ctime_ns = time.time_ns()
+            if new_key is None:
+                node.content = value
+                self._guest_extra[name_new] = node
+            else:
+                node.content = b""
+                node.last_size = len(value)
+                self._by_key[(GUEST, new_key)] = node
+
+    @_handler
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        raise pyfuse3.FUSEError(errno.EPERM if parent_inode == DIR_INODES[GUEST]
+                                else errno.EACCES)
+
+    @_handler
+    async def rmdir(self, parent_inode, name, ctx):
+        raise pyfuse3.FUSEError(errno.EACCES)
+
+    @_handler
+    async def symlink(self, parent_inode, name, target, ctx):
+        raise pyfuse3.FUSEError(errno.EPERM if parent_inode == DIR_INODES[GUEST]
+                                else errno.EACCES)
+
+    @_handler
+    async def link(self, inode, new_parent_inode, new_name, ctx):
+        raise pyfuse3.FUSEError(errno.EPERM if new_parent_inode == DIR_INODES[GUEST]
+                                else errno.EACCES)
+
+    @_handler
+    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        raise pyfuse3.FUSEError(errno.EPERM if parent_inode == DIR_INODES[GUEST]
+                                else errno.EACCES)
+
+    # ================================================================ xattrs
+    @_handler
+    async def getxattr(self, inode, name, ctx):
+        if inode == ROOT_INODE and name == XATTR_CONTROL and self.control_path:
+            return self.control_path.encode()
+        node = self._nodes.get(inode)
+        if node is not None and node.key is not None:
+            if name == XATTR_KEY:
+                return node.key
+            if name == XATTR_POOL:
+                return str(node.pool).encode()
+        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+
+    @_handler
+    async def listxattr(self, inode, ctx):
+        if inode == ROOT_INODE and self.control_path:
+            return [XATTR_CONTROL]
+        node = self._nodes.get(inode)
+        if node is not None and node.key is not None:
+            return [XATTR_KEY, XATTR_POOL]
+        return []
+
+    @_handler
+    async def setxattr(self, inode, name, value, ctx):
+        raise pyfuse3.FUSEError(errno.ENOTSUP)
+
+    @_handler
+    async def removexattr(self, inode, name, ctx):
+        raise pyfuse3.FUSEError(errno.ENOTSUP)
+
+    # ================================================================ host changes
+    async def on_store_change(self, changes: list[Change]) -> None:
+        """Store listener: bring our nodes and the kernel's caches up to date.
+
+        Changes made through the mount are already known to the kernel, except
+        that a dropped trailing newline makes a value shorter than written:
+        those get an attribute refresh without waiting. For changes from the
+        host or other programs, wait (bounded) until the kernel has dropped its
+        caches, so that the host's next request and the next `cat` agree.
+        """
+        pending = []
+        for change in changes:
+            node = self._by_key.get((change.pool, change.key))
+            if node is None:
+                continue
+            if change.origin is Origin.MOUNT:
+                if change.kind == "set":
+                    self._invalidations_send.send_nowait(("attr", node.ino, None, None))
+                continue
+            node.mtime_ns = node.ctime_ns = time.time_ns()
+            done = trio.Event()
+            if change.kind == "set":
+                self._invalidations_send.send_nowait(("inode", node.ino, None, done))
+            else:
+                name = node.name
+                self._unlink_node(node)
+                self._invalidations_send.send_nowait(
+                    ("entry", DIR_INODES[change.pool], (name, node.ino), done)
+                )
+            pending.append(done)
+        if pending:
+            with trio.move_on_after(1.0):
+                for done in pending:
+                    await done.wait()
+
+    async def invalidator(self) -> None:
+        """Run kernel cache invalidations, one at a time, in a worker thread.
+
+        Never from a handler: invalidating inside one can deadlock the kernel
+        against our own single thread (fuse-pyfuse3.md 1.8).
+        """
+        async for kind, ino, arg, done in self._invalidations:
+            try:
+                if kind == "attr":
+                    await trio.to_thread.run_sync(pyfuse3.invalidate_inode, ino, True)
+                elif kind == "inode":
+                    await trio.to_thread.run_sync(pyfuse3.invalidate_inode, ino)
+                else:
+                    name, deleted = arg
+                    await trio.to_thread.run_sync(pyfuse3.invalidate_entry, ino, name, deleted)
+            except (FileNotFoundError, OSError) as exc:
+                log.debug("invalidation %s of %d: %s", kind, ino, exc)
+            finally:
+                if done is not None:
+                    done.set()

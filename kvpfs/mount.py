@@ -1,0 +1,204 @@
+"""Lifecycle of one kvpfs instance: device, store, filesystem, all in one nursery.
+
+Order matters. The pool files are opened and the device is registered before
+anything is mounted, so a missing or busy device is reported without leaving
+a mount behind. Then the filesystem is mounted, readiness is announced (stdout
+line, systemd's READY=1), and every task runs until SIGINT/SIGTERM or an
+unmount from outside ends pyfuse3's main loop; cancelling the nursery then
+unwinds everything and the mount is removed.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import socket
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from kvpfs import __version__, control
+from kvpfs.device import CharDevice, DeviceUnavailable
+from kvpfs.fs import KvpOperations, Permissions
+from kvpfs.intrinsic import FqdnCache, Intrinsics
+from kvpfs.poolfile import PoolFileError
+from kvpfs.server import DeviceServer, RegistrationRefused
+from kvpfs.simulator import SimulatedHost
+from kvpfs.store import Store, default_pool_dir
+
+log = logging.getLogger(__name__)
+
+
+class StartupError(Exception):
+    """kvpfs cannot start; the message says why and what to do."""
+
+
+@dataclass
+class MountConfig:
+    mountpoint: Path
+    device: str = "/dev/vmbus/hv_kvp"
+    pool_dir: Path | None = None
+    simulate: bool = False
+    allow_other: bool = False
+    raw: bool = False
+    debug_fuse: bool = False
+    control_path: Path | None = None
+    guest_gid: int | None = None
+    external_readable: bool = False
+    lock_timeout: float = 5.0
+    extra_fuse_options: list[str] = field(default_factory=list)
+    on_ready: Callable[[], None] | None = None
+
+    def resolved_pool_dir(self) -> Path:
+        return self.pool_dir or default_pool_dir(self.simulate)
+
+
+def clear_stale_mount(mountpoint: Path) -> None:
+    """Unmount a dead FUSE mount left by a killed instance ("Transport endpoint...")."""
+    try:
+        os.stat(mountpoint)
+        return
+    except OSError as exc:
+        if exc.errno != errno.ENOTCONN:
+            return
+    log.warning("%s is a dead mount left by a previous instance; unmounting it", mountpoint)
+    subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], check=False,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def fuse_options(config: MountConfig) -> set[str]:
+    options = set(pyfuse3.default_options)  # default_permissions: the kernel checks modes
+    options |= {"fsname=kvpfs", "subtype=kvpfs", "noatime"}
+    if config.allow_other:
+        options.add("allow_other")
+    if config.debug_fuse:
+        options.add("debug")
+    options |= set(config.extra_fuse_options)
+    return options
+
+
+def sd_notify(message: str) -> None:
+    """Tell systemd (Type=notify) we are ready; a no-op outside systemd."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.connect(address)
+            sock.sendall(message.encode())
+    except OSError as exc:
+        log.warning("could not notify systemd at %s: %s", address, exc)
+
+
+async def _host_control(host: SimulatedHost | None, server: DeviceServer, store: Store, request):
+    op = request.get("op")
+    if op == "status":
+        return {
+            "version": __version__,
+            "simulated": host is not None,
+            "registrations": server.registrations,
+            "requests": server.requests,
+            "lic_version": server.version,
+            "pool_dir": str(store.pool_dir),
+        }
+    if host is None:
+        return {"error": "this kvpfs serves a real Hyper-V device; `kvpfs host` commands need"
+                         " a kvpfs started with --simulate"}
+    pool = int(request["pool"])
+    if op == "set":
+        result = await host.set(pool, str(request["key"]), str(request["value"]))
+    elif op == "delete":
+        result = await host.delete(pool, str(request["key"]))
+    elif op == "get":
+        result = await host.get(pool, str(request["key"]))
+    elif op == "list":
+        items = await host.list(pool)
+        return {"items": [[k, v] for k, v in items]}
+    else:
+        return {"error": f"unknown op {op!r}"}
+    return {"status": result.status, "status_name": result.status_name, "key": result.key,
+            "value": result.value}
+
+
+async def serve(config: MountConfig) -> None:
+    mountpoint = config.mountpoint
+    pool_dir = config.resolved_pool_dir()
+    store = Store(pool_dir, lock_timeout=config.lock_timeout)
+    try:
+        await store.open()
+    except PoolFileError as exc:
+        raise StartupError(str(exc)) from None
+    fqdn = FqdnCache()
+    intrinsics = Intrinsics(fqdn)
+    host = SimulatedHost() if config.simulate else None
+    opener = host if host is not None else CharDevice(config.device)
+    server = DeviceServer(opener, store, intrinsics)
+    control_path = config.control_path or control.default_control_path(mountpoint)
+    operations = KvpOperations(
+        store, intrinsics, raw=config.raw, control_path=str(control_path),
+        permissions=Permissions(uid=os.getuid(), gid=os.getgid(), guest_gid=config.guest_gid,
+                                external_readable=config.external_readable),
+    )
+
+    async def handle_control(request: dict) -> dict:
+        return await _host_control(host, server, store, request)
+
+    async with trio.open_nursery() as nursery:
+        if host is not None:
+            await nursery.start(host.run)
+        nursery.start_soon(fqdn.run)
+        try:
+            await nursery.start(server.run)
+        except (DeviceUnavailable, RegistrationRefused) as exc:
+            raise StartupError(str(exc)) from None
+        await nursery.start(control.serve, control_path, handle_control)
+        clear_stale_mount(mountpoint)
+        try:
+            pyfuse3.init(operations, str(mountpoint), fuse_options(config))
+        except RuntimeError as exc:
+            raise StartupError(
+                f"cannot mount on {mountpoint}: {exc} (does it exist, is it an empty directory,"
+                " is /dev/fuse available and are you root?)"
+            ) from None
+        try:
+            nursery.start_soon(store.watch)
+            nursery.start_soon(operations.invalidator)
+            nursery.start_soon(_terminate_on_signals)
+            log.info(
+                "kvpfs %s ready: %s mounted on %s, pools in %s, control socket %s",
+                __version__, "simulated host" if host else config.device, mountpoint,
+                pool_dir, control_path,
+            )
+            sd_notify("READY=1")
+            if config.on_ready:
+                config.on_ready()
+            await pyfuse3.main()
+        except BaseException:
+            pyfuse3.close(unmount=True)
+            raise
+        else:
+            pyfuse3.close(unmount=True)
+        finally:
+            nursery.cancel_scope.cancel()
+            store.close()
+    log.info("kvpfs stopped; %s unmounted", mountpoint)
+
+
+async def _terminate_on_signals() -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            log.info("%s received: unmounting", signal.Signals(signum).name)
+            pyfuse3.terminate()
+            return
+
+
+def run(config: MountConfig) -> None:
+    trio.run(serve, config)

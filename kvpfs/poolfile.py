@@ -1,0 +1,1003 @@
+"""Byte-compatible access to the KVP pool files (`/var/lib/hyperv/.kvp_pool_0..4`).
+
+A pool file is a flat array of 2560-byte records (`char key[512]; char value[2048];`), no
+header, no count. Everything here is synchronous, blocking I/O; callers run it in worker
+threads.
+
+Reading: key and value are cut at their first NUL, because the reference daemon and other
+writers leave stale bytes (old values, heap garbage) after the terminator. A trailing partial
+record (a foreign writer that crashed mid-write) is tolerated and reported, never parsed.
+Records that are not valid UTF-8, or whose fields are not NUL-terminated, keep their original
+2560 bytes in `Record.raw` so that shifting them during a delete copies them back untouched.
+
+Writing is done in place on the one inode (no temp file + rename): other writers lock the
+inode they opened, and the reference daemon, cloud-init and azure-init keep or reopen the path,
+so a rename would silently defeat their locking. Each record is written with one `pwrite`.
+
+Locking (`PoolFile.locked`) takes two locks on the whole file, always in the same order:
+
+1. an exclusive fcntl lock of the *open-file-description* flavour (`F_OFD_SETLK`). It conflicts
+   with the classic POSIX locks of hv_kvp_daemon (`F_SETLKW`) and `lockf`, but unlike a classic
+   POSIX lock it is owned by our open file description, not by the process: a POSIX lock would
+   be dropped as soon as *any* descriptor of the file is closed anywhere in this process (for
+   example by a tool reading the pool), and would never exclude another PoolFile of the same
+   process.
+2. `flock(LOCK_EX)`, which is what cloud-init, azure-init and Azure/hyperkv use; on Linux flock
+   and fcntl locks are independent, so neither alone excludes both kinds of writer.
+
+An OFD lock and a flock taken through the same open file description do not conflict with each
+other (they are different lock families, and each is owned by that description), so one
+descriptor is used both for I/O and for locking; there is no separate lock fd. Because both
+locks belong to the description, two threads sharing a PoolFile would both "own" them, so a
+per-object thread lock serialises the threads of this process as well. Locks are acquired
+without blocking, retried with short back-off sleeps until a deadline, and a timeout names the
+holders from /proc/locks (and /proc/PID/fdinfo for OFD locks, which record no pid).
+
+Not supported: pool files on NFS (flock is emulated there with fcntl locks, so our own two
+locks would collide) and 32-bit `struct flock` layouts other than the LFS one Python uses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import logging
+import os
+import stat
+import struct
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = [
+    "KEY_FIELD",
+    "POOL_COUNT",
+    "RECORD_SIZE",
+    "VALUE_FIELD",
+    "LockTimeout",
+    "PoolFile",
+    "PoolFileError",
+    "Record",
+    "Signature",
+    "Snapshot",
+    "describe_lock_holders",
+    "encode_record",
+    "load_pool_dir",
+    "parse_pool",
+    "pool_path",
+    "stat_signature",
+]
+
+log = logging.getLogger(__name__)
+
+RECORD_SIZE = 2560
+KEY_FIELD = 512
+VALUE_FIELD = 2048
+POOL_COUNT = 5
+
+_F_OFD_SETLK: int = getattr(fcntl, "F_OFD_SETLK", 37)
+# struct flock { short l_type; short l_whence; off_t l_start; off_t l_len; pid_t l_pid; }
+# with native alignment; zero padding is appended so the kernel never reads past our buffer.
+_FLOCK = struct.Struct("@hhqqi")
+_FLOCK_PAD = b"\0" * 8
+
+_INTENT_SUFFIX = ".kvpfs-delete"
+_INTENT_MAGIC = "kvpfs-delete 1"
+_BUSY_ERRNOS = frozenset({errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK})
+_BACKOFF_START = 0.001
+_BACKOFF_MAX = 0.02
+_READ_CHUNK = 1 << 20
+
+
+def pool_path(pool_dir: Path, pool: int) -> Path:
+    """Path of pool `pool` (0..4) in `pool_dir`, named as hv_kvp_daemon names it."""
+    if not 0 <= pool < POOL_COUNT:
+        raise ValueError(f"pool number must be 0..{POOL_COUNT - 1}, not {pool}")
+    return Path(pool_dir) / f".kvp_pool_{pool}"
+
+
+# --------------------------------------------------------------------------- records
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One 2560-byte slot, key and value cut at their first NUL.
+
+    `raw` is the original slot for records that cannot be rewritten faithfully from key and
+    value (not `valid`, or a field with no NUL terminator), so a delete that shifts them copies
+    them back byte for byte instead of "repairing" data we do not understand.
+    """
+
+    key: bytes
+    value: bytes
+    raw: bytes | None = None
+
+    @property
+    def valid(self) -> bool:
+        """Non-empty key, and both fields are UTF-8 (what the host can receive)."""
+        if not self.key:
+            return False
+        try:
+            self.key.decode("utf-8")
+            self.value.decode("utf-8")
+        except UnicodeDecodeError:
+            return False
+        return True
+
+
+def _cut(field: bytes) -> bytes:
+    """Bytes before the first NUL; everything after it may be stale garbage."""
+    end = field.find(b"\0")
+    return field if end < 0 else field[:end]
+
+
+def _parse_record(slot: bytes) -> Record:
+    key = _cut(slot[:KEY_FIELD])
+    value = _cut(slot[KEY_FIELD:])
+    record = Record(key, value)
+    if not record.valid or len(key) == KEY_FIELD or len(value) == VALUE_FIELD:
+        return Record(key, value, bytes(slot))
+    return record
+
+
+def parse_pool(data: bytes) -> tuple[list[Record], int]:
+    """Split a pool file's contents into records; also return the trailing partial length.
+
+    Duplicate keys are kept, in file order: pool 1 writers only append, and the later record
+    is the newer one.
+    """
+    view = memoryview(data)
+    count = len(data) // RECORD_SIZE
+    records = [
+        _parse_record(bytes(view[i * RECORD_SIZE : (i + 1) * RECORD_SIZE])) for i in range(count)
+    ]
+    return records, len(data) - count * RECORD_SIZE
+
+
+def encode_record(key: bytes, value: bytes) -> bytes:
+    """One zero-padded 2560-byte slot.
+
+    Zero padding (rather than the reference daemon's copy of only the new bytes) keeps stale
+    data from leaking; a NUL terminator always fits, so every reader stops where we meant.
+    """
+    if not isinstance(key, bytes | bytearray | memoryview) or not isinstance(
+        value, bytes | bytearray | memoryview
+    ):
+        raise TypeError("KVP key and value must be bytes (UTF-8 encoded)")
+    key, value = bytes(key), bytes(value)
+    if b"\0" in key:
+        raise ValueError("KVP key contains a NUL byte; NUL terminates the key in the pool file")
+    if b"\0" in value:
+        raise ValueError("KVP value contains a NUL byte; NUL terminates the value in the pool file")
+    if len(key) > KEY_FIELD - 1:
+        raise ValueError(
+            f"KVP key is {len(key)} bytes; at most {KEY_FIELD - 1} fit in the {KEY_FIELD}-byte "
+            "key field with its NUL terminator"
+        )
+    if len(value) > VALUE_FIELD - 1:
+        raise ValueError(
+            f"KVP value is {len(value)} bytes; at most {VALUE_FIELD - 1} fit in the "
+            f"{VALUE_FIELD}-byte value field with its NUL terminator"
+        )
+    return key.ljust(KEY_FIELD, b"\0") + value.ljust(VALUE_FIELD, b"\0")
+
+
+def _slot_bytes(record: Record) -> bytes:
+    """The bytes a record is written back as when it is shifted by a delete."""
+    if record.raw is not None:
+        if len(record.raw) != RECORD_SIZE:
+            raise ValueError(f"Record.raw must be {RECORD_SIZE} bytes, not {len(record.raw)}")
+        return record.raw
+    return encode_record(record.key, record.value)
+
+
+# --------------------------------------------------------------------------- identity
+
+
+@dataclass(frozen=True, slots=True)
+class Signature:
+    """Cheap identity of a file's current contents, to skip re-reading unchanged pools."""
+
+    ino: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+
+    @classmethod
+    def from_stat(cls, st: os.stat_result) -> Signature:
+        return cls(st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def stat_signature(path: Path | str) -> Signature | None:
+    """Signature of whatever is at `path` now (not following symlinks), None if missing."""
+    try:
+        return Signature.from_stat(os.lstat(path))
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A pool's records as read under the lock, with the signature they were read at."""
+
+    records: tuple[Record, ...]
+    trailing_bytes: int
+    signature: Signature
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class PoolFileError(OSError):
+    """A pool file or its directory is unusable, or I/O on it failed.
+
+    The message names the path and, where there is one, the remedy. `errno` is kept from the
+    underlying failure (so ENOSPC stays recognisable) or set to the closest match.
+    """
+
+    def __init__(self, message: str, path: Path | str | None = None, err: int | None = None):
+        if err is None:
+            super().__init__(message)
+        else:
+            super().__init__(err, message)
+        self.message = message
+        self.filename = None if path is None else os.fspath(path)
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __reduce__(self):  # type: ignore[override]
+        return (type(self), (self.message, self.filename, self.errno))
+
+
+class LockTimeout(PoolFileError):
+    """The pool file's locks were not free before the deadline; `holders` says who has them."""
+
+    def __init__(self, message: str, path: Path | str | None = None, holders: str = ""):
+        super().__init__(message, path, errno.EAGAIN)
+        self.holders = holders
+
+    def __reduce__(self):  # type: ignore[override]
+        return (type(self), (self.message, self.filename, self.holders))
+
+
+def _io_error(what: str, path: Path, exc: OSError) -> PoolFileError:
+    """Wrap an OSError, keeping its errno and adding the path and a remedy where obvious."""
+    reason = exc.strerror or str(exc)
+    message = f"{what} {path} failed: {reason}"
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        message += f"; free space (or quota) on the filesystem holding {path.parent}"
+    elif exc.errno in (errno.EACCES, errno.EPERM):
+        message += "; run as root or fix the file's owner and mode"
+    elif exc.errno == errno.EROFS:
+        message += "; the filesystem is mounted read-only"
+    return PoolFileError(message, path, exc.errno)
+
+
+# --------------------------------------------------------------------------- lock holders
+
+
+def _comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm", encoding="utf-8", errors="replace") as f:
+            return f.read().strip() or "?"
+    except OSError:
+        return "?"
+
+
+def _parse_lock_line(line: str, dev: int, ino: int) -> tuple[str, str, int] | None:
+    """(kind, access, pid) of a /proc/locks-format line about dev/ino held (not awaited)."""
+    parts = line.split()
+    if len(parts) < 6 or parts[1] == "->":
+        return None
+    try:
+        major, minor, inode = parts[5].split(":")
+        if (os.makedev(int(major, 16), int(minor, 16)), int(inode)) != (dev, ino):
+            return None
+        return parts[1], parts[3], int(parts[4])
+    except ValueError:
+        return None
+
+
+def _fdinfo_holders(dev: int, ino: int) -> list[tuple[str, str, int]]:
+    """Locks on dev/ino found through /proc/PID/fdinfo, which lists them per descriptor.
+
+    /proc/locks shows pid -1 for OFD locks (and 0 for pids outside our namespace); fdinfo
+    tells which process holds the descriptor. Only used after a timeout, so cost is fine.
+    """
+    found: list[tuple[str, str, int]] = []
+    try:
+        pids = [int(name) for name in os.listdir("/proc") if name.isdigit()]
+    except OSError:
+        return found
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                st = os.stat(f"/proc/{pid}/fd/{fd}")
+                if (st.st_dev, st.st_ino) != (dev, ino):
+                    continue
+                with open(f"/proc/{pid}/fdinfo/{fd}", encoding="ascii", errors="replace") as f:
+                    lines = f.read().splitlines()
+            except OSError:
+                continue
+            for line in lines:
+                if line.startswith("lock:"):
+                    entry = _parse_lock_line(line[len("lock:") :].strip(), dev, ino)
+                    if entry is not None:
+                        found.append((entry[0], entry[1], pid))
+    return found
+
+
+def describe_lock_holders(dev: int, ino: int) -> str:
+    """Human-readable list of the locks held on a file, for LockTimeout messages."""
+    try:
+        with open("/proc/locks", encoding="ascii", errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError as exc:
+        return f"unknown (/proc/locks not readable: {exc.strerror})"
+    held = [e for e in (_parse_lock_line(line, dev, ino) for line in lines) if e is not None]
+    if not held:
+        return "no holder listed in /proc/locks (the lock was probably just released)"
+    named = [e for e in held if e[2] > 0]
+    if len(named) < len(held):
+        per_fd = _fdinfo_holders(dev, ino)
+        for kind, access, _pid in (e for e in held if e[2] <= 0):
+            match = next(
+                (f for f in per_fd if f[:2] == (kind, access) and f not in named),
+                (kind, access, -1),
+            )
+            named.append(match)
+        held = named
+    descriptions = []
+    for kind, access, pid in held:
+        if pid > 0:
+            who = f"pid {pid} ({_comm(pid)})"
+            if pid == os.getpid():
+                who += " = this process"
+        else:
+            who = "an unidentified process (no pid recorded and no matching /proc/*/fdinfo)"
+        descriptions.append(f"{kind} {access} lock held by {who}")
+    return "; ".join(descriptions)
+
+
+# --------------------------------------------------------------------------- locking
+
+
+def _ofd_lock(fd: int, lock_type: int) -> None:
+    """Non-blocking whole-file OFD lock (l_pid must be 0 for OFD locks)."""
+    fcntl.fcntl(fd, _F_OFD_SETLK, _FLOCK.pack(lock_type, os.SEEK_SET, 0, 0, 0) + _FLOCK_PAD)
+
+
+def _release_locks(fd: int) -> None:
+    """Drop flock then the OFD lock (reverse of acquisition); both are attempted."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        _ofd_lock(fd, fcntl.F_UNLCK)
+
+
+def _acquire_locks(fd: int, *, exclusive: bool, deadline: float) -> bool:
+    """Take the OFD lock, then flock, polling until `deadline`. False (holding nothing) on
+    timeout. Polling instead of blocking keeps a stuck foreign holder from hanging us forever,
+    and the fixed order means two kvpfs processes cannot deadlock."""
+    ofd_type = fcntl.F_WRLCK if exclusive else fcntl.F_RDLCK
+    flock_op = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB
+    have_ofd = False
+    delay = _BACKOFF_START
+    while True:
+        try:
+            if not have_ofd:
+                _ofd_lock(fd, ofd_type)
+                have_ofd = True
+            fcntl.flock(fd, flock_op)
+            return True
+        except OSError as exc:
+            if exc.errno not in _BUSY_ERRNOS:
+                if have_ofd:
+                    _ofd_lock(fd, fcntl.F_UNLCK)
+                raise
+        now = time.monotonic()
+        if now >= deadline:
+            if have_ofd:
+                _ofd_lock(fd, fcntl.F_UNLCK)
+            return False
+        time.sleep(min(delay, deadline - now))
+        delay = min(delay * 2, _BACKOFF_MAX)
+
+
+def _deadline(timeout: float) -> float:
+    return time.monotonic() + max(0.0, timeout)
+
+
+def _lock_timeout(path: Path, fd: int, timeout: float) -> LockTimeout:
+    st = os.fstat(fd)
+    holders = describe_lock_holders(st.st_dev, st.st_ino)
+    return LockTimeout(
+        f"timed out after {timeout:g}s waiting for the lock on {path}; {holders}. "
+        "Wait for or stop that process, or raise the lock timeout",
+        path,
+        holders,
+    )
+
+
+# --------------------------------------------------------------------------- file helpers
+
+
+def _refuse_special(st: os.stat_result, path: Path) -> None:
+    """Refuse anything but a regular file: we would write records into it."""
+    if stat.S_ISLNK(st.st_mode):
+        raise PoolFileError(
+            f"pool file {path} is a symlink; refusing to follow it (it could point anywhere). "
+            "Remove the symlink so kvpfs can create a regular file",
+            path,
+            errno.ELOOP,
+        )
+    if stat.S_ISDIR(st.st_mode):
+        raise PoolFileError(
+            f"pool file {path} is a directory; remove or rename it", path, errno.EISDIR
+        )
+    if not stat.S_ISREG(st.st_mode):
+        raise PoolFileError(
+            f"pool file {path} is not a regular file (mode {stat.filemode(st.st_mode)}); "
+            "remove it so kvpfs can create a regular file",
+            path,
+            errno.EINVAL,
+        )
+
+
+def _prepare_dir(directory: Path) -> None:
+    """Create the pool directory 0700 if missing; refuse a symlink or a world-writable one.
+
+    In a world-writable directory (sticky or not) anyone could create or swap a pool file or
+    our delete-intent file before we do, so we refuse rather than trust it.
+    """
+    try:
+        st = os.lstat(directory)
+    except FileNotFoundError:
+        try:
+            os.mkdir(directory, 0o700)
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise PoolFileError(
+                f"cannot create pool directory {directory}: {exc.strerror}; create it "
+                "(mode 0700, owned by root) or point kvpfs at an existing directory",
+                directory,
+                exc.errno,
+            ) from exc
+        else:
+            try:
+                dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+                try:
+                    os.fchmod(dfd, 0o700)
+                finally:
+                    os.close(dfd)
+            except OSError as exc:
+                raise _io_error("setting mode 0700 on new pool directory", directory, exc) from exc
+        try:
+            st = os.lstat(directory)
+        except OSError as exc:
+            raise _io_error("checking pool directory", directory, exc) from exc
+    except OSError as exc:
+        raise _io_error("checking pool directory", directory, exc) from exc
+    if stat.S_ISLNK(st.st_mode):
+        raise PoolFileError(
+            f"pool directory {directory} is a symlink; refusing to follow it. Use the real "
+            f"directory ({os.path.realpath(directory)}) instead",
+            directory,
+            errno.ELOOP,
+        )
+    if not stat.S_ISDIR(st.st_mode):
+        raise PoolFileError(
+            f"pool directory {directory} exists but is not a directory; remove it",
+            directory,
+            errno.ENOTDIR,
+        )
+    if st.st_mode & stat.S_IWOTH:
+        raise PoolFileError(
+            f"pool directory {directory} is world-writable (mode {stat.S_IMODE(st.st_mode):04o}); "
+            "any user could replace the pool files. Fix with: chmod o-w " + str(directory),
+            directory,
+            errno.EPERM,
+        )
+
+
+def _pread_all(fd: int) -> bytes:
+    chunks = []
+    offset = 0
+    while True:
+        chunk = os.pread(fd, _READ_CHUNK, offset)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+        offset += len(chunk)
+
+
+# --------------------------------------------------------------------------- PoolFile
+
+
+class PoolFile:
+    """One pool file, kept open for the life of the process and modified in place.
+
+    Use `with pool.locked(): snapshot = pool.read(); pool.write_record(...)`: `locked()`
+    (re)opens the file, takes both locks, and first finishes a delete that a crash interrupted.
+    All other methods expect the caller to hold the lock.
+    """
+
+    def __init__(self, path: Path, *, lock_timeout: float = 5.0) -> None:
+        self.path = Path(path)
+        self.lock_timeout = lock_timeout
+        self._fd: int | None = None
+        self._mutex = threading.RLock()
+        self._depth = 0  # nesting of locked() by the thread that holds _mutex
+        self._locked_fd: int | None = None  # the descriptor our file locks are on
+        self._reopened_in_lock = False  # this locked() block had to reopen the file
+
+    # ---- lifecycle
+
+    def __enter__(self) -> PoolFile:
+        self.open()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @property
+    def is_open(self) -> bool:
+        return self._fd is not None
+
+    def open(self) -> None:
+        """Open (creating 0600 if missing) unless already open."""
+        with self._mutex:
+            if self._fd is None:
+                self._fd = self._open_fd()
+
+    def close(self) -> None:
+        """Close the descriptor (which drops any locks held through it)."""
+        with self._mutex:
+            self._refuse_while_locked("close")
+            if self._fd is not None:
+                fd, self._fd = self._fd, None
+                os.close(fd)
+
+    def ensure_open(self) -> bool:
+        """Reopen if the path no longer names our inode (deleted or replaced); True if it did.
+
+        A pool file deleted while we run is recreated instead of being fatal (the reference
+        daemon exits in that case). `locked()` does this itself before locking, so inside a
+        `locked()` block this returns True if that block had to reopen the file (the cached
+        contents are then stale). If a writer that ignores locks replaced the file during the
+        block, the locks are moved to the new file (waiting up to `lock_timeout`) and True is
+        returned.
+        """
+        with self._mutex:
+            if not self._depth:
+                return self._reopen_if_replaced()
+            if self._path_matches_fd():
+                return self._reopened_in_lock
+            fd, self._locked_fd = self._locked_fd, None
+            if fd is not None:
+                self._unlock(fd)
+            self._lock_current(_deadline(self.lock_timeout), self.lock_timeout)
+            self._reopened_in_lock = True
+            return True
+
+    def _path_matches_fd(self) -> bool:
+        """Does the path still name the inode we have open (not deleted, not replaced)?"""
+        if self._fd is None:
+            return False
+        try:
+            st = os.lstat(self.path)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        except OSError as exc:
+            raise _io_error("checking pool file", self.path, exc) from exc
+        current = self._stat(self._fd)
+        return (st.st_dev, st.st_ino) == (current.st_dev, current.st_ino)
+
+    def _reopen_if_replaced(self) -> bool:
+        if self._fd is not None and self._path_matches_fd():
+            return False
+        if self._fd is not None:
+            log.info("pool file %s was deleted or replaced; reopening it", self.path)
+            fd, self._fd = self._fd, None
+            os.close(fd)
+        self._fd = self._open_fd()
+        return True
+
+    def _refuse_while_locked(self, what: str) -> None:
+        # Closing the locked descriptor would drop the locks and could let a reused fd number
+        # be "unlocked" later; that is a caller bug, so say so loudly.
+        if self._depth:
+            raise RuntimeError(f"PoolFile.{what}() called inside locked() for {self.path}")
+
+    def _open_fd(self) -> int:
+        """Open O_RDWR|O_NOFOLLOW, creating with O_EXCL so we know whether we made the file
+        (only then is the mode forced to 0600 with fchmod, so the umask cannot change it and
+        an existing file's mode is left alone)."""
+        _prepare_dir(self.path.parent)
+        base = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY
+        for _attempt in range(10):
+            try:
+                st: os.stat_result | None = os.lstat(self.path)
+            except FileNotFoundError:
+                st = None
+            except OSError as exc:
+                raise _io_error("checking pool file", self.path, exc) from exc
+            if st is not None:
+                _refuse_special(st, self.path)
+            created = st is None
+            try:
+                if created:
+                    fd = os.open(self.path, base | os.O_CREAT | os.O_EXCL, 0o600)
+                else:
+                    fd = os.open(self.path, base)
+            except (FileExistsError, FileNotFoundError):
+                continue  # raced with another creator or a deleter: look again
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    raise PoolFileError(
+                        f"pool file {self.path} is a symlink; refusing to follow it. Remove "
+                        "the symlink so kvpfs can create a regular file",
+                        self.path,
+                        errno.ELOOP,
+                    ) from exc
+                raise _io_error("opening pool file", self.path, exc) from exc
+            try:
+                try:
+                    fst = os.fstat(fd)
+                except OSError as exc:
+                    raise _io_error("stat of pool file", self.path, exc) from exc
+                _refuse_special(fst, self.path)
+                if created:
+                    try:
+                        os.fchmod(fd, 0o600)
+                    except OSError as exc:
+                        raise _io_error("setting mode 0600 on", self.path, exc) from exc
+            except BaseException:
+                os.close(fd)
+                raise
+            return fd
+        raise PoolFileError(
+            f"pool file {self.path} keeps appearing and disappearing while being opened; "
+            "another program is creating and deleting it",
+            self.path,
+            errno.EAGAIN,
+        )
+
+    def _require_fd(self) -> int:
+        if self._fd is None:
+            raise PoolFileError(
+                f"pool file {self.path} is not open; call open() or use locked()",
+                self.path,
+                errno.EBADF,
+            )
+        return self._fd
+
+    # ---- locking
+
+    @contextlib.contextmanager
+    def locked(self, timeout: float | None = None) -> Iterator[PoolFile]:
+        """Hold the OFD write lock and flock(LOCK_EX) on the current pool file.
+
+        Reopens first if the file was deleted or replaced, and re-checks after locking (a
+        replacement while we waited would leave us locking an orphaned inode). Then finishes a
+        delete that a crash interrupted (see `delete_record`). Re-entrant in the same thread.
+        Raises LockTimeout naming the holders.
+        """
+        limit = self.lock_timeout if timeout is None else timeout
+        deadline = _deadline(limit)
+        wait = -1.0 if limit == float("inf") else max(0.0, deadline - time.monotonic())
+        if not self._mutex.acquire(timeout=wait):
+            raise LockTimeout(
+                f"timed out after {limit:g}s waiting for the lock on {self.path}; held by "
+                f"another thread of this process (pid {os.getpid()})",
+                self.path,
+                f"another thread of this process (pid {os.getpid()})",
+            )
+        try:
+            if self._depth:
+                self._depth += 1
+                try:
+                    yield self
+                finally:
+                    self._depth -= 1
+                return
+            self._reopened_in_lock = self._lock_current(deadline, limit)
+            self._depth = 1
+            try:
+                self._recover_interrupted_delete(self._require_fd())
+                yield self
+            finally:
+                self._depth = 0
+                self._reopened_in_lock = False
+                fd, self._locked_fd = self._locked_fd, None
+                if fd is not None:
+                    self._unlock(fd)
+        finally:
+            self._mutex.release()
+
+    def _lock_current(self, deadline: float, limit: float) -> bool:
+        """Lock the file the path names now (sets `_locked_fd`); True if it had to reopen."""
+        reopened = False
+        while True:
+            reopened = self._reopen_if_replaced() or reopened
+            fd = self._require_fd()
+            try:
+                acquired = _acquire_locks(fd, exclusive=True, deadline=deadline)
+            except OSError as exc:
+                raise _io_error("locking pool file", self.path, exc) from exc
+            if not acquired:
+                raise _lock_timeout(self.path, fd, limit)
+            if self._path_matches_fd():
+                self._locked_fd = fd
+                return reopened
+            self._unlock(fd)  # replaced or deleted while we waited: lock the new file instead
+
+    def _unlock(self, fd: int) -> None:
+        try:
+            _release_locks(fd)
+        except OSError as exc:
+            raise _io_error("unlocking pool file", self.path, exc) from exc
+
+    # ---- reading
+
+    def fstat_signature(self) -> Signature:
+        """Signature of the open descriptor (what we would read)."""
+        fd = self._require_fd()
+        try:
+            return Signature.from_stat(os.fstat(fd))
+        except OSError as exc:
+            raise _io_error("stat of pool file", self.path, exc) from exc
+
+    def read(self) -> Snapshot:
+        """Read and parse the whole file (caller holds the lock)."""
+        fd = self._require_fd()
+        try:
+            data = _pread_all(fd)
+            signature = Signature.from_stat(os.fstat(fd))
+        except OSError as exc:
+            raise _io_error("reading pool file", self.path, exc) from exc
+        records, trailing = parse_pool(data)
+        return Snapshot(tuple(records), trailing, signature)
+
+    # ---- writing
+
+    def _size(self, fd: int) -> int:
+        return self._stat(fd).st_size
+
+    def _pwrite(self, fd: int, data: bytes, offset: int, what: str) -> None:
+        """Write all of `data` at `offset`: normally one syscall, looping only on short writes.
+
+        A single pwrite is not torn by a crash of ours except that Linux may stop a write that
+        spans pages at a page boundary when SIGKILL arrives; the reference daemon's
+        truncate-and-rewrite has a far larger window.
+        """
+        view = memoryview(data)
+        try:
+            while view:
+                written = os.pwrite(fd, view, offset)
+                view = view[written:]
+                offset += written
+        except OSError as exc:
+            raise _io_error(what, self.path, exc) from exc
+
+    def write_record(self, index: int, key: bytes, value: bytes) -> None:
+        """Overwrite whole record `index` in place with one pwrite (caller holds the lock)."""
+        data = encode_record(key, value)
+        fd = self._require_fd()
+        count = self._size(fd) // RECORD_SIZE
+        if not 0 <= index < count:
+            raise IndexError(f"record {index} out of range: {self.path} has {count} records")
+        self._pwrite(fd, data, index * RECORD_SIZE, f"writing record {index} of")
+
+    def append_record(self, key: bytes, value: bytes) -> int:
+        """Write a new record after the last whole one and return its index.
+
+        A trailing partial record (from a crashed foreign writer) is overwritten, as the
+        reference daemon's next rewrite would drop it.
+        """
+        data = encode_record(key, value)
+        fd = self._require_fd()
+        index = self._size(fd) // RECORD_SIZE
+        self._pwrite(fd, data, index * RECORD_SIZE, "appending a record to")
+        return index
+
+    def delete_record(self, index: int, records: Sequence[Record]) -> None:
+        """Remove slot `index`, keeping the order of the others (as the reference daemon does).
+
+        `records` is the snapshot read under the same lock. The later records are written one
+        slot up in one pwrite (valid ones re-encoded zero-padded, others copied from `raw`),
+        then the file is truncated. Crash window: killed between the two, the file ends with
+        the last record twice (nothing lost). To close it, an intent file
+        `<pool>.kvpfs-delete` is written first; the next `locked()` (any kvpfs process) finds
+        it and truncates the duplicate if the file is exactly in that state, and otherwise just
+        removes it. Not recoverable: a SIGKILL that stops the shifting pwrite itself at a page
+        boundary (see `_pwrite`) leaves one record torn. A trailing partial record is dropped
+        too. No fsync: like the reference daemon we do not try to survive power loss.
+        """
+        fd = self._require_fd()
+        fst = self._stat(fd)
+        count = fst.st_size // RECORD_SIZE
+        if len(records) != count:
+            raise ValueError(
+                f"stale snapshot for {self.path}: it has {count} records, {len(records)} given; "
+                "re-read under the lock"
+            )
+        if not 0 <= index < count:
+            raise IndexError(f"record {index} out of range: {self.path} has {count} records")
+        final = (count - 1) * RECORD_SIZE
+        offset = index * RECORD_SIZE
+        tail = b"".join(_slot_bytes(r) for r in records[index + 1 :])
+        intent = False
+        if tail:
+            intent = self._write_intent(fst, final, offset, tail)
+            self._pwrite(fd, tail, offset, f"shifting records after {index} in")
+        try:
+            os.ftruncate(fd, final)
+        except OSError as exc:
+            raise _io_error("truncating", self.path, exc) from exc
+        if intent:
+            self._remove_intent()
+
+    def _stat(self, fd: int) -> os.stat_result:
+        try:
+            return os.fstat(fd)
+        except OSError as exc:
+            raise _io_error("stat of pool file", self.path, exc) from exc
+
+    # ---- delete intent (crash recovery)
+
+    @property
+    def _intent_path(self) -> Path:
+        return self.path.with_name(self.path.name + _INTENT_SUFFIX)
+
+    def _write_intent(self, fst: os.stat_result, final: int, offset: int, tail: bytes) -> bool:
+        """Record what a completed delete looks like; best effort (a full disk must not stop
+        a delete, which frees space), so failure only logs and reopens the crash window."""
+        text = (
+            f"{_INTENT_MAGIC}\nino {fst.st_ino}\nsize {fst.st_size}\nfinal {final}\n"
+            f"offset {offset}\nsha256 {hashlib.sha256(tail).hexdigest()}\n"
+        )
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            ifd = os.open(self._intent_path, flags, 0o600)
+            try:
+                os.write(ifd, text.encode("ascii"))
+            finally:
+                os.close(ifd)
+        except OSError as exc:
+            log.warning(
+                "cannot write %s (%s); deleting without crash recovery",
+                self._intent_path,
+                exc.strerror,
+            )
+            return False
+        return True
+
+    def _remove_intent(self) -> None:
+        try:
+            os.unlink(self._intent_path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.warning("cannot remove %s: %s", self._intent_path, exc.strerror)
+
+    def _recover_interrupted_delete(self, fd: int) -> bool:
+        """Finish a delete killed between its pwrite and its ftruncate; True if it truncated.
+
+        Truncates only if the file is still the inode and size the delete started from, the
+        shifted region holds exactly the bytes it meant to write, and the last slot duplicates
+        the one before it. Any other state (crash before the pwrite, a foreign writer since)
+        is left alone; the intent file is removed either way.
+        """
+        try:
+            st = os.lstat(self._intent_path)
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            log.warning("cannot check %s: %s", self._intent_path, exc.strerror)
+            return False
+        truncated = False
+        try:
+            if stat.S_ISREG(st.st_mode):
+                truncated = self._apply_intent(fd)
+        finally:
+            self._remove_intent()
+        return truncated
+
+    def _apply_intent(self, fd: int) -> bool:
+        try:
+            ifd = os.open(self._intent_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                text = os.read(ifd, 4096).decode("ascii")
+            finally:
+                os.close(ifd)
+            lines = text.splitlines()
+            if not lines or lines[0] != _INTENT_MAGIC:
+                return False
+            fields = dict(line.split(" ", 1) for line in lines[1:])
+            ino, size = int(fields["ino"]), int(fields["size"])
+            final, offset = int(fields["final"]), int(fields["offset"])
+            digest = fields["sha256"]
+        except (OSError, UnicodeDecodeError, ValueError, KeyError):
+            log.warning("ignoring unreadable %s", self._intent_path)
+            return False
+        fst = self._stat(fd)
+        if (
+            fst.st_ino != ino
+            or fst.st_size != size
+            or size // RECORD_SIZE * RECORD_SIZE != final + RECORD_SIZE
+            or not 0 <= offset <= final - RECORD_SIZE
+            or offset % RECORD_SIZE
+        ):
+            return False
+        try:
+            data = os.pread(fd, final + RECORD_SIZE - offset, offset)
+        except OSError as exc:
+            raise _io_error("reading pool file", self.path, exc) from exc
+        shifted, last = data[: final - offset], data[final - offset :]
+        if hashlib.sha256(shifted).hexdigest() != digest or shifted[-RECORD_SIZE:] != last:
+            return False
+        try:
+            os.ftruncate(fd, final)
+        except OSError as exc:
+            raise _io_error("truncating", self.path, exc) from exc
+        log.warning(
+            "finished a delete in %s interrupted by a crash (dropped the duplicated last record)",
+            self.path,
+        )
+        return True
+
+
+# --------------------------------------------------------------------------- tools
+
+
+def load_pool_dir(pool_dir: Path, *, lock_timeout: float = 5.0) -> dict[int, list[Record]]:
+    """Read all pools under shared locks (OFD read lock + flock LOCK_SH), for tools.
+
+    Missing files (or a missing directory) are empty pools. Nothing is created or modified.
+    """
+    pools: dict[int, list[Record]] = {}
+    for pool in range(POOL_COUNT):
+        path = pool_path(pool_dir, pool)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            pools[pool] = []
+            continue
+        except OSError as exc:
+            raise _io_error("checking pool file", path, exc) from exc
+        _refuse_special(st, path)
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
+        try:
+            fd = os.open(path, flags)
+        except FileNotFoundError:
+            pools[pool] = []
+            continue
+        except OSError as exc:
+            raise _io_error("opening pool file", path, exc) from exc
+        try:
+            _refuse_special(os.fstat(fd), path)
+            if not _acquire_locks(fd, exclusive=False, deadline=_deadline(lock_timeout)):
+                raise _lock_timeout(path, fd, lock_timeout)
+            try:
+                data = _pread_all(fd)
+            finally:
+                _release_locks(fd)
+        except PoolFileError:
+            raise
+        except OSError as exc:
+            raise _io_error("reading pool file", path, exc) from exc
+        finally:
+            os.close(fd)
+        pools[pool] = parse_pool(data)[0]
+    return pools

@@ -1,0 +1,229 @@
+"""Serving the host: register on the device, then answer one request at a time.
+
+Flow of one host request: `device.Channel` reads 7432 bytes, `protocol`
+decodes them into a typed request, `DeviceServer.answer` asks the `Store` (or
+`Intrinsics` for pool 2), and the encoded reply goes back the same way.
+Nothing here blocks the trio loop: the device is read only when poll says a
+message is there, and pool-file work happens in the store's worker threads.
+
+A failed read or write closes the device, reopens it and registers again, which
+is what the kernel needs after hibernation or a timed-out transaction.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+import trio
+
+from kvpfs import protocol
+from kvpfs.device import Channel, DeviceUnavailable, Opener
+from kvpfs.intrinsic import KEYS as INTRINSIC_KEYS
+from kvpfs.intrinsic import Intrinsics
+from kvpfs.poolfile import LockTimeout, PoolFileError
+from kvpfs.protocol import Op, Pool, ProtocolError, Status
+from kvpfs.store import Origin, Store
+
+log = logging.getLogger(__name__)
+
+IpInfoHandler = Callable[[protocol.IpInfoRequest], Awaitable[bytes]]
+
+
+class RegistrationRefused(Exception):
+    """The kernel rejected our registration: no point in retrying."""
+
+
+class DeviceServer:
+    def __init__(
+        self,
+        opener: Opener,
+        store: Store,
+        intrinsics: Intrinsics,
+        *,
+        ip_info: IpInfoHandler | None = None,
+        reopen_delay: float = 0.1,
+        max_reopen_delay: float = 5.0,
+    ) -> None:
+        self.opener = opener
+        self.store = store
+        self.intrinsics = intrinsics
+        self.ip_info = ip_info
+        self.reopen_delay = reopen_delay
+        self.max_reopen_delay = max_reopen_delay
+        self.registrations = 0
+        self.requests = 0
+        self.version: str | None = None
+
+    # ---------------------------------------------------------------- lifecycle
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until cancelled. Reports started once the first registration is done."""
+        channel = await self._open_and_register()
+        task_status.started()
+        delay = self.reopen_delay
+        while True:
+            try:
+                await self._serve(channel)
+            except OSError as exc:
+                log.warning(
+                    "device %s failed (%s); closing, reopening and registering again",
+                    self.opener.name, exc,
+                )
+            finally:
+                channel.close()
+            while True:
+                await trio.sleep(delay)
+                try:
+                    channel = await self._open_and_register()
+                    delay = self.reopen_delay
+                    break
+                except (OSError, DeviceUnavailable) as exc:
+                    delay = min(delay * 2, self.max_reopen_delay)
+                    log.warning("reopening %s failed: %s; retrying in %.1f s",
+                                self.opener.name, exc, delay)
+
+    async def _open_and_register(self) -> Channel:
+        channel = await self.opener.open()
+        try:
+            await self._register(channel)
+        except BaseException:
+            channel.close()
+            raise
+        return channel
+
+    async def _register(self, channel: Channel) -> None:
+        try:
+            await channel.write_message(protocol.encode_register(Op.REGISTER1))
+        except OSError as exc:
+            raise RegistrationRefused(
+                f"the kernel refused registration on {channel.name} ({exc.strerror or exc});"
+                " it may expect a different KVP daemon protocol version"
+            ) from exc
+        while True:
+            message = await channel.read_message()
+            try:
+                reply = protocol.decode_request(message, in_handshake=True)
+            except ProtocolError as exc:
+                log.warning("malformed message during registration ignored: %s", exc)
+                continue
+            if isinstance(reply, protocol.RegisterReply):
+                break
+            log.warning("expected the registration reply, got op %d; ignored", message[0])
+        self.version = reply.version
+        self.intrinsics.integration_version = reply.version
+        self.registrations += 1
+        log.info("registered with %s (op %d), KVP LIC version %s",
+                 channel.name, reply.op, reply.version)
+
+    async def _serve(self, channel: Channel) -> None:
+        while True:
+            message = await channel.read_message()
+            reply = await self.answer(message)
+            await channel.write_message(reply)
+
+    # ---------------------------------------------------------------- requests
+    async def answer(self, message: bytes) -> bytes:
+        """The reply to one request; never raises for anything the message says."""
+        self.requests += 1
+        try:
+            request = protocol.decode_request(message)
+        except ProtocolError as exc:
+            log.warning("malformed host message (op %s, pool %s) answered E_FAIL: %s",
+                        exc.op, exc.pool, exc)
+            return protocol.encode_status(Status.E_FAIL)
+        log.debug("host request: %r", request)
+        try:
+            return await self._dispatch(request)
+        except LockTimeout as exc:
+            log.warning("pool file locked too long, answered E_FAIL: %s (held by %s)",
+                        exc, exc.holders or "unknown")
+        except PoolFileError as exc:
+            log.error("pool file error, answered E_FAIL: %s", exc)
+            if exc.errno == 28:  # ENOSPC
+                return protocol.encode_status(Status.ERROR_DISK_FULL)
+        except ValueError as exc:
+            log.warning("request %r refused: %s", request, exc)
+        except Exception:
+            # A bug must cost one E_FAIL, not the daemon: the host keeps being served.
+            log.exception("unexpected error answering %r; answered E_FAIL", request)
+        return protocol.encode_status(Status.E_FAIL)
+
+    async def _dispatch(self, request: protocol.Request) -> bytes:
+        if isinstance(request, protocol.EnumerateRequest):
+            return await self._enumerate(request)
+        if isinstance(request, protocol.GetRequest):
+            return await self._get(request)
+        if isinstance(request, protocol.SetRequest):
+            if request.pool == Pool.AUTO:
+                log.warning("host SET on pool 2 (auto, computed by the guest) not supported")
+                return protocol.encode_status(Status.ERROR_NOT_SUPPORTED)
+            await self.store.set(request.pool, request.key, request.value, Origin.HOST)
+            return protocol.encode_status(Status.S_OK)
+        if isinstance(request, protocol.DeleteRequest):
+            if request.pool == Pool.AUTO:
+                log.warning("host DELETE on pool 2 (auto, computed by the guest) not supported")
+                return protocol.encode_status(Status.ERROR_NOT_SUPPORTED)
+            found = await self.store.delete(request.pool, request.key, Origin.HOST)
+            return protocol.encode_status(Status.S_OK if found else Status.S_CONT)
+        if isinstance(request, protocol.IpInfoRequest):
+            if self.ip_info is not None:
+                return await self.ip_info(request)
+            log.info("host asked for %s: not supported yet", Op(request.op).name)
+            return protocol.encode_status(Status.ERROR_NOT_SUPPORTED)
+        log.warning("unknown host operation %d (pool %d) answered NOT_SUPPORTED",
+                    request.op, request.pool)
+        return protocol.encode_status(Status.ERROR_NOT_SUPPORTED)
+
+    async def _intrinsic(self, index: int) -> tuple[str, str] | None:
+        if self.intrinsics.needs_thread(index):
+            return await trio.to_thread.run_sync(self.intrinsics.value, index)
+        return self.intrinsics.value(index)
+
+    async def _enumerate(self, request: protocol.EnumerateRequest) -> bytes:
+        if request.pool == Pool.AUTO:
+            item = await self._intrinsic(request.index)
+            if item is None:
+                return protocol.encode_status(Status.S_CONT)
+            key, value = item
+            return protocol.encode_enumerate_reply(
+                *_fit(key.encode(), value.encode(), "intrinsic")
+            )
+        record = self.store.enumerate(request.pool, request.index)
+        if record is None:
+            return protocol.encode_status(Status.S_CONT)
+        return protocol.encode_enumerate_reply(*_fit(record.key, record.value, request.pool))
+
+    async def _get(self, request: protocol.GetRequest) -> bytes:
+        if request.pool == Pool.AUTO:
+            names = [name.encode() for name in INTRINSIC_KEYS]
+            if request.key not in names:
+                return protocol.encode_status(Status.S_CONT)
+            item = await self._intrinsic(names.index(request.key))
+            assert item is not None
+            return protocol.encode_get_reply(*_fit(request.key, item[1].encode(), "auto"))
+        value = self.store.get(request.pool, request.key)
+        if value is None:
+            return protocol.encode_status(Status.S_CONT)
+        return protocol.encode_get_reply(*_fit(request.key, value, request.pool))
+
+
+def _cut_utf8(data: bytes, limit: int) -> bytes:
+    """At most `limit` bytes of `data`, never ending inside a UTF-8 sequence."""
+    if len(data) <= limit:
+        return data
+    data = data[:limit]
+    return data.decode("utf-8", errors="ignore").encode("utf-8")
+
+
+def _fit(key: bytes, value: bytes, where: object) -> tuple[bytes, bytes]:
+    """Key and value cut to what one message can carry (511/2047 bytes + NUL).
+
+    Only records written by other tools without a terminator (a 512-byte key
+    packed by cloud-init) or intrinsic values longer than a field get here;
+    the host would truncate them further anyway (254/1022 UTF-16 units).
+    """
+    if len(key) > protocol.KEY_FIELD - 1 or len(value) > protocol.VALUE_FIELD - 1:
+        log.warning("record in pool %s longer than a message field; sent truncated", where)
+        key = _cut_utf8(key, protocol.KEY_FIELD - 1)
+        value = _cut_utf8(value, protocol.VALUE_FIELD - 1)
+    return key, value

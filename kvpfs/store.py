@@ -1,0 +1,350 @@
+"""The pools in memory, kept in step with the pool files on disk.
+
+One `PoolState` per pool file mirrors its records in file order. Reads (the
+host's GET and ENUMERATE, the filesystem's lookups and reads) are answered from
+memory at a cost that does not depend on the pool's size. Every change goes to
+the file first, in a worker thread, under both the fcntl and the flock lock,
+and only then to memory; before changing anything the file's signature is
+compared with the one memory was loaded from, so a change another program made
+in between is loaded first and never overwritten.
+
+Changes other programs make while nobody writes are noticed by `watch()`,
+which compares file signatures (a stat, not a read) a few times a second.
+
+Listeners learn of every change as `Change` items, with where it came from.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from kvpfs.poolfile import (
+    POOL_COUNT,
+    LockTimeout,
+    PoolFile,
+    PoolFileError,
+    Record,
+    Signature,
+    Snapshot,
+    pool_path,
+    stat_signature,
+)
+
+log = logging.getLogger(__name__)
+
+AUTO_POOL = 2
+KEY_MAX_BYTES = 511
+VALUE_MAX_BYTES = 2047
+
+
+class Origin(enum.Enum):
+    HOST = "host"
+    MOUNT = "mount"
+    EXTERNAL = "external"
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    kind: str  # "set" or "delete"
+    pool: int
+    key: bytes
+    origin: Origin
+
+
+Listener = Callable[[list[Change]], Awaitable[None]]
+
+
+@dataclass
+class PoolState:
+    """Records of one pool in file order, with a last-wins index by key."""
+
+    records: list[Record] = field(default_factory=list)
+    signature: Signature | None = None
+    trailing_bytes: int = 0
+    mtime_ns: int = 0
+    # key -> every slot holding it, in file order (duplicates are normal in pool 1).
+    slots: dict[bytes, list[int]] = field(default_factory=dict)
+    # Slots of records the host may see; None while every record is valid.
+    visible: list[int] | None = None
+
+    @classmethod
+    def from_snapshot(cls, snapshot: Snapshot) -> PoolState:
+        state = cls(
+            records=list(snapshot.records),
+            signature=snapshot.signature,
+            trailing_bytes=snapshot.trailing_bytes,
+            mtime_ns=snapshot.signature.mtime_ns,
+        )
+        state.reindex()
+        return state
+
+    def reindex(self) -> None:
+        self.slots = {}
+        invalid = False
+        for slot, record in enumerate(self.records):
+            if record.valid:
+                self.slots.setdefault(record.key, []).append(slot)
+            else:
+                invalid = True
+        self.visible = (
+            [slot for slot, r in enumerate(self.records) if r.valid] if invalid else None
+        )
+
+    def get(self, key: bytes) -> bytes | None:
+        slots = self.slots.get(key)
+        return self.records[slots[-1]].value if slots else None
+
+    def visible_count(self) -> int:
+        return len(self.records) if self.visible is None else len(self.visible)
+
+    def visible_record(self, index: int) -> Record | None:
+        if index < 0 or index >= self.visible_count():
+            return None
+        return self.records[index if self.visible is None else self.visible[index]]
+
+    def invalid_records(self) -> list[int]:
+        return [slot for slot, r in enumerate(self.records) if not r.valid]
+
+    def unique_keys(self) -> Iterator[bytes]:
+        return iter(self.slots)
+
+    def values(self) -> dict[bytes, bytes]:
+        return {key: self.records[slots[-1]].value for key, slots in self.slots.items()}
+
+
+def diff(old: PoolState, new: PoolState, pool: int, origin: Origin) -> list[Change]:
+    """What changed between two loads of a pool, key by key (last-wins view)."""
+    before, after = old.values(), new.values()
+    changes = [
+        Change("set", pool, key, origin)
+        for key, value in after.items()
+        if before.get(key) != value
+    ]
+    changes += [Change("delete", pool, key, origin) for key in before if key not in after]
+    return changes
+
+
+class Store:
+    """The five pools of one pool directory."""
+
+    def __init__(
+        self,
+        pool_dir: Path,
+        *,
+        lock_timeout: float = 5.0,
+        poll_interval: float = 0.25,
+    ) -> None:
+        self.pool_dir = pool_dir
+        self.lock_timeout = lock_timeout
+        self.poll_interval = poll_interval
+        self.files = [
+            PoolFile(pool_path(pool_dir, pool), lock_timeout=lock_timeout)
+            for pool in range(POOL_COUNT)
+        ]
+        self.states = [PoolState() for _ in range(POOL_COUNT)]
+        self._locks = [trio.Lock() for _ in range(POOL_COUNT)]
+        self._listeners: list[Listener] = []
+        self._warned_invalid: set[tuple[int, bytes]] = set()
+        self.generation = 0  # bumped on every change, for cheap cache checks
+
+    # ------------------------------------------------------------------ set-up
+    def add_listener(self, listener: Listener) -> None:
+        self._listeners.append(listener)
+
+    async def open(self) -> None:
+        for pool in range(POOL_COUNT):
+            snapshot = await trio.to_thread.run_sync(self._open_and_read, pool)
+            self._install(pool, PoolState.from_snapshot(snapshot))
+
+    def _open_and_read(self, pool: int) -> Snapshot:
+        pf = self.files[pool]
+        pf.open()
+        with pf.locked():
+            return pf.read()
+
+    def close(self) -> None:
+        for pf in self.files:
+            pf.close()
+
+    def _install(self, pool: int, state: PoolState) -> None:
+        self.states[pool] = state
+        self.generation += 1
+        for slot in state.invalid_records():
+            raw = state.records[slot].raw or b""
+            marker = (pool, raw[:64])
+            if marker not in self._warned_invalid:
+                self._warned_invalid.add(marker)
+                log.warning(
+                    "pool %d (%s): record %d is not valid UTF-8 or has an empty key; it is kept"
+                    " on disk untouched but never shown or sent to the host",
+                    pool, self.files[pool].path, slot,
+                )
+        if state.trailing_bytes:
+            log.warning(
+                "pool %d (%s) ends with %d bytes of a partial record (records are 2560 bytes);"
+                " they are ignored and will be overwritten by the next new key",
+                pool, self.files[pool].path, state.trailing_bytes,
+            )
+
+    # ------------------------------------------------------------------ reads
+    def get(self, pool: int, key: bytes) -> bytes | None:
+        return self.states[pool].get(key)
+
+    def enumerate(self, pool: int, index: int) -> Record | None:
+        """The index-th record the host may see, in file order (duplicates included)."""
+        return self.states[pool].visible_record(index)
+
+    # ------------------------------------------------------------------ writes
+    async def set(self, pool: int, key: bytes, value: bytes, origin: Origin) -> None:
+        """Upsert: modify the last record with this key in place, or append one."""
+        _check_writable(pool)
+        if not key or len(key) > KEY_MAX_BYTES or b"\0" in key:
+            raise ValueError(f"key must be 1..{KEY_MAX_BYTES} bytes without NUL")
+        if len(value) > VALUE_MAX_BYTES or b"\0" in value:
+            raise ValueError(f"value must be at most {VALUE_MAX_BYTES} bytes without NUL")
+        await self._change(pool, origin, "set", key, value)
+
+    async def delete(self, pool: int, key: bytes, origin: Origin) -> bool:
+        """Remove every record with this key; False if there was none."""
+        _check_writable(pool)
+        return await self._change(pool, origin, "delete", key, b"")
+
+    async def _change(self, pool: int, origin: Origin, kind: str, key: bytes, value: bytes) -> bool:
+        async with self._locks[pool]:
+            before = self.states[pool]
+            try:
+                reloaded, action, signature = await trio.to_thread.run_sync(
+                    self._locked_change, pool, before, kind, key, value
+                )
+            except BaseException:
+                before.signature = None  # the file may be half-changed: reload next time
+                raise
+            changes = diff(before, reloaded, pool, Origin.EXTERNAL) if reloaded else []
+            state = reloaded or before
+            # Memory changes only here, on the trio thread, never while a reader iterates.
+            if action[0] == "modify":
+                state.records[action[1]] = Record(key, value)
+            elif action[0] == "append":
+                slot = action[1]
+                del state.records[slot:]
+                state.records.append(Record(key, value))
+                state.slots.setdefault(key, []).append(slot)
+                if state.visible is not None:
+                    state.visible.append(slot)
+            elif action[0] == "replace":
+                state = action[1]
+            state.signature = signature
+            done = action[0] != "none"
+            if done:
+                state.mtime_ns = time.time_ns()
+                changes.append(Change(kind, pool, key, origin))
+            if state is not before:
+                self._install(pool, state)
+        await self._notify(changes)
+        return done or (kind == "set")
+
+    def _locked_change(self, pool: int, state: PoolState, kind: str, key: bytes, value: bytes):
+        """Worker thread: lock, reload if someone else wrote, change the file.
+
+        Reads `state` but never modifies it (the trio thread owns it); returns
+        the reloaded state (or None), what was done, and the new signature.
+        """
+        pf = self.files[pool]
+        with pf.locked():
+            reloaded = None
+            # locked() reopens a deleted or replaced file: its signature then differs.
+            if pf.fstat_signature() != state.signature:
+                reloaded = state = PoolState.from_snapshot(pf.read())
+            slots = state.slots.get(key)
+            action: tuple = ("none",)
+            if kind == "set":
+                if slots and state.records[slots[-1]].value == value:
+                    pass
+                elif slots:
+                    pf.write_record(slots[-1], key, value)
+                    action = ("modify", slots[-1])
+                else:
+                    action = ("append", pf.append_record(key, value))
+            elif slots:
+                records = list(state.records)
+                # Last to first, so each removal leaves the earlier slot numbers valid.
+                for slot in reversed(slots):
+                    pf.delete_record(slot, records)
+                    del records[slot]
+                replacement = PoolState(records=records)
+                replacement.reindex()
+                action = ("replace", replacement)
+            return reloaded, action, pf.fstat_signature()
+
+    # ------------------------------------------------------------------ watching
+    async def check_external_changes(self) -> None:
+        """Reload every pool whose file changed behind our back."""
+        signatures = await trio.to_thread.run_sync(
+            lambda: [stat_signature(pf.path) for pf in self.files]
+        )
+        for pool, signature in enumerate(signatures):
+            if signature == self.states[pool].signature:
+                continue
+            async with self._locks[pool]:
+                before = self.states[pool]
+                try:
+                    state = await trio.to_thread.run_sync(self._reload, pool)
+                except LockTimeout as exc:
+                    log.warning("pool %d changed but stays locked: %s; will retry", pool, exc)
+                    continue
+                except PoolFileError as exc:
+                    log.warning("cannot reload pool %d: %s", pool, exc)
+                    continue
+                if state.signature == before.signature:
+                    continue
+                if signature is None or state.records != before.records:
+                    state.mtime_ns = time.time_ns()
+                else:
+                    state.mtime_ns = before.mtime_ns
+                self._install(pool, state)
+                changes = diff(before, state, pool, Origin.EXTERNAL)
+            if changes:
+                log.info("pool %d changed on disk: %d key(s) affected", pool, len(changes))
+                await self._notify(changes)
+
+    def _reload(self, pool: int) -> PoolState:
+        pf = self.files[pool]
+        with pf.locked():
+            return PoolState.from_snapshot(pf.read())
+
+    async def watch(self) -> None:
+        while True:
+            try:
+                await self.check_external_changes()
+            except OSError as exc:
+                log.warning("checking pool files for changes failed: %s", exc)
+            await trio.sleep(self.poll_interval)
+
+    async def _notify(self, changes: list[Change]) -> None:
+        if not changes:
+            return
+        self.generation += 1
+        for listener in self._listeners:
+            await listener(changes)
+
+
+def _check_writable(pool: int) -> None:
+    if pool == AUTO_POOL:
+        raise ValueError("pool 2 (auto) is computed, not stored")
+    if not 0 <= pool < POOL_COUNT:
+        raise ValueError(f"no pool {pool}: pools are 0..{POOL_COUNT - 1}")
+
+
+def default_pool_dir(simulate: bool) -> Path:
+    if not simulate:
+        return Path("/var/lib/hyperv")
+    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return Path(base) / "kvpfs" / "simulated-pools"

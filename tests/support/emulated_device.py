@@ -1,0 +1,951 @@
+"""A stand-in for the kernel's ``/dev/vmbus/hv_kvp``, served by pyfuse3 as a one-file FUSE mount.
+
+Run as its own process::
+
+    python -m tests.support.emulated_device MOUNTDIR CONTROL_SOCKET [--timeout 30] [--debug]
+
+``MOUNTDIR/hv_kvp`` then behaves like the Linux char device (``drivers/hv/hv_utils_transport.c``
+plus the KVP state machine of ``drivers/hv/hv_kvp.c``), and a scripted host drives it through
+``CONTROL_SOCKET`` (wire format in :mod:`tests.support.emuwire`, client in
+:mod:`tests.support.kvphost`).  Why FUSE rather than a socket pair: a daemon under test -- ours or
+the real Debian ``hv_kvp_daemon`` -- opens a *path* and uses plain open/read/write/poll/close,
+so only a file system can reproduce EBUSY on a second open, EINVAL on a short read,
+poll readiness and "close resets the device" without patching the daemon.
+
+Modelled faithfully (see kvp-protocol.md sections 2, 3.1, 3.4):
+
+* one opener (EBUSY otherwise); release -> transport INIT, queued message dropped, a pending
+  transaction answered E_FAIL, KVP state DEVICE_INIT (the next opener must handshake);
+* the first write after open must be a >= 7432-byte op 100 or op 4 message (else EINVAL); the
+  register reply (op echo + "3.1") is queued and reading it completes the handshake; a second
+  register write before that read fails with EFAULT (the transport's "previous message
+  wasn't received");
+* read blocks until a message is queued (O_NONBLOCK ignored), EINVAL for size < 7432 with the
+  message kept; poll gives POLLIN|POLLRDNORM only while a message is queued, POLLERR|POLLHUP
+  after an "unload";
+* each write >= 7432 bytes is one reply; EINVAL when no request is outstanding; the reply is
+  not matched against the request (a late reply can complete the next transaction, exactly
+  as in the kernel);
+* one transaction at a time, FIFO host queue that waits while no daemon is registered,
+  per-request timeout (HV_UTIL_TIMEOUT, 30 s by default) answering E_FAIL while the request
+  stays queued for the daemon, and immediate E_FAIL when the previous request is still unread.
+
+Differences forced by FUSE (documented so nobody relies on them): a 0-byte read returns 0 at
+once (the kernel never calls us); a read blocked here can only be cut short by the opener's
+death (checked every 0.2 s) or by an unload, not by a catchable signal, because pyfuse3 does
+not handle FUSE interrupts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import enum
+import errno
+import functools
+import json
+import logging
+import os
+import select
+import signal
+import socket
+import stat
+import struct
+import sys
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, ParamSpec, TypeVar
+
+import pyfuse3
+import trio
+
+from kvpfs.protocol import LEGACY_REGISTER, MESSAGE_SIZE, Op, Status, encode_register_reply
+from tests.support import emuwire
+from tests.support.emuwire import ReplySource
+
+log = logging.getLogger("kvpemu")
+
+DEVICE_NAME = b"hv_kvp"
+DEVICE_INODE = pyfuse3.ROOT_INODE + 1
+DEFAULT_TIMEOUT = 30.0
+CONTROL_XATTR = b"user.kvpemu.control"
+DRIVER_VERSION = "3.1"  # HV_DRV_VERSION
+
+# The legacy daemon's error convention looks at byte 20 (kvp_enum_data.data.key[0]).
+_LEGACY_KEY_OFFSET = 20
+_U32 = struct.Struct("<I")
+# How often a blocked read checks whether its opener is dying (see _process_dying).
+_READER_CHECK_INTERVAL = 0.2
+_SIGKILL_BIT = 1 << (signal.SIGKILL - 1)
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+class Mode(enum.Enum):
+    """``hvutil_transport`` mode (NETLINK is not emulated)."""
+
+    INIT = "INIT"
+    CHARDEV = "CHARDEV"
+    DESTROY = "DESTROY"
+
+
+class KvpState(enum.IntEnum):
+    """``enum hvutil_device_state``; order matters, the kernel compares with < and >."""
+
+    DEVICE_INIT = 0
+    READY = 1
+    HOSTMSG_RECEIVED = 2
+    USERSPACE_REQ = 3
+    USERSPACE_RECV = 4
+
+
+class HostRequest:
+    """One host request: queued in the "ring", then the current transaction, then answered."""
+
+    def __init__(self, message: bytes) -> None:
+        self.message = message
+        self.done = trio.Event()
+        self.status = 0
+        self.source = ReplySource.DAEMON
+        self.reply: bytes | None = None
+        self.abandoned = False
+
+    def complete(self, status: int, source: ReplySource, reply: bytes | None) -> None:
+        """First answer wins; later ones (cannot happen in the kernel either) are dropped."""
+        if self.done.is_set():
+            return
+        self.status = status & 0xFFFF_FFFF
+        self.source = source
+        self.reply = reply
+        self.done.set()
+
+
+@dataclass(eq=False)
+class Transaction:
+    """The kernel's ``kvp_transaction`` plus its armed ``kvp_timeout_work``."""
+
+    request: HostRequest
+    scope: trio.CancelScope
+    timer_pending: bool = True
+
+
+@dataclass(eq=False)
+class OpenFile:
+    """Per-fh state; ``generation`` ties the fh to one device "instance" (module load)."""
+
+    generation: int
+    tgid: int | None
+
+
+@dataclass
+class Faults:
+    """Injected failures, consumed one per read/write handler call."""
+
+    reads: deque[int] = field(default_factory=deque)
+    writes: deque[int] = field(default_factory=deque)
+
+
+def _tgid_of(tid: int) -> int | None:
+    """FUSE gives us the caller's thread id; the process is what dies, so find its tgid."""
+    try:
+        with open(f"/proc/{tid}/status") as fh:
+            for line in fh:
+                if line.startswith("Tgid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _process_dying(tgid: int) -> bool:
+    """True once ``tgid`` is gone, a zombie, or has SIGKILL pending (a fatal signal).
+
+    The kernel's read sleeps interruptibly, so a dying daemon leaves it at once.  A FUSE
+    request cannot be interrupted through pyfuse3, so without this check a daemon killed while
+    blocked in read() would stay in D state until the host sent something.
+    """
+    try:
+        with open(f"/proc/{tgid}/stat") as fh:
+            state = fh.read().rsplit(")", 1)[1].split()[0]
+        if state in ("Z", "X"):
+            return True
+        for tid in os.listdir(f"/proc/{tgid}/task"):
+            with open(f"/proc/{tgid}/task/{tid}/status") as fh:
+                for line in fh:
+                    if line.startswith(("SigPnd:", "ShdPnd:")) and (
+                        int(line.split()[1], 16) & _SIGKILL_BIT
+                    ):
+                        return True
+    except (OSError, IndexError, ValueError):
+        return True
+    return False
+
+
+class KvpDevice:
+    """The kernel side: transport (open/read/write/poll/release) and the KVP state machine.
+
+    All methods run on the one trio thread; the synchronous ones never await, so each of them
+    is atomic just like the kernel code it mirrors under ``hvt->lock``.
+    """
+
+    def __init__(self, timeout: float = DEFAULT_TIMEOUT) -> None:
+        self.timeout = timeout
+        self._nursery: trio.Nursery | None = None
+        self._changed = trio.Event()
+        self.faults = Faults()
+        self.ring: deque[HostRequest] = deque()
+        self.files: dict[int, OpenFile] = {}
+        self._next_fh = 1
+        self._poll_handles: list[pyfuse3.PollHandle] = []
+        self.present = True  # is the name hv_kvp visible
+        self._unlink_on_release = False
+        self.counters: dict[str, int] = dict.fromkeys(
+            (
+                "opens",
+                "ebusy_opens",
+                "register_writes",
+                "rejected_registers",
+                "handshakes",
+                "reads",
+                "short_reads",
+                "writes",
+                "short_writes",
+                "spurious_writes",
+                "requests",
+                "completed",
+                "timeouts",
+                "resets",
+                "reset_failures",
+                "send_failures",
+            ),
+            0,
+        )
+        self.generation = 0
+        self._new_instance()
+
+    # ------------------------------------------------------------------ instance state
+
+    def _new_instance(self) -> None:
+        """A freshly loaded module: transport INIT, state DEVICE_INIT, nothing queued."""
+        self.generation += 1
+        self.mode = Mode.INIT
+        self.state = KvpState.DEVICE_INIT
+        self.outmsg: bytes | None = None
+        self.on_read: Callable[[], None] | None = None
+        self.dm_reg_value = 0
+        self.opener: int | None = None
+        self.txn: Transaction | None = None
+
+    def attach(self, nursery: trio.Nursery) -> None:
+        """Timers need somewhere to run; the emulator's main nursery."""
+        self._nursery = nursery
+
+    def _bump(self) -> None:
+        """Wake everybody waiting for a state change (readers, channel task, waiters)."""
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait_changed(self, timeout: float | None = None) -> None:
+        """Sleep until the next state change (or ``timeout``)."""
+        event = self._changed
+        if timeout is None:
+            await event.wait()
+        else:
+            with trio.move_on_after(timeout):
+                await event.wait()
+
+    def _notify_pollers(self) -> None:
+        handles, self._poll_handles = self._poll_handles, []
+        for handle in handles:
+            try:
+                handle.notify()
+            except Exception as exc:  # a stale handle must not take the emulator down
+                log.debug("poll notify failed: %s", exc)
+
+    def _live(self, fh: int) -> bool:
+        """Does ``fh`` belong to the current, non-destroyed instance as its opener?"""
+        f = self.files.get(fh)
+        return (
+            f is not None
+            and f.generation == self.generation
+            and self.mode == Mode.CHARDEV
+            and self.opener == fh
+        )
+
+    @property
+    def registered(self) -> bool:
+        return self.opener is not None and self.state >= KvpState.READY
+
+    # ------------------------------------------------------------------ transport: fops
+
+    def open(self, tid: int) -> int:
+        """``hvt_op_open``: INIT -> CHARDEV, otherwise EBUSY (or EBADF once unloaded)."""
+        if self.mode == Mode.DESTROY:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        if self.mode != Mode.INIT:
+            self.counters["ebusy_opens"] += 1
+            raise pyfuse3.FUSEError(errno.EBUSY)
+        self.mode = Mode.CHARDEV
+        fh = self._next_fh
+        self._next_fh += 1
+        self.files[fh] = OpenFile(self.generation, _tgid_of(tid))
+        self.opener = fh
+        self.counters["opens"] += 1
+        log.info("open fh=%d by tid %d", fh, tid)
+        self._bump()
+        return fh
+
+    async def read(self, fh: int, size: int) -> bytes:
+        """``hvt_op_read``: block for a message, EINVAL if ``size`` is too small."""
+        f = self.files.get(fh)
+        if f is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        if self.faults.reads:
+            err = self.faults.reads.popleft()
+            log.info("injected read failure: %s", errno.errorcode.get(err, err))
+            raise pyfuse3.FUSEError(err)
+        # wait_event_interruptible(outmsg_len > 0 || mode != CHARDEV)
+        while self._live(fh) and self.outmsg is None:
+            await self.wait_changed(_READER_CHECK_INTERVAL if f.tgid else None)
+            if f.tgid and self._live(fh) and self.outmsg is None and _process_dying(f.tgid):
+                raise pyfuse3.FUSEError(errno.EINTR)
+        if f.generation != self.generation or self.mode == Mode.DESTROY:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        if self.outmsg is None or not self._live(fh):
+            raise pyfuse3.FUSEError(errno.EAGAIN)
+        if size < len(self.outmsg):
+            self.counters["short_reads"] += 1
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        message, callback = self.outmsg, self.on_read
+        self.outmsg = None
+        self.on_read = None
+        self.counters["reads"] += 1
+        if callback is not None:
+            callback()
+        self._bump()
+        return message
+
+    def write(self, fh: int, buf: bytes) -> int:
+        """``hvt_op_write`` -> ``kvp_on_msg``."""
+        f = self.files.get(fh)
+        if f is None or f.generation != self.generation or self.mode == Mode.DESTROY:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        if self.faults.writes:
+            err = self.faults.writes.popleft()
+            log.info("injected write failure: %s", errno.errorcode.get(err, err))
+            raise pyfuse3.FUSEError(err)
+        ret = self._on_msg(bytes(buf))
+        self._bump()
+        if ret:
+            raise pyfuse3.FUSEError(ret)
+        return len(buf)
+
+    def poll(self, fh: int, handle: pyfuse3.PollHandle | None) -> int:
+        """``hvt_op_poll``: readable only while a message is queued; never writable."""
+        f = self.files.get(fh)
+        if f is None or f.generation != self.generation or self.mode == Mode.DESTROY:
+            return select.POLLERR | select.POLLHUP
+        if self.outmsg is not None:
+            return select.POLLIN | select.POLLRDNORM
+        if handle is not None:
+            self._poll_handles.append(handle)
+        return 0
+
+    def release(self, fh: int) -> None:
+        """``hvt_op_release`` + ``kvp_on_reset`` for the opener; dead fhs are just dropped."""
+        f = self.files.pop(fh, None)
+        if f is None or f.generation != self.generation or self.opener != fh:
+            return  # an fh of an earlier, unloaded instance
+        self.opener = None
+        if self.mode == Mode.DESTROY:
+            # Unloaded module: the misc device goes away with the last close.
+            if self._unlink_on_release:
+                self.present = False
+                self._unlink_on_release = False
+            self._poll_handles.clear()
+            self._bump()
+            return
+        self.mode = Mode.INIT
+        self.outmsg = None
+        self.on_read = None
+        self.counters["resets"] += 1
+        txn = self.txn
+        if txn is not None and self._cancel_timer(txn):
+            self.counters["reset_failures"] += 1
+            self._respond(txn, Status.E_FAIL, ReplySource.RESET, None)
+        self.state = KvpState.DEVICE_INIT
+        self._poll_handles.clear()
+        log.info("release fh=%d: device reset to INIT", fh)
+        self._bump()
+
+    # ------------------------------------------------------------------ transport: send
+
+    def _transport_send(self, message: bytes, on_read: Callable[[], None] | None) -> int:
+        """``hvutil_transport_send`` in CHARDEV mode: at most one undelivered message."""
+        if self.mode != Mode.CHARDEV:
+            return errno.EINVAL
+        if self.outmsg is not None:
+            return errno.EFAULT  # "Previous message wasn't received"
+        self.outmsg = message
+        self.on_read = on_read
+        self._notify_pollers()
+        self._bump()
+        return 0
+
+    # ------------------------------------------------------------------ KVP state machine
+
+    def _on_msg(self, buf: bytes) -> int:
+        """``kvp_on_msg``; returns 0 or a positive errno for the write."""
+        self.counters["writes"] += 1
+        if len(buf) < MESSAGE_SIZE:
+            self.counters["short_writes"] += 1
+            return errno.EINVAL
+        if self.state < KvpState.READY:
+            return self._handle_handshake(buf)
+        if self.state < KvpState.USERSPACE_REQ:
+            self.counters["spurious_writes"] += 1
+            log.info("reply with no request outstanding (state %s): EINVAL", self.state.name)
+            return errno.EINVAL
+        self.state = KvpState.USERSPACE_RECV
+        if self.dm_reg_value == LEGACY_REGISTER:
+            error = Status.S_CONT if buf[_LEGACY_KEY_OFFSET] == 0 else Status.S_OK
+        else:
+            (error,) = _U32.unpack_from(buf, 0)
+        txn = self.txn
+        if txn is not None and self._cancel_timer(txn):
+            self._respond(txn, error, ReplySource.DAEMON, buf[:MESSAGE_SIZE])
+            self._poll_channel()
+        return 0
+
+    def _handle_handshake(self, buf: bytes) -> int:
+        """``kvp_handle_handshake``: accept op 100 or 4 and queue the version reply."""
+        op = buf[0]
+        self.counters["register_writes"] += 1
+        if op not in (Op.REGISTER1, LEGACY_REGISTER):
+            self.counters["rejected_registers"] += 1
+            log.info("incompatible daemon: op %d (EINVAL)", op)
+            return errno.EINVAL
+        self.dm_reg_value = op
+        return self._transport_send(
+            encode_register_reply(op=op, version=DRIVER_VERSION), self._register_done
+        )
+
+    def _register_done(self) -> None:
+        """``kvp_register_done``: the daemon read our reply -> READY, drain the ring."""
+        self.counters["handshakes"] += 1
+        log.info("daemon registered (op %d)", self.dm_reg_value)
+        self._poll_channel()
+
+    def _poll_channel(self) -> None:
+        """``kvp_poll_wrapper``: transaction over, look at the ring again."""
+        self.state = KvpState.READY
+        self.txn = None
+        self._bump()
+
+    def _cancel_timer(self, txn: Transaction) -> bool:
+        """``cancel_delayed_work_sync``: True if the timeout had not fired yet."""
+        if not txn.timer_pending:
+            return False
+        txn.timer_pending = False
+        txn.scope.cancel()
+        return True
+
+    def _respond(
+        self, txn: Transaction, status: int, source: ReplySource, reply: bytes | None
+    ) -> None:
+        """``kvp_respond_to_host``; the host client does the UTF-8 -> UTF-16 part."""
+        self.counters["completed"] += 1
+        log.debug("answer host: status %#x (%s)", status, source.name)
+        txn.request.complete(status, source, reply)
+
+    async def _timer(self, txn: Transaction) -> None:
+        """``kvp_timeout_func``: answer E_FAIL; the request stays queued for the daemon."""
+        with txn.scope:
+            await trio.sleep_forever()
+        if txn.timer_pending:
+            txn.timer_pending = False
+            self.counters["timeouts"] += 1
+            log.info("transaction timed out after %.3g s", self.timeout)
+            self._respond(txn, Status.E_FAIL, ReplySource.TIMEOUT, None)
+            if self.txn is txn:
+                self._poll_channel()
+
+    def _send_key(self, request: HostRequest) -> None:
+        """Channel callback + ``kvp_send_key``: start one transaction."""
+        assert self._nursery is not None
+        self.state = KvpState.HOSTMSG_RECEIVED
+        txn = Transaction(request, trio.CancelScope(deadline=trio.current_time() + self.timeout))
+        self.txn = txn
+        self._nursery.start_soon(self._timer, txn)
+        self.state = KvpState.USERSPACE_REQ
+        rc = self._transport_send(request.message, None)
+        if rc:
+            self.counters["send_failures"] += 1
+            log.info("failed to communicate to the daemon: %s", errno.errorcode.get(rc, rc))
+            if self._cancel_timer(txn):
+                self._respond(txn, Status.E_FAIL, ReplySource.SEND_FAILED, None)
+                self._poll_channel()
+
+    async def channel_loop(self) -> None:
+        """``hv_kvp_onchannelcallback``: one host request at a time, only once READY."""
+        while True:
+            while not (self.state == KvpState.READY and self.opener is not None and self.ring):
+                await self.wait_changed()
+            request = self.ring.popleft()
+            if request.abandoned:
+                continue
+            self._send_key(request)
+
+    # ------------------------------------------------------------------ host side
+
+    def submit(self, request: HostRequest) -> None:
+        """A host request lands in the ring."""
+        self.counters["requests"] += 1
+        self.ring.append(request)
+        self._bump()
+
+    def abandon(self, request: HostRequest) -> None:
+        """The host went away: a queued request is withdrawn, an in-flight one runs on."""
+        request.abandoned = True
+        with contextlib.suppress(ValueError):
+            self.ring.remove(request)
+        self._bump()
+
+    # ------------------------------------------------------------------ faults & control
+
+    def unload(self) -> None:
+        """Module unload (``hv_kvp_deinit``): readers get EBADF, pollers ERR|HUP.
+
+        The name stays until the opener closes (the misc device is deregistered after the
+        last release), then disappears.  An in-flight host request is answered E_FAIL (the
+        real host would see the channel close instead).
+        """
+        txn = self.txn
+        if txn is not None and self._cancel_timer(txn):
+            self._respond(txn, Status.E_FAIL, ReplySource.DESTROYED, None)
+        self.txn = None
+        self.mode = Mode.DESTROY
+        self.state = KvpState.DEVICE_INIT
+        if self.opener is None:
+            self.present = False
+        else:
+            self._unlink_on_release = True
+        self._notify_pollers()
+        self._bump()
+
+    def vanish(self, mode: str) -> None:
+        """Make ``hv_kvp`` disappear: ``unload`` (module gone) or ``unlink`` (name only)."""
+        if mode == "unload":
+            self.unload()
+        elif mode == "unlink":
+            self.present = False
+            self._bump()
+        else:
+            raise ValueError(f"unknown vanish mode {mode!r}")
+
+    def reappear(self) -> None:
+        """Undo :meth:`vanish`; after an unload this is a fresh module (new instance)."""
+        if self.mode == Mode.DESTROY:
+            self._new_instance()
+        self._unlink_on_release = False
+        self.present = True
+        self._bump()
+
+    def snapshot(self) -> dict[str, Any]:
+        """Everything a test may want to assert on, JSON-ready."""
+        opener = self.files.get(self.opener) if self.opener is not None else None
+        return {
+            "registered": self.registered,
+            "opened": self.opener is not None,
+            "mode": self.mode.value,
+            "state": self.state.name,
+            "reg_value": self.dm_reg_value,
+            "message_queued": self.outmsg is not None,
+            "transaction": self.txn is not None,
+            "ring": len(self.ring),
+            "present": self.present,
+            "generation": self.generation,
+            "timeout": self.timeout,
+            "opener_pid": opener.tgid if opener else None,
+            "pending_read_faults": len(self.faults.reads),
+            "pending_write_faults": len(self.faults.writes),
+            **self.counters,
+        }
+
+    def shutdown(self) -> None:
+        """Emulator exit: unload so blocked readers return (EBADF) before we unmount."""
+        for request in self.ring:
+            request.complete(Status.E_FAIL, ReplySource.DESTROYED, None)
+        self.ring.clear()
+        self.unload()
+
+
+def _guard(method: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+    """Let only FUSEError out of a handler: anything else would kill pyfuse3.main()."""
+
+    @functools.wraps(method)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return await method(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except Exception:
+            log.exception("handler %s failed", method.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+class EmulatorFS(pyfuse3.Operations):
+    """FUSE view: a root directory holding the single file ``hv_kvp``."""
+
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+
+    def __init__(self, device: KvpDevice, control_path: str) -> None:
+        super().__init__()
+        self.device = device
+        self.control_path = control_path
+        self._mtime_ns = time.time_ns()
+
+    def _attrs(self, inode: int) -> pyfuse3.EntryAttributes:
+        attrs = pyfuse3.EntryAttributes()
+        attrs.st_ino = inode
+        # Zero timeouts: every open goes through lookup, so vanish/reappear is seen at once.
+        attrs.entry_timeout = 0
+        attrs.attr_timeout = 0
+        if inode == pyfuse3.ROOT_INODE:
+            attrs.st_mode = stat.S_IFDIR | 0o755
+            attrs.st_nlink = 2
+        else:
+            attrs.st_mode = stat.S_IFREG | 0o600
+            attrs.st_nlink = 1
+        attrs.st_uid = os.getuid()
+        attrs.st_gid = os.getgid()
+        attrs.st_atime_ns = attrs.st_mtime_ns = attrs.st_ctime_ns = self._mtime_ns
+        return attrs
+
+    def _check_device(self, inode: int) -> None:
+        if inode != DEVICE_INODE or not self.device.present:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+
+    @_guard
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        if parent_inode != pyfuse3.ROOT_INODE:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        if name in (b".", b".."):
+            return self._attrs(pyfuse3.ROOT_INODE)
+        if name != DEVICE_NAME or not self.device.present:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self._attrs(DEVICE_INODE)
+
+    @_guard
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        if inode != pyfuse3.ROOT_INODE:
+            self._check_device(inode)
+        return self._attrs(inode)
+
+    @_guard
+    async def setattr(
+        self,
+        inode: int,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: int | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        # A char device ignores truncate/chmod/utimes; accepting them keeps shells happy.
+        return await self.getattr(inode, ctx)
+
+    @_guard
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        if inode != pyfuse3.ROOT_INODE:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return inode
+
+    @_guard
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        if start_id == 0 and self.device.present:
+            pyfuse3.readdir_reply(token, DEVICE_NAME, self._attrs(DEVICE_INODE), 1)
+
+    @_guard
+    async def releasedir(self, fh: int) -> None:
+        return None
+
+    @_guard
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        self._check_device(inode)
+        fh = self.device.open(ctx.pid)
+        return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False, nonseekable=True)
+
+    @_guard
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        return await self.device.read(fh, size)
+
+    @_guard
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        return self.device.write(fh, buf)
+
+    @_guard
+    async def poll(
+        self,
+        inode: int,
+        fh: int,
+        poll_handle: pyfuse3.PollHandle | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> int:
+        return self.device.poll(fh, poll_handle)
+
+    @_guard
+    async def release(self, fh: int) -> None:
+        self.device.release(fh)
+
+    @_guard
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        # Lets helpers find the control socket from the device path alone.
+        if name == CONTROL_XATTR:
+            return os.fsencode(self.control_path)
+        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+
+    @_guard
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        return [CONTROL_XATTR]
+
+    @_guard
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        data = pyfuse3.StatvfsData()
+        data.f_bsize = data.f_frsize = 4096
+        data.f_namemax = 255
+        data.f_files = 2
+        return data
+
+
+# ---------------------------------------------------------------------- control socket
+
+
+class _FrameReader:
+    """Buffered frame reader that can also watch for EOF while a request is pending."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.buffer = bytearray()
+
+    async def fill(self) -> bool:
+        """Receive more bytes; False on EOF."""
+        chunk = await self.stream.receive_some(65536)
+        if not chunk:
+            return False
+        self.buffer += chunk
+        return True
+
+    async def read_frame(self) -> bytes | None:
+        while len(self.buffer) < 4:
+            if not await self.fill():
+                return None
+        length = emuwire.split_length(bytes(self.buffer[:4]))
+        while len(self.buffer) < 4 + length:
+            if not await self.fill():
+                return None
+        payload = bytes(self.buffer[4 : 4 + length])
+        del self.buffer[: 4 + length]
+        return payload
+
+
+class ControlServer:
+    """Serves the scripted host: requests into the ring, commands onto the device."""
+
+    def __init__(self, device: KvpDevice) -> None:
+        self.device = device
+
+    async def serve_connection(self, stream: trio.SocketStream) -> None:
+        reader = _FrameReader(stream)
+        try:
+            while True:
+                payload = await reader.read_frame()
+                if payload is None:
+                    return
+                kind, body = payload[:1], payload[1:]
+                if kind == emuwire.KIND_REQUEST:
+                    answer = await self._request(body, reader)
+                    if answer is None:
+                        return  # host disconnected while waiting
+                    await stream.send_all(emuwire.frame(answer))
+                elif kind == emuwire.KIND_JSON:
+                    response = await self._command(body)
+                    await stream.send_all(emuwire.json_frame(response))
+                else:
+                    await stream.send_all(emuwire.frame(emuwire.KIND_ERROR + b"unknown kind"))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, ValueError) as exc:
+            log.debug("control connection closed: %s", exc)
+        finally:
+            await stream.aclose()
+
+    async def _request(self, message: bytes, reader: _FrameReader) -> bytes | None:
+        if len(message) != MESSAGE_SIZE:
+            text = f"request is {len(message)} bytes, expected {MESSAGE_SIZE}"
+            return emuwire.KIND_ERROR + text.encode()
+        request = HostRequest(message)
+        self.device.submit(request)
+        gone = False
+        async with trio.open_nursery() as nursery:
+
+            async def watch_eof() -> None:
+                nonlocal gone
+                while await reader.fill():
+                    pass  # a pipelining client; keep its bytes for the next frame
+                gone = True
+                self.device.abandon(request)
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(watch_eof)
+            await request.done.wait()
+            nursery.cancel_scope.cancel()
+        if gone:
+            return None
+        return emuwire.encode_answer(request.status, request.source, request.reply)
+
+    async def _command(self, body: bytes) -> dict[str, Any]:
+        try:
+            command = json.loads(body)
+            return await self._dispatch(command)
+        except Exception as exc:  # a bad command must not kill the emulator
+            return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+
+    async def _dispatch(self, command: dict[str, Any]) -> dict[str, Any]:
+        device = self.device
+        name = command.get("cmd")
+        if name == "ping":
+            return {"ok": True, "pid": os.getpid()}
+        if name == "state":
+            return {"ok": True, "state": device.snapshot()}
+        if name in ("fail_next_read", "fail_next_write"):
+            err = int(command.get("errno", errno.EIO))
+            count = int(command.get("count", 1))
+            queue = device.faults.reads if name == "fail_next_read" else device.faults.writes
+            queue.extend([err] * count)
+            return {"ok": True}
+        if name == "clear_faults":
+            device.faults.reads.clear()
+            device.faults.writes.clear()
+            return {"ok": True}
+        if name == "vanish":
+            device.vanish(str(command.get("mode", "unload")))
+            return {"ok": True, "state": device.snapshot()}
+        if name in ("return", "reappear"):
+            device.reappear()
+            return {"ok": True, "state": device.snapshot()}
+        if name == "set_timeout":
+            device.timeout = float(command["seconds"])
+            return {"ok": True}
+        if name == "wait":
+            return await self._wait(command)
+        return {"ok": False, "error": f"unknown command {name!r}"}
+
+    async def _wait(self, command: dict[str, Any]) -> dict[str, Any]:
+        """Block until every given condition holds: {"registered": bool, "opened": bool,
+        "min_handshakes": n, "min_opens": n, "min_completed": n, "idle": bool}."""
+
+        def satisfied() -> bool:
+            snap = self.device.snapshot()
+            for key in ("registered", "opened", "message_queued", "present"):
+                if key in command and snap[key] != bool(command[key]):
+                    return False
+            for key, counter in (
+                ("min_handshakes", "handshakes"),
+                ("min_opens", "opens"),
+                ("min_completed", "completed"),
+                ("min_resets", "resets"),
+                ("min_register_writes", "register_writes"),
+            ):
+                if key in command and snap[counter] < int(command[key]):
+                    return False
+            return not (command.get("idle") and (snap["transaction"] or snap["ring"]))
+
+        with trio.move_on_after(float(command.get("timeout", 10.0))):
+            while not satisfied():
+                await self.device.wait_changed()
+            return {"ok": True, "state": self.device.snapshot()}
+        return {"ok": False, "error": "timeout", "state": self.device.snapshot()}
+
+
+async def _open_control_listener(path: str) -> trio.SocketListener:
+    if os.path.exists(path):
+        os.unlink(path)
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    await sock.bind(path)
+    sock.listen(64)
+    return trio.SocketListener(sock)
+
+
+async def _amain(device: KvpDevice, control_path: str) -> None:
+    server = ControlServer(device)
+    async with trio.open_nursery() as nursery:
+        device.attach(nursery)
+
+        async def on_signals() -> None:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+                async for signum in sigs:
+                    log.info("signal %d: shutting down", signum)
+                    device.shutdown()
+                    pyfuse3.terminate()
+                    return
+
+        listener = await _open_control_listener(control_path)
+        nursery.start_soon(on_signals)
+        nursery.start_soon(device.channel_loop)
+        nursery.start_soon(trio.serve_listeners, server.serve_connection, [listener])
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Mount, serve until SIGTERM/SIGINT or an external unmount, then unmount."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("mountdir")
+    parser.add_argument("control_socket")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT,
+        help="per-request timeout in seconds (HV_UTIL_TIMEOUT, default 30)",
+    )
+    parser.add_argument("--debug", action="store_true", help="log every device event")
+    parser.add_argument("--fuse-debug", action="store_true", help="libfuse request tracing")
+    args = parser.parse_args(argv)
+
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.INFO,
+        format="%(asctime)s.%(msecs)03d kvpemu[%(process)d] %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    control_path = os.path.abspath(args.control_socket)
+    device = KvpDevice(timeout=args.timeout)
+    fs = EmulatorFS(device, control_path)
+    options = set(pyfuse3.default_options)
+    options |= {"fsname=hv_kvp_emu", "subtype=kvpemu"}
+    if args.fuse_debug:
+        options.add("debug")
+    pyfuse3.init(fs, args.mountdir, options)
+    log.info("mounted on %s, control socket %s", args.mountdir, control_path)
+    try:
+        trio.run(_amain, device, control_path)
+    except BaseException:
+        log.exception("emulator crashed")
+        pyfuse3.close(unmount=True)  # a test helper: better gone than a dead ENOTCONN mount
+        raise
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(control_path)
+    pyfuse3.close(unmount=True)
+    log.info("unmounted")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
