@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from kvpfs import __version__, control
-from kvpfs.fs import POOL_NAMES
+from kvpfs.pools import pool_number
 
 EXIT_OK = 0
 EXIT_NOT_FOUND = 1
@@ -28,13 +28,10 @@ log = logging.getLogger("kvpfs")
 
 def parse_pool(text: str) -> int:
     """A pool by number (0-4) or by its directory name."""
-    if text.isdigit() and 0 <= int(text) < len(POOL_NAMES):
-        return int(text)
-    if text in POOL_NAMES:
-        return POOL_NAMES.index(text)
-    raise argparse.ArgumentTypeError(
-        f"unknown pool {text!r}: use 0-4 or one of {', '.join(POOL_NAMES)}"
-    )
+    try:
+        return pool_number(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def setup_logging(debug: bool) -> None:

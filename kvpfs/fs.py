@@ -34,12 +34,11 @@ from kvpfs import names
 from kvpfs.intrinsic import KEYS as INTRINSIC_KEYS
 from kvpfs.intrinsic import Intrinsics
 from kvpfs.poolfile import LockTimeout, PoolFileError
+from kvpfs.pools import GUEST, POOL_NAMES
 from kvpfs.store import AUTO_POOL, KEY_MAX_BYTES, VALUE_MAX_BYTES, Change, Origin, Store
 
 log = logging.getLogger(__name__)
 
-GUEST = 1
-POOL_NAMES = ("external", "guest", "auto", "auto_external", "auto_internal")
 ROOT_INODE = pyfuse3.ROOT_INODE
 DIR_INODES = tuple(ROOT_INODE + 1 + pool for pool in range(5))  # 2..6
 LINK_INODES = tuple(ROOT_INODE + 6 + pool for pool in range(5))  # 7..11
@@ -654,8 +653,7 @@ class KvpOperations(pyfuse3.Operations):
         pool_old = self._pool_of_dir(parent_old)
         pool_new = self._pool_of_dir(parent_new)
         if pool_old != GUEST or pool_new != GUEST:
-            raise pyfuse3.FUSEError(errno.EACCES if GUEST not in (pool_old, pool_new)
-                                    or pool_old == pool_new else errno.EXDEV)
+            raise pyfuse3.FUSEError(errno.EACCES)  # every pool but guest is read-only
         if flags & ~pyfuse3.RENAME_NOREPLACE:
             raise pyfuse3.FUSEError(errno.EINVAL)  # RENAME_EXCHANGE, RENAME_WHITEOUT
         async with self._guest_lock:

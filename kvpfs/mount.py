@@ -28,6 +28,7 @@ from kvpfs.device import CharDevice, DeviceUnavailable
 from kvpfs.fs import KvpOperations, Permissions
 from kvpfs.intrinsic import FqdnCache, Intrinsics
 from kvpfs.poolfile import PoolFileError
+from kvpfs.pools import pool_number
 from kvpfs.server import DeviceServer, RegistrationRefused
 from kvpfs.simulator import SimulatedHost
 from kvpfs.store import Store, default_pool_dir
@@ -112,7 +113,7 @@ async def _host_control(host: SimulatedHost | None, server: DeviceServer, store:
     if host is None:
         return {"error": "this kvpfs serves a real Hyper-V device; `kvpfs host` commands need"
                          " a kvpfs started with --simulate"}
-    pool = int(request["pool"])
+    pool = pool_number(request["pool"])
     if op == "set":
         result = await host.set(pool, str(request["key"]), str(request["value"]))
     elif op == "delete":
@@ -201,4 +202,13 @@ async def _terminate_on_signals() -> None:
 
 
 def run(config: MountConfig) -> None:
-    trio.run(serve, config)
+    try:
+        trio.run(serve, config)
+    except BaseExceptionGroup as group:
+        # A start-up failure inside the nursery arrives wrapped; report it plainly.
+        startup, _rest = group.split(StartupError)
+        if startup is not None:
+            while isinstance(startup, BaseExceptionGroup):
+                startup = startup.exceptions[0]
+            raise startup from None
+        raise

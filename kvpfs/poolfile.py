@@ -737,7 +737,12 @@ class PoolFile:
                 raise _io_error("locking pool file", self.path, exc) from exc
             if not acquired:
                 raise _lock_timeout(self.path, fd, limit)
-            if self._path_matches_fd():
+            try:
+                current = self._path_matches_fd()
+            except BaseException:
+                self._unlock(fd)
+                raise
+            if current:
                 self._locked_fd = fd
                 return reopened
             self._unlock(fd)  # replaced or deleted while we waited: lock the new file instead

@@ -314,9 +314,30 @@ def test_replaced_file_is_reopened(pool: PoolFile) -> None:
     assert pool.ensure_open() is False
 
 
-def test_ensure_open_inside_locked_is_a_bug(pool: PoolFile) -> None:
-    with pool.locked(), pytest.raises(RuntimeError):
-        pool.ensure_open()
+def test_ensure_open_inside_locked(pool: PoolFile) -> None:
+    fill(pool, [(b"a", b"1")])
+    with pool.locked():
+        assert pool.ensure_open() is False
+    pool.path.unlink()
+    with pool.locked():
+        assert pool.ensure_open() is True  # this block had to recreate the file
+        assert pool.ensure_open() is True
+        with pytest.raises(RuntimeError):
+            pool.close()
+    with pool.locked():
+        assert pool.ensure_open() is False
+
+
+def test_file_replaced_while_locked_moves_the_lock(pool: PoolFile) -> None:
+    fill(pool, [(b"old", b"1")])
+    new = pool.path.with_name("replacement")
+    new.write_bytes(encode_record(b"new", b"2"))
+    with pool.locked():
+        os.replace(new, pool.path)  # a writer that ignores locks
+        assert pool.ensure_open() is True
+        assert pairs(pool.read().records) == [(b"new", b"2")]
+        assert probe_locks(pool.path) == "lockf-busy flock-busy"
+    assert probe_locks(pool.path) == "lockf-free flock-free"
 
 
 def test_signatures(pool: PoolFile) -> None:
@@ -469,19 +490,21 @@ def test_lock_acquired_when_holder_releases_during_wait(pool: PoolFile) -> None:
     proc.wait(timeout=5)
 
 
-def test_our_lock_excludes_posix_and_flock_users(pool: PoolFile) -> None:
-    def probe() -> str:
-        return subprocess.run(
-            [sys.executable, "-c", LOCKER, str(pool.path), "probe"],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=30,
-        ).stdout.strip()
+def probe_locks(path: Path) -> str:
+    """Ask a child process whether it could take a lockf and a flock lock right now."""
+    return subprocess.run(
+        [sys.executable, "-c", LOCKER, str(path), "probe"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    ).stdout.strip()
 
+
+def test_our_lock_excludes_posix_and_flock_users(pool: PoolFile) -> None:
     with pool.locked():
-        assert probe() == "lockf-busy flock-busy"
-    assert probe() == "lockf-free flock-free"
+        assert probe_locks(pool.path) == "lockf-busy flock-busy"
+    assert probe_locks(pool.path) == "lockf-free flock-free"
 
 
 def test_second_poolfile_in_same_process_is_excluded(pool: PoolFile) -> None:

@@ -1,0 +1,359 @@
+"""The filesystem as users meet it: a real mount, real shell commands, the simulated host."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from kvpfs.poolfile import RECORD_SIZE, encode_record, parse_pool, pool_path
+
+from .conftest import KvpfsProcess, requires_fuse
+
+pytestmark = requires_fuse
+
+
+def sh(command: str, *, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", "-c", command], capture_output=True, text=True, check=check)
+
+
+def unique(prefix: str = "k") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def host_items(kvpfs: KvpfsProcess, pool: str) -> dict[str, str]:
+    return dict(kvpfs.host("list", pool)["items"])
+
+
+def pool_records(kvpfs: KvpfsProcess, pool: int) -> list[tuple[bytes, bytes]]:
+    records, _ = parse_pool(pool_path(kvpfs.pools, pool).read_bytes())
+    return [(r.key, r.value) for r in records]
+
+
+def wait_for(predicate, timeout: float = 5.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.02)
+
+
+def expect_errno(code: int, func, *args):
+    with pytest.raises(OSError) as info:
+        func(*args)
+    assert info.value.errno == code, f"expected {errno.errorcode[code]}, got {info.value!r}"
+
+
+# ---------------------------------------------------------------- layout
+
+
+def test_layout_and_modes(shared_kvpfs):
+    mnt = shared_kvpfs.mnt
+    entries = set(os.listdir(mnt))
+    assert {"external", "guest", "auto", "auto_external", "auto_internal"} <= entries
+    for number, name in enumerate(["external", "guest", "auto", "auto_external",
+                                   "auto_internal"]):
+        assert os.readlink(mnt / str(number)) == name
+        assert os.path.samefile(mnt / str(number), mnt / name)
+    assert stat.S_IMODE(os.stat(mnt / "guest").st_mode) == 0o755
+    assert stat.S_IMODE(os.stat(mnt / "external").st_mode) == 0o500
+    assert stat.S_IMODE(os.stat(mnt / "auto_external").st_mode) == 0o555
+    assert stat.S_IMODE(os.stat(mnt).st_mode) == 0o555
+    found = subprocess.run(["findmnt", "-n", "-o", "FSTYPE", str(mnt)], capture_output=True,
+                           text=True).stdout.strip()
+    assert found == "fuse.kvpfs"
+
+
+def test_host_identity_arrives_in_auto_external(shared_kvpfs):
+    vm_id = shared_kvpfs.path("auto_external", "VirtualMachineId")
+    wait_for(vm_id.exists)
+    assert vm_id.read_text() == "5B0C7C0E-2F4A-4D4B-9B8E-3C1D2E0F4A11"
+    assert stat.S_IMODE(vm_id.stat().st_mode) == 0o444
+    assert len(os.listdir(shared_kvpfs.path("auto_external"))) == 16
+    # the same bytes are in the pool file, in the reference daemon's format
+    assert (b"VirtualMachineId", b"5B0C7C0E-2F4A-4D4B-9B8E-3C1D2E0F4A11") in pool_records(
+        shared_kvpfs, 3)
+
+
+def test_auto_shows_what_the_host_sees(shared_kvpfs):
+    auto = shared_kvpfs.path("auto")
+    assert sorted(os.listdir(auto)) == sorted(k for k, _ in shared_kvpfs.host("list", 2)["items"])
+    assert (auto / "IntegrationServicesVersion").read_text() == "3.1"
+    assert (auto / "OSVersion").read_text() == os.uname().release.split("-")[0]
+    assert "127.0.0.1" not in (auto / "NetworkAddressIPv4").read_text().split(";")
+
+
+# ---------------------------------------------------------------- guest writes
+
+
+def test_echo_publishes_without_newline(shared_kvpfs):
+    key = unique("Status")
+    path = shared_kvpfs.path("guest", key)
+    sh(f"echo Ready > {path}")
+    assert path.read_bytes() == b"Ready"
+    assert path.stat().st_size == 5
+    assert host_items(shared_kvpfs, "guest")[key] == "Ready"
+    assert (key.encode(), b"Ready") in pool_records(shared_kvpfs, 1)
+
+
+def test_append_offsets_truncate_and_o_trunc(shared_kvpfs):
+    path = shared_kvpfs.path("guest", unique())
+    sh(f"printf abc > {path}")
+    sh(f"echo def >> {path}")
+    assert path.read_bytes() == b"abcdef"
+    with open(path, "r+b") as f:
+        f.seek(1)
+        f.write(b"X")
+    assert path.read_bytes() == b"aXcdef"
+    os.truncate(path, 2)
+    assert path.read_bytes() == b"aX"
+    with open(path, "wb") as f:  # O_TRUNC
+        f.write(b"new")
+    assert path.read_bytes() == b"new"
+    sh(f": > {path}")
+    assert path.read_bytes() == b""
+    assert host_items(shared_kvpfs, "guest")[path.name] == ""
+
+
+def test_host_never_sees_half_a_value(shared_kvpfs):
+    path = shared_kvpfs.path("guest", unique())
+    with open(path, "wb", buffering=0) as f:
+        f.write(b"first half ")
+        assert path.name not in host_items(shared_kvpfs, "guest")
+        f.write(b"second half")
+        assert path.name not in host_items(shared_kvpfs, "guest")
+    assert host_items(shared_kvpfs, "guest")[path.name] == "first half second half"
+
+
+def test_raw_keeps_newline(tmp_path):
+    proc = KvpfsProcess(tmp_path, "--raw").start()
+    try:
+        sh(f"echo Ready > {proc.path('guest', 'Status')}")
+        assert proc.path("guest", "Status").read_bytes() == b"Ready\n"
+    finally:
+        proc.cleanup()
+
+
+def test_rm_and_mv(shared_kvpfs):
+    old, new = unique("old"), unique("new")
+    guest = shared_kvpfs.path("guest")
+    sh(f"echo one > {guest / old}")
+    ino = os.stat(guest / old).st_ino
+    sh(f"mv {guest / old} {guest / new}")
+    items = host_items(shared_kvpfs, "guest")
+    assert old not in items and items[new] == "one"
+    assert os.stat(guest / new).st_ino == ino
+    sh(f"rm {guest / new}")
+    assert new not in host_items(shared_kvpfs, "guest")
+    assert not (guest / new).exists()
+    assert new.encode() not in [k for k, _ in pool_records(shared_kvpfs, 1)]
+
+
+def test_editor_style_save_publishes_only_the_final_value(shared_kvpfs):
+    guest = shared_kvpfs.path("guest")
+    key = unique("cfg")
+    sh(f"echo v1 > {guest / key}")
+    # what editors and Ansible do: write a dot-file, then rename over the key
+    scratch = guest / f".{key}.swp"
+    scratch.write_text("v2\n")
+    assert f".{key}.swp" not in host_items(shared_kvpfs, "guest")
+    assert not any(k.startswith(b".") for k, _ in pool_records(shared_kvpfs, 1))
+    os.rename(scratch, guest / key)
+    assert (guest / key).read_bytes() == b"v2"
+    # sed -i writes a temporary file next to it and renames it into place
+    sh(f"sed -i s/v2/v3/ {guest / key}")
+    assert (guest / key).read_bytes() == b"v3"
+    items = host_items(shared_kvpfs, "guest")
+    assert items[key] == "v3"
+    assert not [k for k in items if k.startswith("sed")]
+    assert sorted(os.listdir(guest)) == sorted(items)
+
+
+def test_metadata_calls_succeed(shared_kvpfs):
+    guest = shared_kvpfs.path("guest")
+    key = unique("meta")
+    sh(f"cp -p /etc/hostname {guest / key}")
+    assert (guest / key).read_bytes() == Path("/etc/hostname").read_bytes().rstrip(b"\n")
+    sh(f"chmod 600 {guest / key} && chown 0:0 {guest / key} && touch {guest / key}")
+    assert stat.S_IMODE(os.stat(guest / key).st_mode) == 0o600
+    fd = os.open(guest / key, os.O_WRONLY | os.O_TRUNC)
+    try:
+        os.write(fd, b"synced")
+        os.fsync(fd)  # fsync commits what was written so far
+        assert host_items(shared_kvpfs, "guest")[key] == "synced"
+    finally:
+        os.close(fd)
+
+
+READ_ONLY_POOLS = ["external", "auto", "auto_external", "auto_internal"]
+
+
+@pytest.mark.parametrize("pool", READ_ONLY_POOLS)
+def test_read_only_pools_refuse_every_change(shared_kvpfs, pool):
+    directory = shared_kvpfs.path(pool)
+    existing = {"external": None, "auto": "OSName", "auto_external": "HostName",
+                "auto_internal": None}[pool]
+    if existing is None:
+        key = unique()
+        index = ["external", "guest", "auto", "auto_external", "auto_internal"].index(pool)
+        assert shared_kvpfs.host("set", index, key, "v")["status"] == 0
+        existing = key
+    wait_for((directory / existing).exists)
+    target = directory / existing
+    expect_errno(errno.EACCES, os.open, directory / "new", os.O_CREAT | os.O_WRONLY, 0o644)
+    expect_errno(errno.EACCES, os.open, target, os.O_WRONLY)
+    expect_errno(errno.EACCES, os.open, target, os.O_RDONLY | os.O_TRUNC)
+    expect_errno(errno.EACCES, os.truncate, target, 0)
+    expect_errno(errno.EACCES, os.unlink, target)
+    expect_errno(errno.EACCES, os.rename, target, directory / "renamed")
+    expect_errno(errno.EACCES, os.mkdir, directory / "sub")
+    assert not stat.S_IMODE(target.stat().st_mode) & 0o222
+    assert target.exists()
+
+
+def test_cross_pool_rename_refused(shared_kvpfs):
+    key = unique()
+    sh(f"echo x > {shared_kvpfs.path('guest', key)}")
+    expect_errno(errno.EACCES, os.rename, shared_kvpfs.path("guest", key),
+                 shared_kvpfs.path("external", key))
+
+
+def test_limits_refuse_with_documented_errno_and_store_nothing(shared_kvpfs):
+    guest = shared_kvpfs.path("guest")
+    before = pool_path(shared_kvpfs.pools, 1).read_bytes()
+    expect_errno(errno.ENAMETOOLONG, os.open, guest / ("k" * 255), os.O_CREAT | os.O_WRONLY)
+    key = unique("lim")
+    (guest / key).write_text("keep")
+
+    def write(data: bytes) -> None:
+        with open(guest / key, "wb") as f:
+            f.write(data)
+
+    expect_errno(errno.EFBIG, write, b"x" * 1023)
+    expect_errno(errno.EFBIG, write, "é".encode() * 1023)  # 2046 bytes but 1023 units
+    expect_errno(errno.EILSEQ, write, b"bad \xff byte")
+    expect_errno(errno.EINVAL, write, b"nul\0byte")
+    assert (guest / key).read_bytes() == b"keep"
+    assert host_items(shared_kvpfs, "guest")[key] == "keep"
+    write(b"x" * 1022)  # exactly at the limit is fine
+    assert len(host_items(shared_kvpfs, "guest")[key]) == 1022
+    after = pool_path(shared_kvpfs.pools, 1).read_bytes()
+    assert len(after) == len(before) + RECORD_SIZE  # only the one good key was added
+    expect_errno(errno.EINVAL, os.open, guest / "100%", os.O_CREAT | os.O_WRONLY)
+
+
+def test_host_keys_with_awkward_names_are_all_reachable(shared_kvpfs):
+    keys = {
+        "a/b": "slash", "100%": "percent", "..": "dotdot", ".hidden": "dot",
+        "line\nbreak": "newline", "x" * 300: "long", "café ☃": "unicode",
+    }
+    for key, value in keys.items():
+        assert shared_kvpfs.host("set", "external", key, value)["status"] == 0
+    external = shared_kvpfs.path("external")
+    listing = os.listdir(external)
+    assert "a%2Fb" in listing and "100%25" in listing and "%2E." in listing
+    assert "%2Ehidden" in listing and "line%0Abreak" in listing and "café ☃" in listing
+    assert all(len(name.encode()) <= 255 for name in listing)
+    by_key = {}
+    for name in listing:
+        raw = os.getxattr(external / name, "user.kvp.key")
+        by_key[raw.decode()] = (external / name).read_text()
+    for key, value in keys.items():
+        assert by_key[key] == value
+
+
+def test_host_changes_appear_at_once(shared_kvpfs):
+    key = unique("host")
+    path = shared_kvpfs.path("external", key)
+    shared_kvpfs.host("set", "external", key, "short")
+    assert path.read_text() == "short"
+    assert path.stat().st_size == 5  # now cached by the kernel
+    shared_kvpfs.host("set", "external", key, "a much longer value")
+    assert path.read_text() == "a much longer value"
+    assert path.stat().st_size == len("a much longer value")
+    assert key in os.listdir(shared_kvpfs.path("external"))
+    shared_kvpfs.host("delete", "external", key)
+    assert key not in os.listdir(shared_kvpfs.path("external"))
+    assert not path.exists()
+
+
+def test_changes_by_other_programs_appear_within_a_second(shared_kvpfs):
+    key = unique("cloudinit")
+    pool1 = pool_path(shared_kvpfs.pools, 1)
+    with open(pool1, "ab") as f:  # the way cloud-init appends
+        fcntl.flock(f, fcntl.LOCK_EX)
+        f.write(encode_record(key.encode(), b"appended"))
+    path = shared_kvpfs.path("guest", key)
+    wait_for(path.exists, timeout=1.5)
+    assert path.read_text() == "appended"
+    assert host_items(shared_kvpfs, "guest")[key] == "appended"
+
+
+def test_dot_files_never_reach_the_host(shared_kvpfs):
+    guest = shared_kvpfs.path("guest")
+    name = f".scratch-{uuid.uuid4().hex[:6]}"
+    (guest / name).write_text("draft")
+    assert (guest / name).read_text() == "draft"
+    assert name in os.listdir(guest)
+    assert name not in host_items(shared_kvpfs, "guest")
+    os.unlink(guest / name)
+    assert name not in os.listdir(guest)
+
+
+# ---------------------------------------------------------------- lifecycle
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_unmounts_cleanly(tmp_path, sig):
+    proc = KvpfsProcess(tmp_path).start()
+    assert proc.stop(sig) == 0
+    assert not os.path.ismount(proc.mnt)
+    assert "Traceback" not in proc.output()
+
+
+def test_external_umount_ends_the_process(tmp_path):
+    proc = KvpfsProcess(tmp_path).start()
+    subprocess.run(["umount", str(proc.mnt)], check=True)
+    assert proc.proc.wait(10) == 0
+    assert "Traceback" not in proc.output()
+
+
+def test_restart_after_kill_clears_dead_mount_and_keeps_data(tmp_path):
+    proc = KvpfsProcess(tmp_path).start()
+    sh(f"echo kept > {proc.path('guest', 'Persist')}")
+    proc.proc.kill()
+    proc.proc.wait(10)
+    with pytest.raises(OSError) as info:
+        os.listdir(proc.mnt)
+    assert info.value.errno == errno.ENOTCONN
+    proc.start()
+    try:
+        assert proc.path("guest", "Persist").read_text() == "kept"
+    finally:
+        proc.cleanup()
+
+
+def test_missing_device_says_not_hyperv_and_suggests_simulate(tmp_path):
+    (tmp_path / "mnt").mkdir()
+    result = subprocess.run(
+        [sys.executable, "-m", "kvpfs", "mount", str(tmp_path / "mnt"),
+         "--device", str(tmp_path / "no-such-device"), "--pool-dir", str(tmp_path / "pools")],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode == 3
+    assert "not look like a Hyper-V guest" in result.stderr
+    assert "--simulate" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not os.path.ismount(tmp_path / "mnt")
