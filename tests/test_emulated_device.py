@@ -11,7 +11,6 @@ import errno
 import fcntl
 import os
 import select
-import struct
 import subprocess
 import sys
 import time
@@ -416,8 +415,3 @@ def test_reference_daemon_late_reply_after_timeout(emu, tmp_path) -> None:
         assert state["spurious_writes"] == 1 and ref.alive()
         # The SET itself was applied, only its answer was lost.
         assert host.enumerate_all(Pool.EXTERNAL) == [("late", "1")]
-
-
-def test_status_reply_layout() -> None:
-    """The emulator reads the status the way kvp_on_msg does: the u32 at offset 0."""
-    assert struct.unpack_from("<I", encode_status(Status.E_FAIL))[0] == Status.E_FAIL

@@ -30,6 +30,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -147,7 +148,8 @@ def control_socket_of(device_path: str | os.PathLike[str]) -> str:
 
 
 class EmulatedHost:
-    """Synchronous client of the emulator's control socket: one instance, one connection.
+    """Synchronous client of the emulator's control socket (thread-safe: one connection per
+    thread, so one thread can wait on a request while another queries state).
 
     ``timeout`` bounds every socket wait (including a request that sits in the ring because
     no daemon is registered); ``socket.timeout`` is raised when it expires, and the
@@ -157,12 +159,17 @@ class EmulatedHost:
     def __init__(self, control_socket: str | os.PathLike[str], timeout: float = 60.0) -> None:
         self.control_socket = os.fspath(control_socket)
         self.timeout = timeout
-        self._sock: socket.socket | None = None
+        # One connection per thread: a request blocks its connection until it is answered,
+        # and tests query state from one thread while another thread waits on a request.
+        self._local = threading.local()
+        self._all: set[socket.socket] = set()
+        self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ plumbing
 
     def _connect(self) -> socket.socket:
-        if self._sock is None:
+        sock: socket.socket | None = getattr(self._local, "sock", None)
+        if sock is None:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.settimeout(self.timeout)
             try:
@@ -170,14 +177,27 @@ class EmulatedHost:
             except OSError:
                 sock.close()
                 raise
-            self._sock = sock
-        return self._sock
+            self._local.sock = sock
+            with self._lock:
+                self._all.add(sock)
+        return sock
+
+    def _drop(self) -> None:
+        """Forget this thread's connection (its stream position is unknown after an error)."""
+        sock: socket.socket | None = getattr(self._local, "sock", None)
+        if sock is not None:
+            self._local.sock = None
+            with self._lock:
+                self._all.discard(sock)
+            sock.close()
 
     def close(self) -> None:
-        """Drop the connection (a request still in the ring is withdrawn)."""
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
+        """Close every thread's connection (requests still in the ring are withdrawn)."""
+        with self._lock:
+            socks, self._all = self._all, set()
+        for sock in socks:
+            sock.close()
+        self._local = threading.local()
 
     def __enter__(self) -> EmulatedHost:
         return self
@@ -202,7 +222,7 @@ class EmulatedHost:
             length = emuwire.split_length(self._recv_exact(sock, 4))
             payload = self._recv_exact(sock, length)
         except BaseException:
-            self.close()  # the stream position is unknown now; start afresh next time
+            self._drop()
             raise
         if payload[:1] == emuwire.KIND_ERROR:
             raise EmulatorError(payload[1:].decode(errors="replace"))
@@ -494,7 +514,7 @@ def run_emulated_device(
                     host.ping()
                     break
                 except OSError:
-                    host.close()
+                    host._drop()
             if time.monotonic() > deadline:
                 raise EmulatorError(f"emulator did not come up:\n{log_path.read_text()}")
             time.sleep(0.02)
