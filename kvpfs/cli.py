@@ -91,7 +91,51 @@ def build_parser() -> argparse.ArgumentParser:
     h_list = host_sub.add_parser("list", help="enumerate a pool as the host does")
     h_list.add_argument("pool", type=parse_pool)
     h_list.add_argument("--json", action="store_true")
+
+    wait = sub.add_parser("wait", help="wait until a key exists (or changes)")
+    wait.add_argument("pool", type=parse_pool)
+    wait.add_argument("key")
+    wait.add_argument("--timeout", type=float, help="give up after SECONDS (exit 124)")
+    wait.add_argument("--changed", action="store_true",
+                      help="wait for a new value rather than for the key to exist")
+    wait.add_argument("--mount", type=Path, help="kvpfs mount to watch (default: the one running)")
+    wait.add_argument("--pool-dir", type=Path,
+                      help="watch pool files in DIR instead of a mount (default without a"
+                           " running kvpfs: /var/lib/hyperv)")
+    wait.add_argument("-q", "--quiet", action="store_true", help="do not print the value")
     return parser
+
+
+EXIT_TIMEOUT = 124  # as timeout(1)
+
+
+def _run_wait(args: argparse.Namespace) -> int:
+    from kvpfs import wait
+
+    key = args.key.encode()
+    try:
+        mounts = [args.mount] if args.mount else control.kvpfs_mounts()
+        if args.pool_dir is None and len(mounts) > 1:
+            print("kvpfs wait: several kvpfs mounts are running; choose one with --mount",
+                  file=sys.stderr)
+            return EXIT_USAGE
+        if args.pool_dir is None and mounts:
+            value = wait.wait_on_mount(mounts[0], args.pool, key, timeout=args.timeout,
+                                       changed=args.changed)
+        else:
+            value = wait.wait_on_files(args.pool_dir or Path("/var/lib/hyperv"), args.pool, key,
+                                       timeout=args.timeout, changed=args.changed)
+    except OSError as exc:
+        print(f"kvpfs wait: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except KeyboardInterrupt:
+        return 130
+    if value is None:
+        print(f"kvpfs wait: timed out after {args.timeout:g} s", file=sys.stderr)
+        return EXIT_TIMEOUT
+    if not args.quiet:
+        sys.stdout.buffer.write(value + b"\n")
+    return EXIT_OK
 
 
 def _run_mount(args: argparse.Namespace) -> int:
@@ -178,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
         return _run_mount(args)
     if args.command == "host":
         return _run_host(args)
+    if args.command == "wait":
+        return _run_wait(args)
     return EXIT_USAGE
 
 

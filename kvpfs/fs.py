@@ -22,9 +22,11 @@ import errno
 import functools
 import logging
 import os
+import select
 import stat
 import time
 from bisect import bisect_right
+from collections import deque
 from dataclasses import dataclass, field
 
 import pyfuse3
@@ -42,6 +44,9 @@ log = logging.getLogger(__name__)
 ROOT_INODE = pyfuse3.ROOT_INODE
 DIR_INODES = tuple(ROOT_INODE + 1 + pool for pool in range(5))  # 2..6
 LINK_INODES = tuple(ROOT_INODE + 6 + pool for pool in range(5))  # 7..11
+EVENTS_INODE = ROOT_INODE + 11  # 12: the change feed, /.events
+EVENTS_NAME = b".events"
+EVENT_QUEUE_MAX = 10_000  # lines kept per reader before it is told it fell behind
 FIRST_KEY_INODE = 100
 
 # The host's limits for what the guest sends (the kernel truncates silently beyond them).
@@ -130,6 +135,7 @@ class Node:
     mtime_ns: int = field(default_factory=time.time_ns)
     ctime_ns: int = 0
     atime_ns: int = 0
+    inflight: bytes | None = None  # being published: what readers must already see
     mode: int | None = None  # chmod/chown are accepted and remembered, not stored in pools
     uid: int | None = None
     gid: int | None = None
@@ -141,8 +147,35 @@ class Handle:
     buffer: bytearray
     writable: bool
     append: bool
-    dirty: bool = False
+    dirty: bool = False  # differs from what is published
+    written: bool = False  # a write or truncate since the last commit
     failed: bool = False
+
+
+@dataclass(eq=False)
+class EventStream:
+    """One open of /.events: its own queue of change lines."""
+
+    include_external: bool
+    nonblocking: bool
+    lines: deque = field(default_factory=deque)
+    wakeup: trio.Event = field(default_factory=trio.Event)
+    poll_handle: object | None = None
+    closed: bool = False
+
+    def push(self, line: bytes) -> None:
+        if len(self.lines) >= EVENT_QUEUE_MAX:
+            # The reader fell behind: say so once instead of growing without bound.
+            self.lines.clear()
+            self.lines.append(b"overflow - -\n")
+        self.lines.append(line)
+        self.wakeup.set()
+
+
+def event_line(change: Change) -> bytes:
+    """`set external cloudstack-vm-userdata`: op, pool, name escaped as listed."""
+    return b"%s %s %s\n" % (change.kind.encode(), POOL_NAMES[change.pool].encode(),
+                            names.key_to_name(change.key))
 
 
 class KvpOperations(pyfuse3.Operations):
@@ -173,6 +206,8 @@ class KvpOperations(pyfuse3.Operations):
         self._dir_handles: dict[int, list[tuple[int, bytes, Node | None]]] = {}
         self._next_fh = 1
         self._guest_lock = trio.Lock()
+        self._streams: dict[int, EventStream] = {}
+        self.closing = False
         self._invalidations_send, self._invalidations = trio.open_memory_channel(float("inf"))
         store.add_listener(self.on_store_change)
 
@@ -205,6 +240,8 @@ class KvpOperations(pyfuse3.Operations):
 
     def _value(self, node: Node) -> bytes | None:
         """The current value of a key node, None if it no longer exists."""
+        if node.inflight is not None:
+            return node.inflight
         if node.key is None or node.pending:
             return node.content
         if node.pool == AUTO_POOL:
@@ -279,6 +316,8 @@ class KvpOperations(pyfuse3.Operations):
             attr.st_nlink = 2
             attr.st_gid = self.perm.group(pool)
             return attr
+        if ino == EVENTS_INODE:
+            return self._base_attr(ino, stat.S_IFREG | 0o444, 0, self.started_ns, 60)
         if ino in LINK_INODES:
             target = POOL_NAMES[LINK_INODES.index(ino)].encode()
             return self._base_attr(ino, stat.S_IFLNK | 0o777, len(target), self.started_ns, 60)
@@ -308,6 +347,8 @@ class KvpOperations(pyfuse3.Operations):
         if parent_inode == ROOT_INODE:
             if name in (b".", b".."):
                 return await self._attr(ROOT_INODE)
+            if name == EVENTS_NAME:
+                return await self._attr(EVENTS_INODE)
             for pool, pool_name in enumerate(POOL_NAMES):
                 if name == pool_name.encode():
                     return await self._attr(DIR_INODES[pool])
@@ -347,6 +388,7 @@ class KvpOperations(pyfuse3.Operations):
             entries: list[tuple[int, bytes, Node | None]] = []
             entries += [(DIR_INODES[p], n.encode(), None) for p, n in enumerate(POOL_NAMES)]
             entries += [(LINK_INODES[p], str(p).encode(), None) for p in range(len(POOL_NAMES))]
+            entries.append((EVENTS_INODE, EVENTS_NAME, None))
         else:
             pool = self._pool_of_dir(inode)
             if pool == AUTO_POOL:
@@ -403,6 +445,8 @@ class KvpOperations(pyfuse3.Operations):
     # ================================================================ reading
     @_handler
     async def open(self, inode, flags, ctx):
+        if inode == EVENTS_INODE:
+            return self._open_events(flags, ctx)
         node = self._nodes.get(inode)
         if node is None or not node.linked:
             raise pyfuse3.FUSEError(errno.ENOENT)
@@ -435,7 +479,60 @@ class KvpOperations(pyfuse3.Operations):
 
     @_handler
     async def read(self, fh, off, size):
+        stream = self._streams.get(fh)
+        if stream is not None:
+            return await self._read_events(stream, size)
         return bytes(self._handle(fh).buffer[off : off + size])
+
+    # ================================================================ the change feed
+    def _open_events(self, flags, ctx):
+        if (flags & os.O_ACCMODE) != os.O_RDONLY:
+            raise pyfuse3.FUSEError(errno.EACCES)
+        # Whoever may not read external/ does not learn its key names either.
+        include_external = ctx.uid == 0 or ctx.uid == self.perm.uid or \
+            self.perm.external_readable
+        fh = self._next_fh
+        self._next_fh += 1
+        self._streams[fh] = EventStream(include_external, bool(flags & os.O_NONBLOCK))
+        return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False, nonseekable=True)
+
+    async def _read_events(self, stream: EventStream, size: int) -> bytes:
+        """Whole lines, as many as fit; blocks (unless O_NONBLOCK) until there is one."""
+        while not stream.lines:
+            if stream.closed or self.closing:
+                return b""
+            if stream.nonblocking:
+                raise pyfuse3.FUSEError(errno.EAGAIN)
+            stream.wakeup = trio.Event()
+            await stream.wakeup.wait()
+        out = bytearray()
+        while stream.lines and len(out) + len(stream.lines[0]) <= size:
+            out += stream.lines.popleft()
+        if not out:  # a reader with a tiny buffer still gets the front of a line
+            line = stream.lines.popleft()
+            out += line[:size]
+            stream.lines.appendleft(line[size:])
+        return bytes(out)
+
+    @_handler
+    async def poll(self, inode, fh, poll_handle, ctx):
+        stream = self._streams.get(fh)
+        if stream is None:
+            return select.POLLIN | select.POLLRDNORM  # value files never block
+        if stream.lines or self.closing:
+            return select.POLLIN | select.POLLRDNORM
+        if poll_handle is not None:
+            stream.poll_handle = poll_handle
+        return 0
+
+    def has_readers(self) -> bool:
+        return bool(self._streams)
+
+    def shutdown(self) -> None:
+        """End every blocked read of /.events so pyfuse3's main loop can return."""
+        self.closing = True
+        for stream in self._streams.values():
+            stream.wakeup.set()
 
     # ================================================================ writing
     @_handler
@@ -449,7 +546,7 @@ class KvpOperations(pyfuse3.Operations):
         if off > len(data):
             data.extend(b"\0" * (off - len(data)))
         data[off : off + len(buf)] = buf
-        handle.dirty = True
+        handle.dirty = handle.written = True
         error = self._early_check(handle)
         if error:
             handle.failed = True
@@ -516,16 +613,22 @@ class KvpOperations(pyfuse3.Operations):
         if not handle.dirty or handle.failed:
             return
         node = handle.node
+        handle.dirty = handle.written = False
         if node.key is None:  # scratch: keep exact bytes until renamed
             node.content = bytes(handle.buffer)
             node.mtime_ns = time.time_ns()
-            handle.dirty = False
             return
         value = self._final_value(node, bytes(handle.buffer))
-        async with self._guest_lock:
-            if node.linked:
-                await self._publish(node, value)
-        handle.dirty = False
+        # Visible to every reader from now on, before the first await: a `cat`
+        # right after `close()` must not see the old value while we publish.
+        node.inflight = value
+        try:
+            async with self._guest_lock:
+                if node.linked:
+                    await self._publish(node, value)
+        finally:
+            if node.inflight is value:
+                node.inflight = None
 
     async def _publish(self, node: Node, value: bytes) -> None:
         """Store a guest key's value; the caller holds _guest_lock."""
@@ -541,14 +644,27 @@ class KvpOperations(pyfuse3.Operations):
 
     @_handler
     async def flush(self, fh):
-        await self._commit(self._handle(fh))
+        # Shells open, dup2 and close the original fd before writing: that
+        # first close must not publish an empty value. An open that only
+        # truncated (`: > file`) is published at release.
+        if fh in self._streams:
+            return
+        handle = self._handle(fh)
+        if handle.written:
+            await self._commit(handle)
 
     @_handler
     async def fsync(self, fh, datasync):
-        await self._commit(self._handle(fh))
+        if fh not in self._streams:
+            await self._commit(self._handle(fh))
 
     @_handler
     async def release(self, fh):
+        stream = self._streams.pop(fh, None)
+        if stream is not None:
+            stream.closed = True
+            stream.wakeup.set()
+            return
         handle = self._handles.pop(fh, None)
         if handle is None:
             return
@@ -615,7 +731,7 @@ class KvpOperations(pyfuse3.Operations):
         if handle is not None:
             del handle.buffer[size:]
             handle.buffer.extend(b"\0" * (size - len(handle.buffer)))
-            handle.dirty = True
+            handle.dirty = handle.written = True
             error = self._early_check(handle)
             if error:
                 handle.failed = True
@@ -756,6 +872,7 @@ class KvpOperations(pyfuse3.Operations):
         host or other programs, wait (bounded) until the kernel has dropped its
         caches, so that the host's next request and the next `cat` agree.
         """
+        self._publish_events(changes)
         pending = []
         for change in changes:
             node = self._by_key.get((change.pool, change.key))
@@ -781,6 +898,18 @@ class KvpOperations(pyfuse3.Operations):
                 for done in pending:
                     await done.wait()
 
+    def _publish_events(self, changes: list[Change]) -> None:
+        if not self._streams:
+            return
+        lines = [(change.pool, event_line(change)) for change in changes]
+        for stream in self._streams.values():
+            for pool, line in lines:
+                if pool != 0 or stream.include_external:
+                    stream.push(line)
+            if stream.lines and stream.poll_handle is not None:
+                handle, stream.poll_handle = stream.poll_handle, None
+                self._invalidations_send.send_nowait(("poll", 0, handle, None))
+
     async def invalidator(self) -> None:
         """Run kernel cache invalidations, one at a time, in a worker thread.
 
@@ -789,7 +918,9 @@ class KvpOperations(pyfuse3.Operations):
         """
         async for kind, ino, arg, done in self._invalidations:
             try:
-                if kind == "attr":
+                if kind == "poll":
+                    arg.notify()
+                elif kind == "attr":
                     await trio.to_thread.run_sync(pyfuse3.invalidate_inode, ino, True)
                 elif kind == "inode":
                     await trio.to_thread.run_sync(pyfuse3.invalidate_inode, ino)

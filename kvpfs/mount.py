@@ -63,7 +63,7 @@ class MountConfig:
 def clear_stale_mount(mountpoint: Path) -> None:
     """Unmount a dead FUSE mount left by a killed instance ("Transport endpoint...")."""
     try:
-        os.stat(mountpoint)
+        os.statvfs(mountpoint)  # never answered from a cache, unlike stat
         return
     except OSError as exc:
         if exc.errno != errno.ENOTCONN:
@@ -172,7 +172,8 @@ async def serve(config: MountConfig) -> None:
         try:
             nursery.start_soon(store.watch)
             nursery.start_soon(operations.invalidator)
-            nursery.start_soon(_terminate_on_signals)
+            nursery.start_soon(_terminate_on_signals, operations)
+            nursery.start_soon(_end_feed_when_unmounted, operations, mountpoint)
             log.info(
                 "kvpfs %s ready: %s mounted on %s, pools in %s, control socket %s",
                 __version__, "simulated host" if host else config.device, mountpoint,
@@ -193,11 +194,35 @@ async def serve(config: MountConfig) -> None:
     log.info("kvpfs stopped; %s unmounted", mountpoint)
 
 
-async def _terminate_on_signals() -> None:
+async def _terminate_on_signals(operations: KvpOperations) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for signum in signals:
             log.info("%s received: unmounting", signal.Signals(signum).name)
+            operations.shutdown()
             pyfuse3.terminate()
+            return
+
+
+def _mounted_devices() -> set[str]:
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+        return {line.split()[2] for line in f if " fuse.kvpfs " in line}
+
+
+async def _end_feed_when_unmounted(operations: KvpOperations, mountpoint: Path) -> None:
+    """After an unmount from outside, release readers blocked on /.events.
+
+    pyfuse3's main loop only returns once every handler has; a read of the
+    change feed may wait forever for the next change.
+    """
+    st = await trio.to_thread.run_sync(os.stat, mountpoint)
+    ours = f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
+    while True:
+        await trio.sleep(1.0)
+        if operations.has_readers() and ours not in await trio.to_thread.run_sync(
+            _mounted_devices
+        ):
+            log.info("%s was unmounted from outside; ending the change feed", mountpoint)
+            operations.shutdown()
             return
 
 

@@ -106,7 +106,7 @@ class KvpfsProcess:
 
 def _dead_mount(path: Path) -> bool:
     try:
-        os.stat(path)
+        os.statvfs(path)  # stat may be answered from the kernel's cache
     except OSError as exc:
         return exc.errno == 107  # ENOTCONN
     return False

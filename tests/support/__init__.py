@@ -1,0 +1,1 @@
+"""Test helpers: the emulated hv_kvp device, the scripted host and the reference daemon."""

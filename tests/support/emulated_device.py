@@ -323,6 +323,7 @@ class KvpDevice:
         self.outmsg = None
         self.on_read = None
         self.counters["reads"] += 1
+        log.debug("daemon read op %d pool %d", message[0], message[1])
         if callback is not None:
             callback()
         self._bump()
@@ -400,6 +401,7 @@ class KvpDevice:
     def _on_msg(self, buf: bytes) -> int:
         """``kvp_on_msg``; returns 0 or a positive errno for the write."""
         self.counters["writes"] += 1
+        log.debug("daemon wrote %d bytes, header %s", len(buf), buf[:4].hex())
         if len(buf) < MESSAGE_SIZE:
             self.counters["short_writes"] += 1
             return errno.EINVAL

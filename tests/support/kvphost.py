@@ -196,6 +196,9 @@ class EmulatedHost:
         with self._lock:
             socks, self._all = self._all, set()
         for sock in socks:
+            # shutdown() (unlike close()) wakes a thread blocked in recv on this socket.
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
             sock.close()
         self._local = threading.local()
 
@@ -466,11 +469,13 @@ def run_emulated_device(
     *,
     timeout: float = 30.0,
     start_timeout: float = 10.0,
+    host_timeout: float = 60.0,
     debug: bool = False,
 ) -> Iterator[tuple[str, EmulatedHost]]:
     """Start the emulator in a subprocess; yield ``(device_path, host)``.
 
-    ``timeout`` is the per-request timeout (HV_UTIL_TIMEOUT).  The emulator's log goes to
+    ``timeout`` is the per-request timeout (HV_UTIL_TIMEOUT); ``host_timeout`` bounds each
+    blocking call of the yielded :class:`EmulatedHost`.  The emulator's log goes to
     ``tmpdir/emulator.log`` and is included in the error if it fails to start.  On exit the
     process gets SIGTERM (then SIGKILL), and a leftover mount is removed with
     ``fusermount3 -u -z``.
@@ -497,7 +502,7 @@ def run_emulated_device(
     ]
     if debug:
         args.append("--debug")
-    host = EmulatedHost(control)
+    host = EmulatedHost(control, timeout=host_timeout)
     with open(log_path, "ab") as log_file:
         proc = subprocess.Popen(
             args, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file, env=env
