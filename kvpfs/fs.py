@@ -566,11 +566,15 @@ class KvpOperations(pyfuse3.Operations):
             self._refuse(handle.node, "value contains a NUL byte")
             return errno.EINVAL
         try:
-            data.decode("utf-8")
+            text = data.decode("utf-8")
         except UnicodeDecodeError as exc:
             if exc.reason != "unexpected end of data":
                 self._refuse(handle.node, f"value is not UTF-8 (byte {exc.start})")
                 return errno.EILSEQ
+            text = data[: exc.start].decode("utf-8")  # a character still being written
+        if len(text.encode("utf-16-le")) // 2 > VALUE_MAX_UNITS + (0 if self.raw else 1):
+            self._refuse(handle.node, f"value longer than {VALUE_MAX_UNITS} UTF-16 units")
+            return errno.EFBIG
         return 0
 
     def _refuse(self, node: Node, why: str) -> None:

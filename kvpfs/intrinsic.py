@@ -121,7 +121,7 @@ class FqdnCache:
                 )
                 self._warned = False
                 return True
-            except OSError as exc:
+            except (OSError, UnicodeError) as exc:  # idna refuses labels over 63 chars
                 reason = str(exc)
         self.value = hostname
         if not self._warned:

@@ -296,15 +296,15 @@ class Store:
             async with self._locks[pool]:
                 before = self.states[pool]
                 try:
-                    state = await trio.to_thread.run_sync(self._reload, pool)
+                    state = await trio.to_thread.run_sync(self._reload, pool, before.signature)
                 except LockTimeout as exc:
                     log.warning("pool %d changed but stays locked: %s; will retry", pool, exc)
                     continue
                 except PoolFileError as exc:
                     log.warning("cannot reload pool %d: %s", pool, exc)
                     continue
-                if state.signature == before.signature:
-                    continue
+                if state is None:
+                    continue  # it was our own write, finishing while we looked
                 if signature is None or state.records != before.records:
                     state.mtime_ns = time.time_ns()
                 else:
@@ -315,9 +315,12 @@ class Store:
                 log.info("pool %d changed on disk: %d key(s) affected", pool, len(changes))
                 await self._notify(changes)
 
-    def _reload(self, pool: int) -> PoolState:
+    def _reload(self, pool: int, known: Signature | None) -> PoolState | None:
+        """Worker thread: the pool as on disk now, or None if it is still `known`."""
         pf = self.files[pool]
         with pf.locked():
+            if known is not None and pf.fstat_signature() == known:
+                return None
             return PoolState.from_snapshot(pf.read())
 
     async def watch(self) -> None:
