@@ -177,7 +177,7 @@ async def test_hanging_resolver_is_bounded() -> None:
     try:
         assert await cache.refresh_once() is False
         elapsed = time.monotonic() - started
-        assert 0.15 <= elapsed < 0.45
+        assert 0.15 <= elapsed < 0.5
         assert cache.value == socket.gethostname()
     finally:
         release.set()
@@ -206,15 +206,11 @@ async def test_run_keeps_retrying_until_resolution_works() -> None:
     assert calls == 3
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "kvpfs/intrinsic.py FqdnCache.refresh_once catches only OSError: resolve_fqdn raises "
-        "UnicodeError (idna 'label too long') for a 64-character host name, which escapes "
-        "refresh_once and FqdnCache.run, ending the daemon's nursery"
-    ),
-)
 async def test_resolver_unicode_error_falls_back_to_host_name() -> None:
+    """resolve_fqdn raises UnicodeError, not OSError, for a host name with a label over 63
+    characters (Linux allows 64-byte host names; Azure VM names may be 64 characters).
+    refresh_once must treat it like any failed lookup instead of letting it end
+    FqdnCache.run and with it the daemon's nursery."""
     long_label = "a" * 64  # Linux allows 64-byte host names; DNS labels stop at 63
     with pytest.raises(UnicodeError):
         resolve_fqdn(long_label)  # the real default resolver, no network involved

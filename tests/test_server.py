@@ -542,11 +542,13 @@ async def test_kernel_timeout_makes_server_register_again(tmp_path: Path) -> Non
             started = time.monotonic()
             assert (await rig.host.set(1, "blocked", "x")).status == Status.E_FAIL
             assert time.monotonic() - started < 0.45
+            # The server is still waiting for the lock; once it gives up, its reply cannot
+            # be delivered and it registers again.
+            with trio.fail_after(2):
+                while rig.host.registrations < 2:
+                    await trio.sleep(0.01)
         finally:
             stop_locker(proc)
-        with trio.fail_after(2):
-            while rig.host.registrations < 2:
-                await trio.sleep(0.01)
         assert (await rig.host.set(1, "later", "y")).ok
         assert await rig.host.list(1) == [("existing", "1"), ("later", "y")]
         assert rig.server.registrations == 2
