@@ -3,7 +3,8 @@
 `kvpfs mount` runs the daemon in the foreground; `kvpfs host ...` plays the
 host's administrator against a running simulated instance. Exit codes:
 0 success, 1 the host answered with a failure status (or the key is missing),
-2 usage or validation error, 3 kvpfs not reachable or failed to start.
+2 usage or validation error, 3 kvpfs not reachable or failed to start,
+4 I/O error on a pool file (lock timeout, unreadable file).
 """
 
 from __future__ import annotations
@@ -12,16 +13,19 @@ import argparse
 import grp
 import json
 import logging
+import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
-from kvpfs import __version__, control
+from kvpfs import __version__, control, mounthelper
 from kvpfs.pools import pool_number
 
 EXIT_OK = 0
 EXIT_NOT_FOUND = 1
 EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 3
+EXIT_IO = 4
 
 log = logging.getLogger("kvpfs")
 
@@ -91,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     h_list = host_sub.add_parser("list", help="enumerate a pool as the host does")
     h_list.add_argument("pool", type=parse_pool)
     h_list.add_argument("--json", action="store_true")
+    _add_host_ip_parser(host_sub)
 
     wait = sub.add_parser("wait", help="wait until a key exists (or changes)")
     wait.add_argument("pool", type=parse_pool)
@@ -103,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="watch pool files in DIR instead of a mount (default without a"
                            " running kvpfs: /var/lib/hyperv)")
     wait.add_argument("-q", "--quiet", action="store_true", help="do not print the value")
+    _add_tool_parsers(sub)
     return parser
 
 
@@ -112,7 +118,13 @@ EXIT_TIMEOUT = 124  # as timeout(1)
 def _run_wait(args: argparse.Namespace) -> int:
     from kvpfs import wait
 
-    key = args.key.encode()
+    key = os.fsencode(args.key)  # the bytes given on the command line
+    try:
+        key.decode("utf-8")
+    except UnicodeDecodeError:
+        print("kvpfs wait: the key is not valid UTF-8, so no KVP key can match it",
+              file=sys.stderr)
+        return EXIT_USAGE
     try:
         mounts = [args.mount] if args.mount else control.kvpfs_mounts()
         if args.pool_dir is None and len(mounts) > 1:
@@ -138,7 +150,8 @@ def _run_wait(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _run_mount(args: argparse.Namespace) -> int:
+def _run_mount(args: argparse.Namespace, on_ready: Callable[[], None] | None = None) -> int:
+    """Serve in the foreground; `on_ready` (the mount helper's) replaces the greeting."""
     from kvpfs.mount import MountConfig, StartupError, run
 
     setup_logging(args.debug)
@@ -173,7 +186,7 @@ def _run_mount(args: argparse.Namespace) -> int:
         simulate=args.simulate, allow_other=args.allow_other, raw=args.raw,
         debug_fuse=args.debug_fuse, control_path=args.control, guest_gid=guest_gid,
         external_readable=args.external_readable, lock_timeout=args.lock_timeout,
-        extra_fuse_options=extra, on_ready=announce,
+        extra_fuse_options=extra, on_ready=on_ready or announce,
     )
     try:
         run(config)
@@ -186,6 +199,8 @@ def _run_mount(args: argparse.Namespace) -> int:
 
 
 def _run_host(args: argparse.Namespace) -> int:
+    if args.host_command == "ip":
+        return _run_host_ip(args)
     try:
         path = control.find_control(args.control, args.mount)
         command = args.host_command
@@ -201,8 +216,9 @@ def _run_host(args: argparse.Namespace) -> int:
     if command == "list":
         items = answer["items"]
         if args.json:
-            print(json.dumps({k: v for k, v in items} if len(items) == len(
-                {k for k, _ in items}) else items, ensure_ascii=False, indent=1))
+            # Always a list: pools may hold one key several times, in this order.
+            print(json.dumps([{"key": k, "value": v} for k, v in items], ensure_ascii=False,
+                             indent=1))
         else:
             for key, value in items:
                 print(f"{key}\t{value}")
@@ -216,18 +232,144 @@ def _run_host(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+IP_FIELDS = ("adapter_id", "addr_family", "dhcp_enabled", "ip_addr", "sub_net", "gate_way",
+             "dns_addr")
+
+
+def _add_host_ip_parser(host_sub: argparse._SubParsersAction) -> None:
+    """`kvpfs host ip get|set`: the host's GET_IP_INFO / SET_IP_INFO."""
+    ip = host_sub.add_parser("ip", help="GET_IP_INFO / SET_IP_INFO: an adapter's network setup")
+    ip_sub = ip.add_subparsers(dest="ip_command", required=True)
+    get = ip_sub.add_parser("get", help="what the host shows for the adapter with this MAC")
+    get.add_argument("mac", help="adapter MAC address, e.g. 00:15:5D:01:02:03")
+    get.add_argument("--json", action="store_true")
+    set_ = ip_sub.add_parser(
+        "set", help="inject a configuration into the adapter with this VMBus GUID",
+        description="Each option may be repeated or hold a ;-separated list; the strings"
+                    " reach the guest exactly as given (to try malformed input too).")
+    set_.add_argument("guid", help="the adapter's VMBus instance id, e.g. {f8615163-...}")
+    set_.add_argument("--ip", action="append", default=[], help="address(es)")
+    set_.add_argument("--mask", action="append", default=[],
+                      help="subnet mask per address: 255.255.255.0 for IPv4, 64 for IPv6")
+    set_.add_argument("--gateway", action="append", default=[], help="default gateway(s)")
+    set_.add_argument("--dns", action="append", default=[], help="DNS server(s)")
+    set_.add_argument("--dhcp", action="store_true", help="enable DHCP (IPv4)")
+
+
+def _run_host_ip(args: argparse.Namespace) -> int:
+    if args.ip_command == "get":
+        request: dict = {"op": "ip_get", "mac": args.mac}
+    else:
+        request = {"op": "ip_set", "guid": args.guid, "ip_addr": ";".join(args.ip),
+                   "sub_net": ";".join(args.mask), "gate_way": ";".join(args.gateway),
+                   "dns_addr": ";".join(args.dns), "dhcp": args.dhcp}
+    try:
+        answer = control.call(control.find_control(args.control, args.mount), request)
+    except control.ControlError as exc:
+        print(f"kvpfs host: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    if answer["status"] != 0:
+        print(f"kvpfs host ip {args.ip_command}: {answer['status_name']}"
+              f" (0x{answer['status']:08X})", file=sys.stderr)
+        return EXIT_NOT_FOUND
+    if args.ip_command == "get":
+        fields = {name: answer[name] for name in IP_FIELDS}
+        if args.json:
+            print(json.dumps(fields, indent=1))
+        else:
+            for name, value in fields.items():
+                print(f"{name}\t{value}")
+    return EXIT_OK
+
+
+TOOL_COMMANDS = ("get", "set", "rm", "ls", "status", "dump")
+
+
+def _add_tool_parsers(sub: argparse._SubParsersAction) -> None:
+    """`get/set/rm/ls/status/dump`: the pool files directly (kvpfs/tool.py), mount or not."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--pool-dir", type=Path, default=Path("/var/lib/hyperv"),
+                        help="pool files directory (default /var/lib/hyperv)")
+    common.add_argument("--lock-timeout", type=float, default=5.0, metavar="SECONDS",
+                        help="how long to wait for another program's pool lock (default 5)")
+    get = sub.add_parser("get", parents=[common],
+                         help="print a key's value from the pool files (exit 1 if missing)")
+    get.add_argument("pool", type=parse_pool)
+    get.add_argument("key")
+    get.add_argument("--raw", action="store_true", help="print the exact bytes, no newline")
+    set_ = sub.add_parser("set", parents=[common], help="set a guest key in the pool file")
+    set_.add_argument("pool", type=parse_pool)
+    set_.add_argument("key")
+    set_.add_argument("value", help="the value, or - to read it from stdin")
+    set_.add_argument("--raw", action="store_true",
+                      help="keep a trailing newline read from stdin")
+    rm = sub.add_parser("rm", parents=[common], help="delete every record of a guest key")
+    rm.add_argument("pool", type=parse_pool)
+    rm.add_argument("key")
+    rm.add_argument("--missing-ok", action="store_true", help="exit 0 if the key is missing")
+    for writer in (set_, rm):
+        writer.add_argument("--force-pool", action="store_true",
+                            help="write a host pool (0, 3, 4) although the host never reads it")
+    ls = sub.add_parser("ls", parents=[common], help="list a pool's keys and values")
+    ls.add_argument("pool", type=parse_pool)
+    form = ls.add_mutually_exclusive_group()
+    form.add_argument("--json", action="store_true", help="a JSON object (or list)")
+    form.add_argument("--export", action="store_true",
+                      help="export KVP_NAME='value' lines for eval")
+    ls.add_argument("--all-records", action="store_true",
+                    help="every record in file order: duplicates and invalid records too")
+    ls.add_argument("--prefix", default="KVP_", help="variable prefix for --export (KVP_)")
+    status = sub.add_parser("status", parents=[common],
+                            help="pool files, staleness and running daemons at a glance")
+    status.add_argument("--json", action="store_true")
+    dump = sub.add_parser("dump", parents=[common],
+                          help="support bundle: JSON on stdout, or a directory / .tar[.gz]")
+    dump.add_argument("--output", "-o", type=Path,
+                      help="write DIR, or an archive if it ends in .tar, .tar.gz, .tgz, .tar.xz")
+    dump.add_argument("--redact", action="store_true",
+                      help="leave every value and the raw pool files out")
+
+
+def _run_tool(args: argparse.Namespace) -> int:
+    from kvpfs import tool
+
+    prog = f"kvpfs {args.command}"
+    common = {"lock_timeout": args.lock_timeout}
+    if args.command == "get":
+        return tool.run(prog, tool.cmd_get, args.pool_dir, args.pool, args.key, raw=args.raw,
+                        **common)
+    if args.command == "set":
+        return tool.run(prog, tool.cmd_set, args.pool_dir, args.pool, args.key, args.value,
+                        raw=args.raw, force_pool=args.force_pool, **common)
+    if args.command == "rm":
+        return tool.run(prog, tool.cmd_rm, args.pool_dir, args.pool, args.key,
+                        force_pool=args.force_pool, missing_ok=args.missing_ok, **common)
+    if args.command == "ls":
+        fmt = "json" if args.json else "export" if args.export else "text"
+        return tool.run(prog, tool.cmd_ls, args.pool_dir, args.pool, fmt=fmt,
+                        all_records=args.all_records, prefix=args.prefix, **common)
+    if args.command == "status":
+        return tool.run(prog, tool.cmd_status, args.pool_dir, as_json=args.json, **common)
+    return tool.run(prog, tool.cmd_dump, args.pool_dir, output=args.output,
+                    redact=args.redact, **common)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if mounthelper.is_helper_call(argv):  # mount.fuse3 runs `kvpfs SRC MNT -o OPTS`
+        return mounthelper.main(argv, prog="kvpfs")
     args = build_parser().parse_args(argv)
     if args.command == "mount":
         return _run_mount(args)
     if args.command == "host":
         return _run_host(args)
+    if args.command in TOOL_COMMANDS:
+        return _run_tool(args)
     if args.command == "wait":
         return _run_wait(args)
     return EXIT_USAGE
 
 
-def mount_helper_main() -> int:
-    """`mount.kvpfs` for /etc/fstab (issue: fstab support); not implemented yet."""
-    print("mount.kvpfs: not implemented yet", file=sys.stderr)
-    return EXIT_USAGE
+def mount_helper_main(argv: list[str] | None = None) -> int:
+    """`mount.kvpfs SRC MNT -o OPTS`, what `mount -t kvpfs` runs (see kvpfs/mounthelper.py)."""
+    return mounthelper.main(sys.argv[1:] if argv is None else argv)

@@ -27,6 +27,7 @@ from kvpfs import __version__, control
 from kvpfs.device import CharDevice, DeviceUnavailable
 from kvpfs.fs import KvpOperations, Permissions
 from kvpfs.intrinsic import FqdnCache, Intrinsics
+from kvpfs.netconfig import IpInfoService, NetSettings
 from kvpfs.poolfile import PoolFileError
 from kvpfs.pools import pool_number
 from kvpfs.server import DeviceServer, RegistrationRefused
@@ -109,10 +110,13 @@ async def _host_control(host: SimulatedHost | None, server: DeviceServer, store:
             "requests": server.requests,
             "lic_version": server.version,
             "pool_dir": str(store.pool_dir),
+            "host_data_pushed": host.host_data_pushed if host is not None else None,
         }
     if host is None:
         return {"error": "this kvpfs serves a real Hyper-V device; `kvpfs host` commands need"
                          " a kvpfs started with --simulate"}
+    if op in ("ip_get", "ip_set"):
+        return await _host_ip(host, request)
     pool = pool_number(request["pool"])
     if op == "set":
         result = await host.set(pool, str(request["key"]), str(request["value"]))
@@ -129,6 +133,21 @@ async def _host_control(host: SimulatedHost | None, server: DeviceServer, store:
             "value": result.value}
 
 
+async def _host_ip(host: SimulatedHost, request: dict) -> dict:
+    """`kvpfs host ip get|set`: GET_IP_INFO / SET_IP_INFO through the simulated kernel."""
+    if request["op"] == "ip_get":
+        info = await host.ip_get(str(request["mac"]))
+        return {"status": info.status, "status_name": info.status_name,
+                "adapter_id": info.adapter_id, "addr_family": info.addr_family,
+                "dhcp_enabled": info.dhcp_enabled, "ip_addr": info.ip_addr,
+                "sub_net": info.sub_net, "gate_way": info.gate_way, "dns_addr": info.dns_addr}
+    result = await host.ip_set(
+        str(request["guid"]), str(request.get("ip_addr", "")), str(request.get("sub_net", "")),
+        str(request.get("gate_way", "")), str(request.get("dns_addr", "")),
+        dhcp=bool(request.get("dhcp", False)))
+    return {"status": result.status, "status_name": result.status_name}
+
+
 async def serve(config: MountConfig) -> None:
     mountpoint = config.mountpoint
     pool_dir = config.resolved_pool_dir()
@@ -141,7 +160,10 @@ async def serve(config: MountConfig) -> None:
     intrinsics = Intrinsics(fqdn)
     host = SimulatedHost() if config.simulate else None
     opener = host if host is not None else CharDevice(config.device)
-    server = DeviceServer(opener, store, intrinsics)
+    # Under --simulate, SET_IP_INFO writes into a sandbox and runs nothing (netconfig).
+    ip_info = IpInfoService(NetSettings.from_env(
+        simulate=config.simulate, sandbox=pool_dir.parent / "simulated-network"))
+    server = DeviceServer(opener, store, intrinsics, ip_info=ip_info)
     control_path = config.control_path or control.default_control_path(mountpoint)
     operations = KvpOperations(
         store, intrinsics, raw=config.raw, control_path=str(control_path),

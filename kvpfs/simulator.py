@@ -70,6 +70,38 @@ class HostResult:
             return f"0x{self.status:08X}"
 
 
+@dataclass(frozen=True)
+class IpInfoResult:
+    """GET_IP_INFO as the host receives it (fields empty unless the status is S_OK)."""
+
+    status: int
+    adapter_id: str = ""
+    addr_family: int = 0
+    dhcp_enabled: int = 0
+    ip_addr: str = ""
+    sub_net: str = ""
+    gate_way: str = ""
+    dns_addr: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status == Status.S_OK
+
+    @property
+    def status_name(self) -> str:
+        return HostResult(self.status).status_name
+
+
+# process_ib_ipinfo / process_ob_ipinfo limits: bytes host -> guest, UTF-16 units back.
+_IP_ADAPTER_MAX = 128  # MAX_ADAPTER_ID_SIZE
+_IP_ADDR_MAX = 1024  # MAX_IP_ADDR_SIZE
+_IP_GATEWAY_MAX = 512  # MAX_GATEWAY_SIZE
+
+
+def _ip_text(text: str, limit: int) -> str:
+    return kernelconv.host_to_guest(text, limit).decode("utf-8")
+
+
 class SimulatedHost:
     """The kernel side of a simulated device, plus a host API on top of it."""
 
@@ -91,6 +123,7 @@ class SimulatedHost:
         self._opened = trio.Event()
         self.registrations = 0
         self.transactions = 0
+        self.host_data_pushed = False
 
     # ------------------------------------------------------------ the guest side
     async def open(self) -> Channel:
@@ -139,6 +172,7 @@ class SimulatedHost:
             result = await self.set(protocol.Pool.AUTO_EXTERNAL, key, value)
             if not result.ok:
                 log.warning("simulated host: pushing %s failed: %s", key, result.status_name)
+        self.host_data_pushed = True
 
     async def _handshake(self, sock: trio.socket.SocketType) -> bool:
         message = await sock.recv(protocol.MESSAGE_SIZE + 1)
@@ -211,6 +245,36 @@ class SimulatedHost:
                 return items
             items.append((result.key, result.value))
             index += 1
+
+    async def ip_get(self, mac: str, addr_family: int = 0) -> IpInfoResult:
+        """GET_IP_INFO for the adapter with this MAC, converted as the kernel does."""
+        request = protocol.encode_ip_info_request(
+            Op.GET_IP_INFO, _ip_text(mac, _IP_ADAPTER_MAX), addr_family)
+        reply = protocol.decode_ip_info_reply(await self.transact(request))
+        if reply.status != Status.S_OK:
+            return IpInfoResult(reply.status)
+        try:
+            fields = [
+                kernelconv.guest_to_host(raw, limit) for raw, limit in (
+                    (reply.adapter_id, _IP_ADAPTER_MAX), (reply.ip_addr, _IP_ADDR_MAX),
+                    (reply.sub_net, _IP_ADDR_MAX), (reply.gate_way, _IP_GATEWAY_MAX),
+                    (reply.dns_addr, _IP_ADDR_MAX))
+            ]
+        except kernelconv.ConversionError:
+            return IpInfoResult(Status.E_FAIL)
+        adapter, ip, sub, gateway, dns = fields
+        return IpInfoResult(Status.S_OK, adapter, reply.addr_family, reply.dhcp_enabled,
+                            ip, sub, gateway, dns)
+
+    async def ip_set(self, guid: str, ip_addr: str = "", sub_net: str = "",
+                     gate_way: str = "", dns_addr: str = "", *, dhcp: bool = False,
+                     addr_family: int = 0) -> HostResult:
+        """SET_IP_INFO for the adapter with this VMBus GUID (`;`-separated lists)."""
+        request = protocol.encode_ip_info_request(
+            Op.SET_IP_INFO, _ip_text(guid, _IP_ADAPTER_MAX), addr_family, int(dhcp),
+            _ip_text(ip_addr, _IP_ADDR_MAX), _ip_text(sub_net, _IP_ADDR_MAX),
+            _ip_text(gate_way, _IP_GATEWAY_MAX), _ip_text(dns_addr, _IP_ADDR_MAX))
+        return await self._simple(request)
 
     @staticmethod
     def _with_key_value(raw: bytes, *, key_from_reply: bool, key: str = "") -> HostResult:

@@ -44,6 +44,8 @@ requires_fuse = pytest.mark.skipif(fuse_missing() is not None, reason=str(fuse_m
 class KvpfsProcess:
     """One `kvpfs mount --simulate` subprocess with its own mount point and pools."""
 
+    source_args: tuple[str, ...] = ("--simulate",)  # what kvpfs serves
+
     def __init__(self, base: Path, *extra: str) -> None:
         self.base = base
         self.mnt = base / "mnt"
@@ -58,7 +60,7 @@ class KvpfsProcess:
         self.control.unlink(missing_ok=True)  # its reappearance means "ready"
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "kvpfs", "mount", str(self.mnt), "--simulate",
+                [sys.executable, "-m", "kvpfs", "mount", str(self.mnt), *self.source_args,
                  "--pool-dir", str(self.pools), "--control", str(self.control), *self.extra],
                 stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
             )
@@ -69,6 +71,13 @@ class KvpfsProcess:
                 raise AssertionError(f"kvpfs exited with {self.proc.returncode}:\n{self.output()}")
             if time.monotonic() > deadline:
                 raise AssertionError(f"kvpfs did not mount within {timeout} s:\n{self.output()}")
+            time.sleep(0.02)
+        # The simulated host pushes its identity into pool 3 after registering;
+        # tests start from a quiet state, once that is done.
+        while self.host("status", 0).get("host_data_pushed") is False:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the simulated host's data push did not finish:\n"
+                                     f"{self.output()}")
             time.sleep(0.02)
         return self
 
@@ -102,6 +111,15 @@ class KvpfsProcess:
         if os.path.ismount(self.mnt) or _dead_mount(self.mnt):
             subprocess.run(["fusermount3", "-u", "-z", str(self.mnt)], check=False,
                            capture_output=True)
+
+
+class KvpfsDeviceProcess(KvpfsProcess):
+    """`kvpfs mount --device PATH`: kvpfs serving a KVP device (e.g. the emulated one)."""
+
+    def __init__(self, base: Path, device: str | os.PathLike[str], *extra: str) -> None:
+        super().__init__(base, *extra)
+        self.device = os.fspath(device)
+        self.source_args = ("--device", self.device)
 
 
 def _dead_mount(path: Path) -> bool:
