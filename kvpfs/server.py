@@ -77,7 +77,7 @@ class DeviceServer:
                     channel = await self._open_and_register()
                     delay = self.reopen_delay
                     break
-                except (OSError, DeviceUnavailable) as exc:
+                except (OSError, DeviceUnavailable, RegistrationRefused) as exc:
                     delay = min(delay * 2, self.max_reopen_delay)
                     log.warning("reopening %s failed: %s; retrying in %.1f s",
                                 self.opener.name, exc, delay)

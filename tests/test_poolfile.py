@@ -39,7 +39,7 @@ from kvpfs.poolfile import (
     stat_signature,
 )
 
-FIXTURES = Path("/work/shared/fixtures/reference-daemon")
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "reference-daemon"
 
 
 def slot(key: bytes, value: bytes, key_tail: bytes = b"", value_tail: bytes = b"") -> bytes:

@@ -22,7 +22,7 @@ import pytest
 from kvpfs.poolfile import LockTimeout
 from kvpfs.store import Change, Origin, Store
 
-FIXTURES = Path("/work/shared/fixtures/reference-daemon")
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "reference-daemon"
 RECORD = 2560
 KEY_FIELD = 512
 VALUE_FIELD = 2048
