@@ -36,6 +36,7 @@ __all__ = [
     "DeleteRequest",
     "EnumerateRequest",
     "GetRequest",
+    "IpInfoReply",
     "IpInfoRequest",
     "Op",
     "Pool",
@@ -47,6 +48,7 @@ __all__ = [
     "UnknownRequest",
     "ValueType",
     "decode_daemon_message",
+    "decode_ip_info_reply",
     "decode_request",
     "encode_delete_request",
     "encode_enumerate_reply",
@@ -660,3 +662,37 @@ def reply_key_value(buf: _Buffer) -> tuple[bytes, bytes]:
     """
     data = _check_written(buf)
     return _strlen_at(data, ENUM_KEY_OFFSET), _strlen_at(data, ENUM_VALUE_OFFSET)
+
+
+@dataclass(frozen=True, slots=True)
+class IpInfoReply:
+    """A GET_IP_INFO answer as the kernel reads it: raw UTF-8 fields, not yet converted."""
+
+    status: int
+    adapter_id: bytes
+    addr_family: int
+    dhcp_enabled: int
+    ip_addr: bytes
+    sub_net: bytes
+    gate_way: bytes
+    dns_addr: bytes
+
+
+def decode_ip_info_reply(buf: _Buffer) -> IpInfoReply:
+    """Read a GET_IP_INFO answer the way ``process_ob_ipinfo`` does.
+
+    Each string is measured with ``strlen`` from its offset, so an unterminated field runs
+    on into the next (stopped here at the end of the message); the fields are only
+    meaningful when ``status`` is S_OK.
+    """
+    data = _check_written(buf)
+    return IpInfoReply(
+        status=_U32.unpack_from(data, ERROR_OFFSET)[0],
+        adapter_id=_strlen_at(data, IP_ADAPTER_ID_OFFSET),
+        addr_family=data[IP_ADDR_FAMILY_OFFSET],
+        dhcp_enabled=data[IP_DHCP_ENABLED_OFFSET],
+        ip_addr=_strlen_at(data, IP_ADDR_OFFSET),
+        sub_net=_strlen_at(data, IP_SUB_NET_OFFSET),
+        gate_way=_strlen_at(data, IP_GATE_WAY_OFFSET),
+        dns_addr=_strlen_at(data, IP_DNS_ADDR_OFFSET),
+    )
