@@ -53,12 +53,15 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from kvpfs.pools import POOL_NAMES
+
 __all__ = [
     "KEY_FIELD",
     "POOL_COUNT",
     "RECORD_SIZE",
     "VALUE_FIELD",
     "LockTimeout",
+    "PoolContents",
     "PoolFile",
     "PoolFileError",
     "Record",
@@ -69,6 +72,7 @@ __all__ = [
     "load_pool_dir",
     "parse_pool",
     "pool_path",
+    "read_pool",
     "stat_signature",
 ]
 
@@ -966,43 +970,99 @@ class PoolFile:
 # --------------------------------------------------------------------------- tools
 
 
+@dataclass(frozen=True)
+class PoolContents:
+    """One pool file as read under the shared locks: bytes, records and stat of one moment."""
+
+    pool: int
+    path: Path
+    data: bytes
+    records: tuple[Record, ...]
+    trailing_bytes: int
+    stat_result: os.stat_result | None  # None: the file does not exist (an empty pool)
+
+    @property
+    def exists(self) -> bool:
+        return self.stat_result is not None
+
+    @property
+    def name(self) -> str:
+        return POOL_NAMES[self.pool]
+
+    def valid_items(self) -> list[tuple[bytes, bytes]]:
+        """Every record the host may see, in file order, duplicates included."""
+        return [(r.key, r.value) for r in self.records if r.valid]
+
+    def last_wins(self) -> dict[bytes, bytes]:
+        """Key -> value of its last valid record (what the mount and lookups show), ordered by
+        each key's first appearance."""
+        values: dict[bytes, bytes] = {}
+        for key, value in self.valid_items():
+            values[key] = value
+        return values
+
+    def invalid_slots(self) -> list[int]:
+        return [slot for slot, r in enumerate(self.records) if not r.valid]
+
+    def lookup(self, key: bytes) -> bytes | None:
+        """The value of the last valid record with `key`, or None."""
+        for record in reversed(self.records):
+            if record.valid and record.key == key:
+                return record.value
+        return None
+
+
+def read_pool(pool_dir: Path, pool: int, *, lock_timeout: float = 5.0
+              ) -> PoolContents:
+    """Read one pool under the shared locks; a missing file is an empty pool.
+
+    Never creates, modifies or recovers anything (that is the writers' job), so it is safe on
+    read-only media and on another system's pool directory. Raises PoolFileError (LockTimeout
+    naming the holder when a writer keeps the lock past `lock_timeout`). What tools
+    (`kvpfs get/ls/status`, `kvpfs wait`) read with.
+    """
+    path = pool_path(pool_dir, pool)
+    missing = PoolContents(pool, path, b"", (), 0, None)
+    try:
+        _refuse_special(os.lstat(path), path)
+    except FileNotFoundError:
+        return missing
+    except PoolFileError:
+        raise
+    except OSError as exc:
+        raise _io_error("checking pool file", path, exc) from exc
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        return missing
+    except OSError as exc:
+        raise _io_error("opening pool file", path, exc) from exc
+    try:
+        _refuse_special(os.fstat(fd), path)
+        if not _acquire_locks(fd, exclusive=False, deadline=_deadline(lock_timeout)):
+            raise _lock_timeout(path, fd, lock_timeout)
+        try:
+            data = _pread_all(fd)
+            st = os.fstat(fd)
+        finally:
+            _release_locks(fd)
+    except PoolFileError:
+        raise
+    except OSError as exc:
+        raise _io_error("reading pool file", path, exc) from exc
+    finally:
+        os.close(fd)
+    records, trailing = parse_pool(data)
+    return PoolContents(pool, path, data, tuple(records), trailing, st)
+
+
 def load_pool_dir(pool_dir: Path, *, lock_timeout: float = 5.0) -> dict[int, list[Record]]:
     """Read all pools under shared locks (OFD read lock + flock LOCK_SH), for tools.
 
     Missing files (or a missing directory) are empty pools. Nothing is created or modified.
     """
-    pools: dict[int, list[Record]] = {}
-    for pool in range(POOL_COUNT):
-        path = pool_path(pool_dir, pool)
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            pools[pool] = []
-            continue
-        except OSError as exc:
-            raise _io_error("checking pool file", path, exc) from exc
-        _refuse_special(st, path)
-        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
-        try:
-            fd = os.open(path, flags)
-        except FileNotFoundError:
-            pools[pool] = []
-            continue
-        except OSError as exc:
-            raise _io_error("opening pool file", path, exc) from exc
-        try:
-            _refuse_special(os.fstat(fd), path)
-            if not _acquire_locks(fd, exclusive=False, deadline=_deadline(lock_timeout)):
-                raise _lock_timeout(path, fd, lock_timeout)
-            try:
-                data = _pread_all(fd)
-            finally:
-                _release_locks(fd)
-        except PoolFileError:
-            raise
-        except OSError as exc:
-            raise _io_error("reading pool file", path, exc) from exc
-        finally:
-            os.close(fd)
-        pools[pool] = parse_pool(data)[0]
-    return pools
+    return {
+        pool: list(read_pool(pool_dir, pool, lock_timeout=lock_timeout).records)
+        for pool in range(POOL_COUNT)
+    }

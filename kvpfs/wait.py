@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from kvpfs import names
-from kvpfs.poolfile import load_pool_dir, pool_path, stat_signature
+from kvpfs.poolfile import pool_path, read_pool, stat_signature
 from kvpfs.pools import POOL_NAMES
 
 POLL_INTERVAL = 0.1
@@ -85,11 +85,7 @@ def wait_on_files(pool_dir: Path, pool: int, key: bytes, *, timeout: float | Non
     path = pool_path(pool_dir, pool)
 
     def current() -> bytes | None:
-        value = None
-        for record in load_pool_dir(pool_dir).get(pool, []):
-            if record.valid and record.key == key:
-                value = record.value  # the last record wins
-        return value
+        return read_pool(pool_dir, pool).lookup(key)
 
     signature = stat_signature(path)
     initial = current()
