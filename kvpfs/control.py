@@ -120,6 +120,11 @@ def kvpfs_mounts() -> list[Path]:
     return mounts
 
 
+def escape_mountinfo(path: str) -> str:
+    """A path as /proc/self/mountinfo writes it (space, tab, newline, backslash octal)."""
+    return "".join(f"\\{ord(c):03o}" if c in " \t\n\\" else c for c in path)
+
+
 def _unescape_mountinfo(text: str) -> str:
     out, i = [], 0
     while i < len(text):

@@ -184,6 +184,9 @@ async def serve(config: MountConfig) -> None:
             raise StartupError(str(exc)) from None
         await nursery.start(control.serve, control_path, handle_control)
         clear_stale_mount(mountpoint)
+        # Never touch the mount point's path from this thread once mounted: until
+        # pyfuse3.main() runs, nothing answers, and the kernel waits for us forever.
+        where = control.escape_mountinfo(str(mountpoint.resolve()))
         try:
             pyfuse3.init(operations, str(mountpoint), fuse_options(config))
         except RuntimeError as exc:
@@ -194,8 +197,10 @@ async def serve(config: MountConfig) -> None:
         try:
             nursery.start_soon(store.watch)
             nursery.start_soon(operations.invalidator)
-            nursery.start_soon(_terminate_on_signals, operations)
-            nursery.start_soon(_end_feed_when_unmounted, operations, mountpoint)
+            # Handlers in place before READY=1: a stop right after it must unmount cleanly,
+            # not kill us with SIGTERM's default action and leave a dead mount.
+            await nursery.start(_terminate_on_signals, operations)
+            nursery.start_soon(_end_feed_when_unmounted, operations, mountpoint, where)
             log.info(
                 "kvpfs %s ready: %s mounted on %s, pools in %s, control socket %s",
                 __version__, "simulated host" if host else config.device, mountpoint,
@@ -216,8 +221,11 @@ async def serve(config: MountConfig) -> None:
     log.info("kvpfs stopped; %s unmounted", mountpoint)
 
 
-async def _terminate_on_signals(operations: KvpOperations) -> None:
+async def _terminate_on_signals(
+    operations: KvpOperations, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        task_status.started()
         async for signum in signals:
             log.info("%s received: unmounting", signal.Signals(signum).name)
             operations.shutdown()
@@ -225,24 +233,34 @@ async def _terminate_on_signals(operations: KvpOperations) -> None:
             return
 
 
-def _mounted_devices() -> set[str]:
+def _kvpfs_mounts() -> list[tuple[str, str]]:
+    """(device number, mount point) of every kvpfs mount, in mount order."""
     with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
-        return {line.split()[2] for line in f if " fuse.kvpfs " in line}
+        return [(line.split()[2], line.split()[4]) for line in f if " fuse.kvpfs " in line]
 
 
-async def _end_feed_when_unmounted(operations: KvpOperations, mountpoint: Path) -> None:
+async def _end_feed_when_unmounted(
+    operations: KvpOperations, mountpoint: Path, where: str
+) -> None:
     """After an unmount from outside, release readers blocked on /.events.
 
     pyfuse3's main loop only returns once every handler has; a read of the
-    change feed may wait forever for the next change.
+    change feed may wait forever for the next change. Our mount is found in
+    mountinfo (the topmost kvpfs on `where`, the mount point as mountinfo writes
+    it), never through the mount itself, which may not be served yet or any more.
     """
-    st = await trio.to_thread.run_sync(os.stat, mountpoint)
-    ours = f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
+    mounts = await trio.to_thread.run_sync(_kvpfs_mounts)
+    ours = [device for device, point in mounts if point == where][-1:]
+    if not ours:
+        log.warning("cannot find our mount of %s in mountinfo; an unmount from outside will"
+                    " not end blocked reads of .events", mountpoint)
+        return
     while True:
         await trio.sleep(1.0)
-        if operations.has_readers() and ours not in await trio.to_thread.run_sync(
-            _mounted_devices
-        ):
+        if not operations.has_readers():
+            continue
+        mounts = await trio.to_thread.run_sync(_kvpfs_mounts)
+        if ours[0] not in (device for device, _ in mounts):
             log.info("%s was unmounted from outside; ending the change feed", mountpoint)
             operations.shutdown()
             return
