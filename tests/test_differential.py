@@ -16,8 +16,9 @@ when the host name does not resolve: its own test runs both daemons in a UTS nam
 such a name), so the table cannot go stale.
 
 Cross-reading: kvpfs serves pool files the reference daemon wrote (the transcript's, and the
-fixtures in tests/fixtures/reference-daemon, copied from pool files the daemon wrote), the reference daemon serves
-files kvpfs wrote, and both must give the host the same enumeration of every pool.
+fixtures in tests/fixtures/reference-daemon, pool files the daemon wrote), the reference
+daemon serves files kvpfs wrote, and both must give the host the same enumeration of every
+pool.
 
 A second transcript is random (seeded from $KVPFS_SEED if set, printed either way).
 
@@ -1002,7 +1003,7 @@ def test_random_transcript(tmp_path: Path) -> None:
     assert outcome.requests >= RANDOM_OPS
 
 
-# ---------------------------------------------------------------------- intended differences with their own transcripts
+# ------------------------------------------------------- intended differences, own transcripts
 
 EXTRA_STEPS: dict[str, list[Step]] = {
     "GET on pool 2 answers the computed value": [
