@@ -32,12 +32,13 @@ from dataclasses import dataclass, field
 import pyfuse3
 import trio
 
-from kvpfs import names
+from kvpfs import limits, names
 from kvpfs.intrinsic import KEYS as INTRINSIC_KEYS
 from kvpfs.intrinsic import Intrinsics
+from kvpfs.limits import VALUE_MAX_BYTES, VALUE_MAX_UNITS
 from kvpfs.poolfile import LockTimeout, PoolFileError
 from kvpfs.pools import GUEST, POOL_NAMES
-from kvpfs.store import AUTO_POOL, KEY_MAX_BYTES, VALUE_MAX_BYTES, Change, Origin, Store
+from kvpfs.store import AUTO_POOL, Change, Origin, Store
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +50,6 @@ EVENTS_NAME = b".events"
 EVENT_QUEUE_MAX = 10_000  # lines kept per reader before it is told it fell behind
 FIRST_KEY_INODE = 100
 
-# The host's limits for what the guest sends (the kernel truncates silently beyond them).
-KEY_MAX_UNITS = 254
-VALUE_MAX_UNITS = 1022
 
 TTL = 1.0  # attribute/entry cache; host changes are also invalidated explicitly
 XATTR_KEY = b"user.kvp.key"
@@ -81,10 +79,6 @@ def _handler(method):
             raise pyfuse3.FUSEError(errno.EIO) from None
 
     return wrapper
-
-
-def utf16_units(data: bytes) -> int:
-    return len(data.decode("utf-8").encode("utf-16-le")) // 2
 
 
 @dataclass(frozen=True)
@@ -585,18 +579,11 @@ class KvpOperations(pyfuse3.Operations):
         """The value to publish, or FUSEError naming the broken limit."""
         if not self.raw and data.endswith(b"\n"):
             data = data[:-1]
-        if b"\0" in data:
-            self._refuse(node, "value contains a NUL byte")
-            raise pyfuse3.FUSEError(errno.EINVAL)
         try:
-            units = utf16_units(data)
-        except UnicodeDecodeError as exc:
-            self._refuse(node, f"value is not UTF-8 (byte {exc.start})")
-            raise pyfuse3.FUSEError(errno.EILSEQ) from None
-        if units > VALUE_MAX_UNITS or len(data) > VALUE_MAX_BYTES:
-            self._refuse(node, f"value is {units} UTF-16 units / {len(data)} bytes; the host"
-                               f" takes at most {VALUE_MAX_UNITS} units")
-            raise pyfuse3.FUSEError(errno.EFBIG)
+            limits.check_value(data)
+        except limits.LimitError as exc:
+            self._refuse(node, str(exc))
+            raise pyfuse3.FUSEError(exc.errno) from None
         return data
 
     def _checked_key(self, name: bytes) -> bytes:
@@ -605,11 +592,11 @@ class KvpOperations(pyfuse3.Operations):
         except names.InvalidName as exc:
             log.warning("refused name %r in guest: %s", name, exc)
             raise pyfuse3.FUSEError(errno.EINVAL) from None
-        units = utf16_units(key)
-        if units > KEY_MAX_UNITS or len(key) > KEY_MAX_BYTES:
-            log.warning("refused key %r: %d UTF-16 units; the host takes at most %d",
-                        key, units, KEY_MAX_UNITS)
-            raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
+        try:
+            limits.check_key(key)
+        except limits.LimitError as exc:
+            log.warning("refused key %r in guest: %s", key, exc)
+            raise pyfuse3.FUSEError(exc.errno) from None
         return key
 
     async def _commit(self, handle: Handle) -> None:

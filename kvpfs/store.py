@@ -26,6 +26,7 @@ from pathlib import Path
 
 import trio
 
+from kvpfs.limits import KEY_MAX_BYTES, VALUE_MAX_BYTES
 from kvpfs.poolfile import (
     POOL_COUNT,
     LockTimeout,
@@ -41,8 +42,6 @@ from kvpfs.poolfile import (
 log = logging.getLogger(__name__)
 
 AUTO_POOL = 2
-KEY_MAX_BYTES = 511
-VALUE_MAX_BYTES = 2047
 
 
 class Origin(enum.Enum):

@@ -46,7 +46,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import BinaryIO
 
-from kvpfs import __version__
+from kvpfs import __version__, limits
 from kvpfs.poolfile import (
     POOL_COUNT,
     PoolContents,
@@ -67,14 +67,6 @@ EXIT_IO = 4
 DEFAULT_POOL_DIR = Path("/var/lib/hyperv")
 DEFAULT_LOCK_TIMEOUT = 5.0
 DEFAULT_EXPORT_PREFIX = "KVP_"
-
-# What the host receives whole (the kernel silently truncates beyond the UTF-16 limits) and
-# what fits a pool file's fields with their NUL. The same numbers as kvpfs.fs/kvpfs.store,
-# kept here so the tool does not import pyfuse3 (tests check they agree).
-KEY_MAX_UNITS = 254
-KEY_MAX_BYTES = 511
-VALUE_MAX_UNITS = 1022
-VALUE_MAX_BYTES = 2047
 
 HV_KVP_DAEMON_NAMES = ("hv_kvp_daemon", "hypervkvpd")  # Debian/Ubuntu, RHEL/SUSE
 INTENT_SUFFIX = ".kvpfs-delete"  # kvpfs.poolfile's delete-intent file (crash recovery)
@@ -129,44 +121,20 @@ def invalid_reason(record: Record) -> str:
 # --------------------------------------------------------------------------- validation
 
 
-def utf16_units(text: str) -> int:
-    return len(text.encode("utf-16-le")) // 2
-
-
 def check_key(key: bytes) -> None:
     """Refuse a key the host could not receive whole (UsageError naming the limit)."""
-    if not key:
-        raise UsageError("a key cannot be empty")
-    if b"\0" in key:
-        raise UsageError("a key cannot contain a NUL byte")
     try:
-        text = key.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise UsageError(f"the key is not valid UTF-8 (byte {exc.start})") from None
-    units = utf16_units(text)
-    if units > KEY_MAX_UNITS or len(key) > KEY_MAX_BYTES:
-        raise UsageError(
-            f"the key is {units} UTF-16 units / {len(key)} bytes; the host takes at most "
-            f"{KEY_MAX_UNITS} units (and a pool file {KEY_MAX_BYTES} bytes)"
-        )
+        limits.check_key(key)
+    except limits.LimitError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def check_value(value: bytes) -> None:
     """Refuse a value the host could not receive whole (UsageError naming the limit)."""
-    if b"\0" in value:
-        raise UsageError(f"the value contains a NUL byte (at byte {value.index(0)}); "
-                         "NUL ends a value in the pool file")
     try:
-        text = value.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise UsageError(f"the value is not valid UTF-8 (byte {exc.start})") from None
-    units = utf16_units(text)
-    if units > VALUE_MAX_UNITS or len(value) > VALUE_MAX_BYTES:
-        raise UsageError(
-            f"the value is {units} UTF-16 units / {len(value)} bytes; the host takes at most "
-            f"{VALUE_MAX_UNITS} units (and a pool file {VALUE_MAX_BYTES} bytes). Split it "
-            "into several keys"
-        )
+        limits.check_value(value)
+    except limits.LimitError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def check_writable(pool: int, force: bool) -> None:
@@ -784,17 +752,17 @@ def read_value(value: str, *, raw: bool, stdin: BinaryIO | None = None) -> bytes
     # Read no more than could be valid (the limit and a newline) plus one byte to tell.
     source = stdin or sys.stdin.buffer
     data = b""
-    while len(data) <= VALUE_MAX_BYTES + 1:
-        chunk = source.read(VALUE_MAX_BYTES + 2 - len(data))
+    while len(data) <= limits.VALUE_MAX_BYTES + 1:
+        chunk = source.read(limits.VALUE_MAX_BYTES + 2 - len(data))
         if not chunk:
             break
         data += chunk
     if not raw and data.endswith(b"\n"):
         data = data[:-1]
-    if len(data) > VALUE_MAX_BYTES:
-        raise UsageError(f"the value on stdin is longer than {VALUE_MAX_BYTES} bytes; the host "
-                         f"takes at most {VALUE_MAX_UNITS} UTF-16 units. Split it into several "
-                         "keys")
+    if len(data) > limits.VALUE_MAX_BYTES:
+        raise UsageError(f"the value on stdin is longer than {limits.VALUE_MAX_BYTES} bytes;"
+                         f" the host takes at most {limits.VALUE_MAX_UNITS} UTF-16 units. Split"
+                         " it into several keys")
     return data
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from kvpfs import fs, store, tool
+from kvpfs import limits, tool
 from kvpfs.poolfile import (
     KEY_FIELD,
     RECORD_SIZE,
@@ -85,10 +85,10 @@ def records(directory: Path, pool: int) -> list[tuple[bytes, bytes]]:
 # --------------------------------------------------------------------------- limits
 
 
-def test_limits_are_the_mounts_limits() -> None:
-    assert (tool.KEY_MAX_UNITS, tool.VALUE_MAX_UNITS) == (fs.KEY_MAX_UNITS, fs.VALUE_MAX_UNITS)
-    assert (tool.KEY_MAX_BYTES, tool.VALUE_MAX_BYTES) == (
-        store.KEY_MAX_BYTES, store.VALUE_MAX_BYTES)
+def test_limits_are_the_hosts() -> None:
+    """One set of limits for the mount, the store and the tool (kvpfs.limits)."""
+    assert (limits.KEY_MAX_UNITS, limits.VALUE_MAX_UNITS) == (254, 1022)
+    assert (limits.KEY_MAX_BYTES, limits.VALUE_MAX_BYTES) == (511, 2047)
 
 
 # --------------------------------------------------------------------------- get

@@ -1,0 +1,57 @@
+"""What a guest key and value may be, so that the host receives them whole.
+
+The pool file has room for 511/2047 bytes plus a NUL, but the kernel converts
+what the guest sends to at most 254/1022 UTF-16 units and silently drops the
+rest (drivers/hv/hv_kvp.c). The mount, the command line and the store all
+refuse values beyond these limits instead of letting them be cut.
+"""
+
+from __future__ import annotations
+
+import errno
+
+from kvpfs.kernelconv import GUEST_KEY_MAX_UNITS, GUEST_VALUE_MAX_UNITS, utf16_units
+from kvpfs.poolfile import KEY_FIELD, VALUE_FIELD
+
+KEY_MAX_UNITS = GUEST_KEY_MAX_UNITS  # 254
+VALUE_MAX_UNITS = GUEST_VALUE_MAX_UNITS  # 1022
+KEY_MAX_BYTES = KEY_FIELD - 1  # 511: the field keeps its NUL
+VALUE_MAX_BYTES = VALUE_FIELD - 1  # 2047
+
+
+class LimitError(ValueError):
+    """A key or value the host could not receive whole; `errno` for the filesystem."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.errno = code
+
+
+def _text(data: bytes, what: str) -> str:
+    if b"\0" in data:
+        raise LimitError(f"the {what} contains a NUL byte (at byte {data.index(0)}); NUL ends"
+                         f" a {what} in the pool file", errno.EINVAL)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise LimitError(f"the {what} is not valid UTF-8 (byte {exc.start})",
+                         errno.EILSEQ) from None
+
+
+def check_key(key: bytes) -> None:
+    if not key:
+        raise LimitError("a key cannot be empty", errno.EINVAL)
+    units = utf16_units(_text(key, "key"))
+    if units > KEY_MAX_UNITS or len(key) > KEY_MAX_BYTES:
+        raise LimitError(
+            f"the key is {units} UTF-16 units / {len(key)} bytes; the host takes at most "
+            f"{KEY_MAX_UNITS} units (and a pool file {KEY_MAX_BYTES} bytes)", errno.ENAMETOOLONG)
+
+
+def check_value(value: bytes) -> None:
+    units = utf16_units(_text(value, "value"))
+    if units > VALUE_MAX_UNITS or len(value) > VALUE_MAX_BYTES:
+        raise LimitError(
+            f"the value is {units} UTF-16 units / {len(value)} bytes; the host takes at most "
+            f"{VALUE_MAX_UNITS} units (and a pool file {VALUE_MAX_BYTES} bytes). Split it "
+            "into several keys", errno.EFBIG)
