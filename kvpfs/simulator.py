@@ -70,6 +70,12 @@ class HostResult:
             return f"0x{self.status:08X}"
 
 
+# process_ib_ipinfo / process_ob_ipinfo limits: bytes host -> guest, UTF-16 units back.
+_IP_ADAPTER_MAX = 128  # MAX_ADAPTER_ID_SIZE
+_IP_ADDR_MAX = 1024  # MAX_IP_ADDR_SIZE
+_IP_GATEWAY_MAX = 512  # MAX_GATEWAY_SIZE
+
+
 @dataclass(frozen=True)
 class IpInfoResult:
     """GET_IP_INFO as the host receives it (fields empty unless the status is S_OK)."""
@@ -92,10 +98,22 @@ class IpInfoResult:
         return HostResult(self.status).status_name
 
 
-# process_ib_ipinfo / process_ob_ipinfo limits: bytes host -> guest, UTF-16 units back.
-_IP_ADAPTER_MAX = 128  # MAX_ADAPTER_ID_SIZE
-_IP_ADDR_MAX = 1024  # MAX_IP_ADDR_SIZE
-_IP_GATEWAY_MAX = 512  # MAX_GATEWAY_SIZE
+def ip_info_as_host_sees(raw: bytes) -> IpInfoResult:
+    """A GET_IP_INFO reply after the kernel's conversions (process_ob_ipinfo's limits)."""
+    reply = protocol.decode_ip_info_reply(raw)
+    if reply.status != Status.S_OK:
+        return IpInfoResult(reply.status)
+    try:
+        adapter, ip, sub, gateway, dns = (
+            kernelconv.guest_to_host(field, limit) for field, limit in (
+                (reply.adapter_id, _IP_ADAPTER_MAX), (reply.ip_addr, _IP_ADDR_MAX),
+                (reply.sub_net, _IP_ADDR_MAX), (reply.gate_way, _IP_GATEWAY_MAX),
+                (reply.dns_addr, _IP_ADDR_MAX))
+        )
+    except kernelconv.ConversionError:
+        return IpInfoResult(Status.E_FAIL)
+    return IpInfoResult(Status.S_OK, adapter, reply.addr_family, reply.dhcp_enabled,
+                        ip, sub, gateway, dns)
 
 
 def _ip_text(text: str, limit: int) -> str:
@@ -250,21 +268,7 @@ class SimulatedHost:
         """GET_IP_INFO for the adapter with this MAC, converted as the kernel does."""
         request = protocol.encode_ip_info_request(
             Op.GET_IP_INFO, _ip_text(mac, _IP_ADAPTER_MAX), addr_family)
-        reply = protocol.decode_ip_info_reply(await self.transact(request))
-        if reply.status != Status.S_OK:
-            return IpInfoResult(reply.status)
-        try:
-            fields = [
-                kernelconv.guest_to_host(raw, limit) for raw, limit in (
-                    (reply.adapter_id, _IP_ADAPTER_MAX), (reply.ip_addr, _IP_ADDR_MAX),
-                    (reply.sub_net, _IP_ADDR_MAX), (reply.gate_way, _IP_GATEWAY_MAX),
-                    (reply.dns_addr, _IP_ADDR_MAX))
-            ]
-        except kernelconv.ConversionError:
-            return IpInfoResult(Status.E_FAIL)
-        adapter, ip, sub, gateway, dns = fields
-        return IpInfoResult(Status.S_OK, adapter, reply.addr_family, reply.dhcp_enabled,
-                            ip, sub, gateway, dns)
+        return ip_info_as_host_sees(await self.transact(request))
 
     async def ip_set(self, guid: str, ip_addr: str = "", sub_net: str = "",
                      gate_way: str = "", dns_addr: str = "", *, dhcp: bool = False,

@@ -47,13 +47,6 @@ from kvpfs.kernelconv import (
     host_to_guest,
 )
 from kvpfs.protocol import (
-    IP_ADAPTER_ID_OFFSET,
-    IP_ADDR_FAMILY_OFFSET,
-    IP_ADDR_OFFSET,
-    IP_DHCP_ENABLED_OFFSET,
-    IP_DNS_ADDR_OFFSET,
-    IP_GATE_WAY_OFFSET,
-    IP_SUB_NET_OFFSET,
     MESSAGE_SIZE,
     Op,
     Status,
@@ -65,6 +58,7 @@ from kvpfs.protocol import (
     encode_set_request,
     reply_key_value,
 )
+from kvpfs.simulator import IpInfoResult, ip_info_as_host_sees
 from tests.support import emuwire
 from tests.support.emuwire import ReplySource
 
@@ -117,18 +111,7 @@ class HostReply:
     reply: bytes | None  # the daemon's 7432-byte write, None when the kernel answered alone
 
 
-@dataclass(frozen=True)
-class IpInfo:
-    """GET_IP_INFO as the host receives it (strings after the kernel's conversion)."""
-
-    status: int
-    adapter_id: str = ""
-    addr_family: int = 0
-    dhcp_enabled: int = 0
-    ip_addr: str = ""
-    sub_net: str = ""
-    gate_way: str = ""
-    dns_addr: str = ""
+IpInfo = IpInfoResult  # GET_IP_INFO as the host receives it
 
 
 def _cstring_at(data: bytes, offset: int) -> bytes:
@@ -363,25 +346,7 @@ class EmulatedHost:
         result = self.transact(request, timeout)
         if op != Op.GET_IP_INFO or result.status != Status.S_OK or result.reply is None:
             return IpInfo(result.status)
-        data = result.reply
-        try:  # process_ob_ipinfo: same order and limits as the kernel
-            ip = guest_to_host(_cstring_at(data, IP_ADDR_OFFSET), _IP_ADDR_MAX_UNITS)
-            sub = guest_to_host(_cstring_at(data, IP_SUB_NET_OFFSET), _IP_ADDR_MAX_UNITS)
-            gw = guest_to_host(_cstring_at(data, IP_GATE_WAY_OFFSET), _IP_GATEWAY_MAX_UNITS)
-            dns = guest_to_host(_cstring_at(data, IP_DNS_ADDR_OFFSET), _IP_ADDR_MAX_UNITS)
-            adapter = guest_to_host(_cstring_at(data, IP_ADAPTER_ID_OFFSET), _IP_ADAPTER_MAX_UNITS)
-        except ConversionError:
-            return IpInfo(Status.E_FAIL)
-        return IpInfo(
-            Status.S_OK,
-            adapter,
-            data[IP_ADDR_FAMILY_OFFSET],
-            data[IP_DHCP_ENABLED_OFFSET],
-            ip,
-            sub,
-            gw,
-            dns,
-        )
+        return ip_info_as_host_sees(result.reply)
 
     # ------------------------------------------------------------------ faults & state
 
