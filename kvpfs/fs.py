@@ -130,6 +130,7 @@ class Node:
     ctime_ns: int = 0
     atime_ns: int = 0
     inflight: bytes | None = None  # being published: what readers must already see
+    cached: bool = False  # the kernel's page cache, if any, holds the current value
     mode: int | None = None  # chmod/chown are accepted and remembered, not stored in pools
     uid: int | None = None
     gid: int | None = None
@@ -278,6 +279,9 @@ class KvpOperations(pyfuse3.Operations):
             key = names.name_to_key(name)
         except names.InvalidName:
             return None
+        pending = self._by_key.get((pool, key))
+        if pending is not None and pending.pending:
+            return pending  # created through the mount, named here by its full long name
         if self.store.get(pool, key) is None:
             return None
         return self._key_node(pool, key)
@@ -461,9 +465,13 @@ class KvpOperations(pyfuse3.Operations):
         fh = self._next_fh
         self._next_fh += 1
         self._handles[fh] = handle
-        handle.node.handles += 1
-        # Fresh data on every open: the value may have changed behind the page cache.
-        return pyfuse3.FileInfo(fh=fh, keep_cache=False, direct_io=False)
+        node = handle.node
+        node.handles += 1
+        # The kernel may keep what it cached at an earlier open only if the value has not
+        # changed since (every change clears `cached`); pool 2 is computed per read.
+        keep = node.cached and not handle.writable and node.pool != AUTO_POOL
+        node.cached = not handle.writable
+        return pyfuse3.FileInfo(fh=fh, keep_cache=keep, direct_io=False)
 
     def _handle(self, fh: int) -> Handle:
         handle = self._handles.get(fh)
@@ -608,6 +616,7 @@ class KvpOperations(pyfuse3.Operations):
         if node.key is None:  # scratch: keep exact bytes until renamed
             node.content = bytes(handle.buffer)
             node.mtime_ns = time.time_ns()
+            node.cached = False
             return
         value = self._final_value(node, bytes(handle.buffer))
         # Visible to every reader from now on, before the first await: a `cat`
@@ -631,6 +640,7 @@ class KvpOperations(pyfuse3.Operations):
             if self._guest_extra.get(node.name) is node:
                 del self._guest_extra[node.name]
         node.last_size = len(value)
+        node.cached = False
         node.mtime_ns = node.ctime_ns = time.time_ns()
 
     @_handler
@@ -659,11 +669,18 @@ class KvpOperations(pyfuse3.Operations):
         handle = self._handles.pop(fh, None)
         if handle is None:
             return
-        handle.node.handles -= 1
+        node = handle.node
+        node.handles -= 1
         try:
             await self._commit(handle)
         finally:
-            self._maybe_drop(handle.node)
+            if node.pending and node.handles <= 0 and node.linked:
+                # Created through the mount but its value was refused: nothing was
+                # stored, so no file may stay behind that the pool does not have.
+                self._unlink_node(node)
+                self._invalidations_send.send_nowait(
+                    ("entry", DIR_INODES[GUEST], (node.name, node.ino), None))
+            self._maybe_drop(node)
 
     @_handler
     async def create(self, parent_inode, name, mode, flags, ctx):
@@ -677,10 +694,12 @@ class KvpOperations(pyfuse3.Operations):
                     node = Node(self._new_ino(), GUEST, None, name)
                 else:
                     key = self._checked_key(name)
-                    node = Node(self._new_ino(), GUEST, key, name, pending=True)
+                    # Listed as any key is (a name over NAME_MAX shows shortened).
+                    node = Node(self._new_ino(), GUEST, key, names.key_to_name(key),
+                                pending=True)
                     self._by_key[(GUEST, key)] = node
                 self._nodes[node.ino] = node
-                self._guest_extra[name] = node
+                self._guest_extra[node.name] = node
             elif flags & os.O_EXCL:
                 raise pyfuse3.FUSEError(errno.EEXIST)
         value = await self._current(node)
@@ -732,6 +751,7 @@ class KvpOperations(pyfuse3.Operations):
         data = current[:size] + b"\0" * max(0, size - len(current))
         if node.key is None:
             node.content = data
+            node.cached = False
             return
         # truncate(2) by path: there is no close to wait for, publish now
         # (never strip a newline here: nothing was written).
@@ -787,9 +807,10 @@ class KvpOperations(pyfuse3.Operations):
                 del self._by_key[(GUEST, node.key)]
             if self._guest_extra.get(node.name) is node:
                 del self._guest_extra[node.name]
-            node.name = name_new
+            node.name = name_new if new_key is None else names.key_to_name(new_key)
             node.key = new_key
             node.pending = False
+            node.cached = False
             node.ctime_ns = time.time_ns()
             if new_key is None:
                 node.content = value
@@ -874,6 +895,7 @@ class KvpOperations(pyfuse3.Operations):
                     self._invalidations_send.send_nowait(("attr", node.ino, None, None))
                 continue
             node.mtime_ns = node.ctime_ns = time.time_ns()
+            node.cached = False
             done = trio.Event()
             if change.kind == "set":
                 self._invalidations_send.send_nowait(("inode", node.ino, None, done))

@@ -50,7 +50,7 @@ import struct
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvpfs.pools import POOL_NAMES
@@ -119,24 +119,24 @@ class Record:
     key: bytes
     value: bytes
     raw: bytes | None = None
+    # Non-empty key, and both fields UTF-8 (what the host can receive). Decided once here:
+    # indexing a pool asks it of every record.
+    valid: bool = field(init=False, compare=False)
 
-    @property
-    def valid(self) -> bool:
-        """Non-empty key, and both fields are UTF-8 (what the host can receive)."""
-        if not self.key:
-            return False
+    def __post_init__(self) -> None:
         try:
             self.key.decode("utf-8")
             self.value.decode("utf-8")
+            valid = bool(self.key)
         except UnicodeDecodeError:
-            return False
-        return True
+            valid = False
+        object.__setattr__(self, "valid", valid)
 
 
-def _cut(field: bytes) -> bytes:
+def _cut(data: bytes) -> bytes:
     """Bytes before the first NUL; everything after it may be stale garbage."""
-    end = field.find(b"\0")
-    return field if end < 0 else field[:end]
+    end = data.find(b"\0")
+    return data if end < 0 else data[:end]
 
 
 def _parse_record(slot: bytes) -> Record:

@@ -176,7 +176,8 @@ class Store:
     def _install(self, pool: int, state: PoolState) -> None:
         self.states[pool] = state
         self.generation += 1
-        for slot in state.invalid_records():
+        invalid = state.invalid_records() if state.visible is not None else ()
+        for slot in invalid:
             raw = state.records[slot].raw or b""
             marker = (pool, raw[:64])
             if marker not in self._warned_invalid:
@@ -238,6 +239,12 @@ class Store:
                 state.slots.setdefault(key, []).append(slot)
                 if state.visible is not None:
                     state.visible.append(slot)
+            elif action[0] == "truncate":
+                # The common delete (the newest key): no later slot moves, no reindex.
+                del state.records[action[1]:]
+                del state.slots[key]
+                if state.visible is not None:
+                    state.visible = [slot for slot in state.visible if slot < action[1]]
             elif action[0] == "replace":
                 state = action[1]
             state.signature = signature
@@ -278,9 +285,12 @@ class Store:
                 for slot in reversed(slots):
                     pf.delete_record(slot, records)
                     del records[slot]
-                replacement = PoolState(records=records)
-                replacement.reindex()
-                action = ("replace", replacement)
+                if slots[0] == len(records):
+                    action = ("truncate", len(records))  # they were the last records
+                else:
+                    replacement = PoolState(records=records)
+                    replacement.reindex()
+                    action = ("replace", replacement)
             return reloaded, action, pf.fstat_signature()
 
     # ------------------------------------------------------------------ watching
