@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,11 +147,21 @@ class Intrinsics:
         self.fqdn = fqdn
         self.os_info = os_info or read_os_info()
         self.integration_version = "Unknown version"
+        self._addresses_at: float | None = None
+        self._address_lists: dict[int, str] = {}
+
+    ADDRESS_TTL = 1.0  # a host enumeration asks for both lists within moments
 
     def _addresses(self, family: int) -> str:
-        return ";".join(
-            a.address for a in interface_addresses() if a.family == family and not a.loopback
-        )
+        now = time.monotonic()
+        if self._addresses_at is None or now - self._addresses_at > self.ADDRESS_TTL:
+            found = [a for a in interface_addresses() if not a.loopback]
+            self._address_lists = {
+                fam: ";".join(a.address for a in found if a.family == fam)
+                for fam in (socket.AF_INET, socket.AF_INET6)
+            }
+            self._addresses_at = now
+        return self._address_lists[family]
 
     def value(self, index: int) -> tuple[str, str] | None:
         """(key, value) for `index`, or None past the last key.
@@ -176,7 +187,10 @@ class Intrinsics:
         return KEYS[index], values[index]()
 
     def needs_thread(self, index: int) -> bool:
-        return index in (2, 3)
+        """Only a fresh read of the addresses (a netlink round trip) leaves the loop."""
+        fresh = (self._addresses_at is not None
+                 and time.monotonic() - self._addresses_at <= self.ADDRESS_TTL)
+        return index in (2, 3) and not fresh
 
     def all(self) -> list[tuple[str, str]]:
         return [self.value(i) for i in range(len(KEYS))]  # type: ignore[misc]

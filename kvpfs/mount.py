@@ -10,6 +10,8 @@ unwinds everything and the mount is removed.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import errno
 import logging
 import os
@@ -266,7 +268,16 @@ async def _end_feed_when_unmounted(
             return
 
 
+def _one_malloc_arena() -> None:
+    """One glibc malloc arena: worker threads that parse pool files would otherwise
+    each keep an arena of freed memory (measured: 62 MB resident instead of 37 MB
+    with 5,000 records in each of three pools)."""
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to tune
+        ctypes.CDLL(None).mallopt(-8, 1)  # M_ARENA_MAX
+
+
 def run(config: MountConfig) -> None:
+    _one_malloc_arena()
     try:
         trio.run(serve, config)
     except BaseExceptionGroup as group:
