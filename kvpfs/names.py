@@ -19,6 +19,7 @@ Every file also carries its raw key in the extended attribute `user.kvp.key`.
 from __future__ import annotations
 
 import hashlib
+import re
 
 NAME_MAX = 255
 LONG_MARK = b"%~"
@@ -34,8 +35,19 @@ def _must_escape(byte: int, position: int) -> bool:
     return byte in (0x2F, 0x25) or byte < 0x20 or byte == 0x7F or (position == 0 and byte == 0x2E)
 
 
+# Bytes that are escaped anywhere; a leading "." is escaped too (checked apart).
+_ESCAPED = re.compile(rb"[\x00-\x1f\x7f/%]")
+
+
+def _plain(data: bytes) -> bool:
+    """True when `data` needs no escaping: the common case, decided without a loop."""
+    return not data.startswith(b".") and _ESCAPED.search(data) is None
+
+
 def escape_key(key: bytes) -> bytes:
     """The full escaped form of `key`, whatever its length."""
+    if _plain(key):
+        return key
     out = bytearray()
     for position, byte in enumerate(key):
         if _must_escape(byte, position):
@@ -78,6 +90,12 @@ def name_to_key(name: bytes) -> bytes:
         raise InvalidName("empty name")
     if is_shortened(name):
         raise InvalidName("a shortened name (with %~) only refers to an existing key")
+    if _plain(name):
+        try:
+            name.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidName(f"not valid UTF-8 at byte {exc.start}") from None
+        return name
     out = bytearray()
     i = 0
     while i < len(name):
