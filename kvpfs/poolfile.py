@@ -133,18 +133,17 @@ class Record:
         object.__setattr__(self, "valid", valid)
 
 
-def _cut(data: bytes) -> bytes:
-    """Bytes before the first NUL; everything after it may be stale garbage."""
-    end = data.find(b"\0")
-    return data if end < 0 else data[:end]
-
-
-def _parse_record(slot: bytes) -> Record:
-    key = _cut(slot[:KEY_FIELD])
-    value = _cut(slot[KEY_FIELD:])
+def _parse_record(data: bytes, start: int = 0) -> Record:
+    """The record in the slot at `start`, copying only its key and value."""
+    value_start = start + KEY_FIELD
+    key_end = data.find(b"\0", start, value_start)
+    value_end = data.find(b"\0", value_start, value_start + VALUE_FIELD)
+    unterminated = key_end < 0 or value_end < 0
+    key = data[start : value_start if key_end < 0 else key_end]
+    value = data[value_start : value_start + VALUE_FIELD if value_end < 0 else value_end]
     record = Record(key, value)
-    if not record.valid or len(key) == KEY_FIELD or len(value) == VALUE_FIELD:
-        return Record(key, value, bytes(slot))
+    if not record.valid or unterminated:
+        return Record(key, value, bytes(data[start : start + RECORD_SIZE]))
     return record
 
 
@@ -154,11 +153,8 @@ def parse_pool(data: bytes) -> tuple[list[Record], int]:
     Duplicate keys are kept, in file order: pool 1 writers only append, and the later record
     is the newer one.
     """
-    view = memoryview(data)
     count = len(data) // RECORD_SIZE
-    records = [
-        _parse_record(bytes(view[i * RECORD_SIZE : (i + 1) * RECORD_SIZE])) for i in range(count)
-    ]
+    records = [_parse_record(data, i * RECORD_SIZE) for i in range(count)]
     return records, len(data) - count * RECORD_SIZE
 
 

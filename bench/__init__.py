@@ -1,0 +1,1 @@
+"""kvpfs benchmark (run `bench/run.py`; not part of the test suite)."""
