@@ -133,21 +133,21 @@ class Record:
         object.__setattr__(self, "valid", valid)
 
 
-def _parse_record(data: bytes, start: int = 0) -> Record:
+def _parse_record(data: bytes | bytearray, start: int = 0) -> Record:
     """The record in the slot at `start`, copying only its key and value."""
     value_start = start + KEY_FIELD
     key_end = data.find(b"\0", start, value_start)
     value_end = data.find(b"\0", value_start, value_start + VALUE_FIELD)
     unterminated = key_end < 0 or value_end < 0
-    key = data[start : value_start if key_end < 0 else key_end]
-    value = data[value_start : value_start + VALUE_FIELD if value_end < 0 else value_end]
+    key = bytes(data[start : value_start if key_end < 0 else key_end])
+    value = bytes(data[value_start : value_start + VALUE_FIELD if value_end < 0 else value_end])
     record = Record(key, value)
     if not record.valid or unterminated:
         return Record(key, value, bytes(data[start : start + RECORD_SIZE]))
     return record
 
 
-def parse_pool(data: bytes) -> tuple[list[Record], int]:
+def parse_pool(data: bytes | bytearray) -> tuple[list[Record], int]:
     """Split a pool file's contents into records; also return the trailing partial length.
 
     Duplicate keys are kept, in file order: pool 1 writers only append, and the later record
@@ -510,15 +510,24 @@ def _prepare_dir(directory: Path) -> None:
         )
 
 
-def _pread_all(fd: int) -> bytes:
-    chunks = []
-    offset = 0
-    while True:
-        chunk = os.pread(fd, _READ_CHUNK, offset)
-        if not chunk:
-            return b"".join(chunks)
-        chunks.append(chunk)
-        offset += len(chunk)
+def _pread_all(fd: int) -> bytearray:
+    """The whole file in one buffer of its size.
+
+    Not a list of chunks joined at the end: a pool can be megabytes, and the join
+    would double the peak memory of every load.
+    """
+    buf = bytearray(os.fstat(fd).st_size)
+    got = 0
+    with memoryview(buf) as view:
+        while got < len(buf):
+            n = os.preadv(fd, [view[got:]], got)
+            if n == 0:
+                break  # shrunk since the fstat (a writer that ignores locks)
+            got += n
+    del buf[got:]
+    while chunk := os.pread(fd, _READ_CHUNK, len(buf)):  # grown since the fstat
+        buf += chunk
+    return buf
 
 
 # --------------------------------------------------------------------------- PoolFile
