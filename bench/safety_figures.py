@@ -33,12 +33,19 @@ TESTS = (
 
 
 def table(records: list[dict[str, object]]) -> str:
+    """One row per figure. A record is either {"test", figure: value, ...} (these tests) or
+    {"test", "figure", "value"} (tests/support/figures.py); a test's name is shown once."""
     rows: list[tuple[str, str, str]] = []
+    previous = None
     for record in records:
         name = str(record.get("test", "?"))
-        figures = [(k, v) for k, v in record.items() if k != "test"]
-        for i, (key, value) in enumerate(figures):
-            rows.append((name if i == 0 else "", key, show(key, value)))
+        if set(record) == {"test", "figure", "value"}:
+            figures = [(str(record["figure"]), record["value"])]
+        else:
+            figures = [(k, v) for k, v in record.items() if k != "test"]
+        for key, value in figures:
+            rows.append((name if name != previous else "", key, show(key, value)))
+            previous = name
     widths = [max([len(h), *(len(r[i]) for r in rows)])
               for i, h in enumerate(("test", "figure", "value"))]
     lines = [f"{'test':<{widths[0]}}  {'figure':<{widths[1]}}  {'value':>{widths[2]}}",

@@ -150,6 +150,17 @@ def _run_wait(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _mountpoint_usable(mountpoint: Path) -> bool:
+    """A directory, or a kvpfs mount left behind (`kvpfs mount` clears it).
+
+    A dead or wedged mount must not be looked at (ENOTCONN, or a hang), so mountinfo
+    is asked first.
+    """
+    if control.canonical_mountpoint(mountpoint) in control.kvpfs_mounts():
+        return True
+    return mountpoint.is_dir()
+
+
 def _run_mount(args: argparse.Namespace, on_ready: Callable[[], None] | None = None) -> int:
     """Serve in the foreground; `on_ready` (the mount helper's) replaces the greeting."""
     from kvpfs.mount import MountConfig, StartupError, run
@@ -164,7 +175,7 @@ def _run_mount(args: argparse.Namespace, on_ready: Callable[[], None] | None = N
                 log.error("unknown group %r for --guest-group", args.guest_group)
                 return EXIT_USAGE
             guest_gid = int(args.guest_group)
-    if not args.mountpoint.is_dir():
+    if not _mountpoint_usable(args.mountpoint):
         log.error("mount point %s is not a directory (create it first)", args.mountpoint)
         return EXIT_USAGE
     extra = [opt for group in args.options for opt in group.split(",") if opt]

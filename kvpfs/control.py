@@ -30,9 +30,19 @@ class ControlError(Exception):
     """The control socket could not be reached or answered with an error."""
 
 
+def canonical_mountpoint(mountpoint: Path) -> Path:
+    """The mount point's absolute path, resolving symlinks in its parent only.
+
+    Never looks at the mount point itself: a dead or wedged FUSE mount there would
+    answer ENOTCONN or hang.
+    """
+    mountpoint = Path(os.path.abspath(mountpoint))
+    return Path(os.path.realpath(mountpoint.parent)) / mountpoint.name
+
+
 def default_control_path(mountpoint: Path) -> Path:
     runtime = "/run" if os.geteuid() == 0 else os.environ.get("XDG_RUNTIME_DIR", "/tmp")
-    name = str(mountpoint.resolve()).strip("/").replace("/", "-") or "root"
+    name = str(canonical_mountpoint(mountpoint)).strip("/").replace("/", "-") or "root"
     return Path(runtime) / "kvpfs" / f"{name}.sock"
 
 
@@ -105,24 +115,24 @@ def call(path: Path, request: dict, *, timeout: float = 60.0) -> dict:
     return answer
 
 
-def kvpfs_mounts() -> list[Path]:
-    """Mount points of kvpfs filesystems visible to this process."""
-    mounts = []
+def kvpfs_mount_table() -> list[tuple[str, Path]]:
+    """(device number, mount point) of every kvpfs mount visible here, in mount order."""
+    table = []
     try:
         with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
             for line in f:
                 fields = line.split()
                 sep = fields.index("-")
                 if fields[sep + 1] == "fuse.kvpfs":
-                    mounts.append(Path(_unescape_mountinfo(fields[4])))
+                    table.append((fields[2], Path(_unescape_mountinfo(fields[4]))))
     except OSError:
         pass
-    return mounts
+    return table
 
 
-def escape_mountinfo(path: str) -> str:
-    """A path as /proc/self/mountinfo writes it (space, tab, newline, backslash octal)."""
-    return "".join(f"\\{ord(c):03o}" if c in " \t\n\\" else c for c in path)
+def kvpfs_mounts() -> list[Path]:
+    """Mount points of kvpfs filesystems visible to this process."""
+    return [point for _, point in kvpfs_mount_table()]
 
 
 def _unescape_mountinfo(text: str) -> str:

@@ -63,17 +63,37 @@ class MountConfig:
         return self.pool_dir or default_pool_dir(self.simulate)
 
 
-def clear_stale_mount(mountpoint: Path) -> None:
-    """Unmount a dead FUSE mount left by a killed instance ("Transport endpoint...")."""
-    try:
-        os.statvfs(mountpoint)  # never answered from a cache, unlike stat
+async def clear_stale_mount(mountpoint: Path, where: Path, *, bound: float = 2.0) -> None:
+    """Unmount what a killed kvpfs left on our mount point; refuse a live one.
+
+    A dead mount answers ENOTCONN ("Transport endpoint is not connected"); one whose
+    daemon cannot exit (stuck in the kernel) does not answer at all, so it is probed
+    in a worker thread with a bound and, if silent, aborted with a forced unmount.
+    """
+    if where not in await trio.to_thread.run_sync(control.kvpfs_mounts):
         return
-    except OSError as exc:
-        if exc.errno != errno.ENOTCONN:
-            return
-    log.warning("%s is a dead mount left by a previous instance; unmounting it", mountpoint)
-    subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], check=False,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = "silent"
+    with trio.move_on_after(bound):
+        try:
+            await trio.to_thread.run_sync(os.statvfs, mountpoint, abandon_on_cancel=True)
+            state = "live"
+        except OSError as exc:
+            state = "dead" if exc.errno == errno.ENOTCONN else f"failing ({exc.strerror})"
+    if state == "live":
+        raise StartupError(
+            f"{mountpoint} is already mounted by a running kvpfs; stop it first"
+            f" (or unmount it: fusermount3 -u {mountpoint})")
+    log.warning("%s holds a %s kvpfs mount left by a previous instance; unmounting it",
+                mountpoint, state)
+
+    def unmount() -> None:
+        if state != "dead":  # MNT_FORCE aborts the FUSE connection, freeing its waiters
+            subprocess.run(["umount", "-f", str(mountpoint)], check=False, timeout=10,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], check=False, timeout=10,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    await trio.to_thread.run_sync(unmount)
 
 
 def fuse_options(config: MountConfig) -> set[str]:
@@ -176,6 +196,11 @@ async def serve(config: MountConfig) -> None:
     async def handle_control(request: dict) -> dict:
         return await _host_control(host, server, store, request)
 
+    # Never touch the mount point's path from this thread once mounted: until
+    # pyfuse3.main() runs, nothing answers, and the kernel waits for us forever.
+    where = control.canonical_mountpoint(mountpoint)
+    # First, before the device: a previous kvpfs stuck on its way out still holds it.
+    await clear_stale_mount(mountpoint, where)
     async with trio.open_nursery() as nursery:
         if host is not None:
             await nursery.start(host.run)
@@ -185,10 +210,6 @@ async def serve(config: MountConfig) -> None:
         except (DeviceUnavailable, RegistrationRefused) as exc:
             raise StartupError(str(exc)) from None
         await nursery.start(control.serve, control_path, handle_control)
-        clear_stale_mount(mountpoint)
-        # Never touch the mount point's path from this thread once mounted: until
-        # pyfuse3.main() runs, nothing answers, and the kernel waits for us forever.
-        where = control.escape_mountinfo(str(mountpoint.resolve()))
         try:
             pyfuse3.init(operations, str(mountpoint), fuse_options(config))
         except RuntimeError as exc:
@@ -235,23 +256,17 @@ async def _terminate_on_signals(
             return
 
 
-def _kvpfs_mounts() -> list[tuple[str, str]]:
-    """(device number, mount point) of every kvpfs mount, in mount order."""
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
-        return [(line.split()[2], line.split()[4]) for line in f if " fuse.kvpfs " in line]
-
-
 async def _end_feed_when_unmounted(
-    operations: KvpOperations, mountpoint: Path, where: str
+    operations: KvpOperations, mountpoint: Path, where: Path
 ) -> None:
     """After an unmount from outside, release readers blocked on /.events.
 
     pyfuse3's main loop only returns once every handler has; a read of the
     change feed may wait forever for the next change. Our mount is found in
-    mountinfo (the topmost kvpfs on `where`, the mount point as mountinfo writes
-    it), never through the mount itself, which may not be served yet or any more.
+    mountinfo (the topmost kvpfs on `where`, the canonical mount point), never
+    through the mount itself, which may not be served yet or any more.
     """
-    mounts = await trio.to_thread.run_sync(_kvpfs_mounts)
+    mounts = await trio.to_thread.run_sync(control.kvpfs_mount_table)
     ours = [device for device, point in mounts if point == where][-1:]
     if not ours:
         log.warning("cannot find our mount of %s in mountinfo; an unmount from outside will"
@@ -261,7 +276,7 @@ async def _end_feed_when_unmounted(
         await trio.sleep(1.0)
         if not operations.has_readers():
             continue
-        mounts = await trio.to_thread.run_sync(_kvpfs_mounts)
+        mounts = await trio.to_thread.run_sync(control.kvpfs_mount_table)
         if ours[0] not in (device for device, _ in mounts):
             log.info("%s was unmounted from outside; ending the change feed", mountpoint)
             operations.shutdown()

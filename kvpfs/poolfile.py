@@ -12,7 +12,10 @@ Records that are not valid UTF-8, or whose fields are not NUL-terminated, keep t
 
 Writing is done in place on the one inode (no temp file + rename): other writers lock the
 inode they opened, and the reference daemon, cloud-init and azure-init keep or reopen the path,
-so a rename would silently defeat their locking. Each record is written with one `pwrite`.
+so a rename would silently defeat their locking. A SIGKILL can stop a write at a page
+boundary, and records straddle pages, so every change is first written whole to a redo
+journal beside the pool (`<pool>.kvpfs-journal`) and redone by the next writer if it was cut
+short: a killed kvpfs loses only the change in flight, and never tears a record.
 
 Locking (`PoolFile.locked`) takes two locks on the whole file, always in the same order:
 
@@ -89,8 +92,8 @@ _F_OFD_SETLK: int = getattr(fcntl, "F_OFD_SETLK", 37)
 _FLOCK = struct.Struct("@hhqqi")
 _FLOCK_PAD = b"\0" * 8
 
-_INTENT_SUFFIX = ".kvpfs-delete"
-_INTENT_MAGIC = "kvpfs-delete 1"
+JOURNAL_SUFFIX = ".kvpfs-journal"  # <pool>.kvpfs-journal: the change in flight, for redo
+_JOURNAL_MAGIC = b"kvpfs-redo 1\n"
 _BUSY_ERRNOS = frozenset({errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK})
 _BACKOFF_START = 0.001
 _BACKOFF_MAX = 0.02
@@ -457,7 +460,7 @@ def _prepare_dir(directory: Path) -> None:
     """Create the pool directory 0700 if missing; refuse a symlink or a world-writable one.
 
     In a world-writable directory (sticky or not) anyone could create or swap a pool file or
-    our delete-intent file before we do, so we refuse rather than trust it.
+    our redo journal before we do, so we refuse rather than trust it.
     """
     try:
         st = os.lstat(directory)
@@ -723,7 +726,7 @@ class PoolFile:
             self._reopened_in_lock = self._lock_current(deadline, limit)
             self._depth = 1
             try:
-                self._recover_interrupted_delete(self._require_fd())
+                self._redo_journal(self._require_fd())
                 yield self
             finally:
                 self._depth = 0
@@ -805,13 +808,14 @@ class PoolFile:
             raise _io_error(what, self.path, exc) from exc
 
     def write_record(self, index: int, key: bytes, value: bytes) -> None:
-        """Overwrite whole record `index` in place with one pwrite (caller holds the lock)."""
-        data = encode_record(key, value)
+        """Overwrite whole record `index` in place (caller holds the lock)."""
         fd = self._require_fd()
-        count = self._size(fd) // RECORD_SIZE
+        fst = self._stat(fd)
+        count = fst.st_size // RECORD_SIZE
         if not 0 <= index < count:
             raise IndexError(f"record {index} out of range: {self.path} has {count} records")
-        self._pwrite(fd, data, index * RECORD_SIZE, f"writing record {index} of")
+        self._change(fd, fst, index * RECORD_SIZE, encode_record(key, value), fst.st_size,
+                     f"writing record {index} of")
 
     def append_record(self, key: bytes, value: bytes) -> int:
         """Write a new record after the last whole one and return its index.
@@ -819,24 +823,21 @@ class PoolFile:
         A trailing partial record (from a crashed foreign writer) is overwritten, as the
         reference daemon's next rewrite would drop it.
         """
-        data = encode_record(key, value)
         fd = self._require_fd()
-        index = self._size(fd) // RECORD_SIZE
-        self._pwrite(fd, data, index * RECORD_SIZE, "appending a record to")
+        fst = self._stat(fd)
+        index = fst.st_size // RECORD_SIZE
+        offset = index * RECORD_SIZE
+        self._change(fd, fst, offset, encode_record(key, value), offset + RECORD_SIZE,
+                     "appending a record to")
         return index
 
     def delete_record(self, index: int, records: Sequence[Record]) -> None:
         """Remove slot `index`, keeping the order of the others (as the reference daemon does).
 
         `records` is the snapshot read under the same lock. The later records are written one
-        slot up in one pwrite (valid ones re-encoded zero-padded, others copied from `raw`),
-        then the file is truncated. Crash window: killed between the two, the file ends with
-        the last record twice (nothing lost). To close it, an intent file
-        `<pool>.kvpfs-delete` is written first; the next `locked()` (any kvpfs process) finds
-        it and truncates the duplicate if the file is exactly in that state, and otherwise just
-        removes it. Not recoverable: a SIGKILL that stops the shifting pwrite itself at a page
-        boundary (see `_pwrite`) leaves one record torn. A trailing partial record is dropped
-        too. No fsync: like the reference daemon we do not try to survive power loss.
+        slot up (valid ones re-encoded zero-padded, others copied from `raw`), then the file
+        is truncated by one record. No fsync: like the reference daemon we do not try to
+        survive power loss, only the death of the process (see `_change`).
         """
         fd = self._require_fd()
         fst = self._stat(fd)
@@ -848,19 +849,33 @@ class PoolFile:
             )
         if not 0 <= index < count:
             raise IndexError(f"record {index} out of range: {self.path} has {count} records")
-        final = (count - 1) * RECORD_SIZE
-        offset = index * RECORD_SIZE
         tail = b"".join(_slot_bytes(r) for r in records[index + 1 :])
-        intent = False
-        if tail:
-            intent = self._write_intent(fst, final, offset, tail)
-            self._pwrite(fd, tail, offset, f"shifting records after {index} in")
+        self._change(fd, fst, index * RECORD_SIZE, tail, (count - 1) * RECORD_SIZE,
+                     f"shifting records after {index} in")
+
+    def _change(self, fd: int, fst: os.stat_result, offset: int, data: bytes,
+                size_after: int, what: str) -> None:
+        """Write `data` at `offset` and leave the file `size_after` long, crash-safely.
+
+        A SIGKILL can stop a write at any page boundary (the kernel checks for a fatal
+        signal before each page), and records straddle pages, so one pwrite is not enough:
+        the change goes first, whole, into a redo journal (written to a temporary name and
+        renamed, so it exists complete or not at all). Whoever takes the lock next redoes
+        it (`_redo_journal`), which rolls a torn write forward.
+        """
+        journaled = self._write_journal(fst, offset, data, size_after)
+        if data:
+            self._pwrite(fd, data, offset, what)
+        if max(fst.st_size, offset + len(data)) != size_after:
+            self._truncate(fd, size_after)
+        if journaled:
+            self._remove_journal()
+
+    def _truncate(self, fd: int, size: int) -> None:
         try:
-            os.ftruncate(fd, final)
+            os.ftruncate(fd, size)
         except OSError as exc:
             raise _io_error("truncating", self.path, exc) from exc
-        if intent:
-            self._remove_intent()
 
     def _stat(self, fd: int) -> os.stat_result:
         try:
@@ -868,107 +883,96 @@ class PoolFile:
         except OSError as exc:
             raise _io_error("stat of pool file", self.path, exc) from exc
 
-    # ---- delete intent (crash recovery)
+    # ---- redo journal (crash recovery)
 
     @property
-    def _intent_path(self) -> Path:
-        return self.path.with_name(self.path.name + _INTENT_SUFFIX)
+    def _journal_path(self) -> Path:
+        return self.path.with_name(self.path.name + JOURNAL_SUFFIX)
 
-    def _write_intent(self, fst: os.stat_result, final: int, offset: int, tail: bytes) -> bool:
-        """Record what a completed delete looks like; best effort (a full disk must not stop
-        a delete, which frees space), so failure only logs and reopens the crash window."""
-        text = (
-            f"{_INTENT_MAGIC}\nino {fst.st_ino}\nsize {fst.st_size}\nfinal {final}\n"
-            f"offset {offset}\nsha256 {hashlib.sha256(tail).hexdigest()}\n"
-        )
+    def _write_journal(self, fst: os.stat_result, offset: int, data: bytes,
+                       size_after: int) -> bool:
+        """Best effort: a full disk must not stop a change (a delete frees space), so a
+        failure only logs, and that one change is then unprotected against a torn write."""
+        header = (f"{fst.st_ino} {fst.st_size} {offset} {size_after} {len(data)} "
+                  f"{hashlib.sha256(data).hexdigest()}\n").encode("ascii")
+        temporary = self._journal_path.with_name(self._journal_path.name + ".tmp")
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
-            ifd = os.open(self._intent_path, flags, 0o600)
+            jfd = os.open(temporary, flags, 0o600)
             try:
-                os.write(ifd, text.encode("ascii"))
+                with memoryview(_JOURNAL_MAGIC + header + data) as view:
+                    while view:
+                        view = view[os.write(jfd, view):]
             finally:
-                os.close(ifd)
+                os.close(jfd)
+            os.rename(temporary, self._journal_path)
         except OSError as exc:
-            log.warning(
-                "cannot write %s (%s); deleting without crash recovery",
-                self._intent_path,
-                exc.strerror,
-            )
+            log.warning("cannot write %s (%s); this change is not protected against a crash",
+                        self._journal_path, exc.strerror)
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
             return False
         return True
 
-    def _remove_intent(self) -> None:
-        try:
-            os.unlink(self._intent_path)
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            log.warning("cannot remove %s: %s", self._intent_path, exc.strerror)
+    def _remove_journal(self) -> None:
+        for path in (self._journal_path, self._journal_path.with_name(
+                self._journal_path.name + ".tmp")):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                log.warning("cannot remove %s: %s", path, exc.strerror)
 
-    def _recover_interrupted_delete(self, fd: int) -> bool:
-        """Finish a delete killed between its pwrite and its ftruncate; True if it truncated.
+    def _redo_journal(self, fd: int) -> bool:
+        """Finish the change a crash interrupted; True if it was redone.
 
-        Truncates only if the file is still the inode and size the delete started from, the
-        shifted region holds exactly the bytes it meant to write, and the last slot duplicates
-        the one before it. Any other state (crash before the pwrite, a foreign writer since)
-        is left alone; the intent file is removed either way.
+        Redone only on the same inode, while the file's size is between its sizes before
+        and after the change (nobody appended since); the write is idempotent, so redoing
+        a change that had in fact completed is harmless. The journal is removed either way.
         """
         try:
-            st = os.lstat(self._intent_path)
+            st = os.lstat(self._journal_path)
         except FileNotFoundError:
+            self._remove_journal()  # at most a temporary one: the change never started
             return False
         except OSError as exc:
-            log.warning("cannot check %s: %s", self._intent_path, exc.strerror)
+            log.warning("cannot check %s: %s", self._journal_path, exc.strerror)
             return False
-        truncated = False
         try:
-            if stat.S_ISREG(st.st_mode):
-                truncated = self._apply_intent(fd)
+            return stat.S_ISREG(st.st_mode) and self._apply_journal(fd)
         finally:
-            self._remove_intent()
-        return truncated
+            self._remove_journal()
 
-    def _apply_intent(self, fd: int) -> bool:
+    def _apply_journal(self, fd: int) -> bool:
         try:
-            ifd = os.open(self._intent_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            jfd = os.open(self._journal_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
             try:
-                text = os.read(ifd, 4096).decode("ascii")
+                raw = _pread_all(jfd)
             finally:
-                os.close(ifd)
-            lines = text.splitlines()
-            if not lines or lines[0] != _INTENT_MAGIC:
-                return False
-            fields = dict(line.split(" ", 1) for line in lines[1:])
-            ino, size = int(fields["ino"]), int(fields["size"])
-            final, offset = int(fields["final"]), int(fields["offset"])
-            digest = fields["sha256"]
-        except (OSError, UnicodeDecodeError, ValueError, KeyError):
-            log.warning("ignoring unreadable %s", self._intent_path)
+                os.close(jfd)
+            if not raw.startswith(_JOURNAL_MAGIC):
+                raise ValueError("not a kvpfs journal")
+            end = raw.index(b"\n", len(_JOURNAL_MAGIC))
+            fields = raw[len(_JOURNAL_MAGIC) : end].decode("ascii").split()
+            ino, size_before, offset, size_after, length = (int(f) for f in fields[:5])
+            data = bytes(raw[end + 1 :])
+            if len(data) != length or hashlib.sha256(data).hexdigest() != fields[5]:
+                raise ValueError("incomplete journal")
+        except (OSError, UnicodeDecodeError, ValueError, IndexError) as exc:
+            log.warning("ignoring unreadable %s: %s", self._journal_path, exc)
             return False
         fst = self._stat(fd)
-        if (
-            fst.st_ino != ino
-            or fst.st_size != size
-            or size // RECORD_SIZE * RECORD_SIZE != final + RECORD_SIZE
-            or not 0 <= offset <= final - RECORD_SIZE
-            or offset % RECORD_SIZE
-        ):
+        low, high = sorted((size_before, size_after))
+        if fst.st_ino != ino or not low <= fst.st_size <= high:
+            log.warning("not redoing the change in %s: the file changed since the crash",
+                        self._journal_path)
             return False
-        try:
-            data = os.pread(fd, final + RECORD_SIZE - offset, offset)
-        except OSError as exc:
-            raise _io_error("reading pool file", self.path, exc) from exc
-        shifted, last = data[: final - offset], data[final - offset :]
-        if hashlib.sha256(shifted).hexdigest() != digest or shifted[-RECORD_SIZE:] != last:
-            return False
-        try:
-            os.ftruncate(fd, final)
-        except OSError as exc:
-            raise _io_error("truncating", self.path, exc) from exc
-        log.warning(
-            "finished a delete in %s interrupted by a crash (dropped the duplicated last record)",
-            self.path,
-        )
+        if data:
+            self._pwrite(fd, data, offset, "redoing an interrupted change in")
+        if max(fst.st_size, offset + len(data)) != size_after:
+            self._truncate(fd, size_after)
+        log.warning("finished a change to %s interrupted by a crash", self.path)
         return True
 
 

@@ -48,6 +48,7 @@ from typing import BinaryIO
 
 from kvpfs import __version__, limits
 from kvpfs.poolfile import (
+    JOURNAL_SUFFIX,
     POOL_COUNT,
     PoolContents,
     PoolFile,
@@ -69,7 +70,7 @@ DEFAULT_LOCK_TIMEOUT = 5.0
 DEFAULT_EXPORT_PREFIX = "KVP_"
 
 HV_KVP_DAEMON_NAMES = ("hv_kvp_daemon", "hypervkvpd")  # Debian/Ubuntu, RHEL/SUSE
-INTENT_SUFFIX = ".kvpfs-delete"  # kvpfs.poolfile's delete-intent file (crash recovery)
+INTENT_SUFFIX = JOURNAL_SUFFIX  # kvpfs.poolfile's redo journal (crash recovery)
 MOUNT_PROBE_TIMEOUT = 3.0
 
 

@@ -357,3 +357,18 @@ def test_missing_device_says_not_hyperv_and_suggests_simulate(tmp_path):
     assert "--simulate" in result.stderr
     assert "Traceback" not in result.stderr
     assert not os.path.ismount(tmp_path / "mnt")
+
+
+def test_second_instance_on_a_live_mount_refuses(tmp_path):
+    first = KvpfsProcess(tmp_path).start()
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "kvpfs", "mount", str(first.mnt), "--simulate",
+             "--pool-dir", str(tmp_path / "other-pools"), "--control", str(tmp_path / "c2")],
+            capture_output=True, text=True, timeout=30,
+        )
+        assert result.returncode == 3
+        assert "already mounted by a running kvpfs" in result.stderr
+        assert os.listdir(first.path("guest")) == []  # the first one still serves
+    finally:
+        first.cleanup()

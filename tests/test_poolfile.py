@@ -633,7 +633,8 @@ def run_crashing_delete(path: Path, index: int, kill_in: str) -> None:
 
 
 def intent(path: Path) -> Path:
-    return path.with_name(path.name + ".kvpfs-delete")
+    """The redo journal of a change in flight."""
+    return path.with_name(path.name + ".kvpfs-journal")
 
 
 def test_crash_between_pwrite_and_ftruncate_is_recovered(pool: PoolFile) -> None:
@@ -649,13 +650,14 @@ def test_crash_between_pwrite_and_ftruncate_is_recovered(pool: PoolFile) -> None
     assert not intent(pool.path).exists()
 
 
-def test_crash_before_pwrite_changes_nothing(pool: PoolFile) -> None:
+def test_crash_before_pwrite_is_redone(pool: PoolFile) -> None:
     items = [(b"a", b"1"), (b"b", b"2"), (b"c", b"3"), (b"d", b"4")]
     fill(pool, items)
     run_crashing_delete(pool.path, 1, "pwrite")
     assert intent(pool.path).exists()
-    with pool.locked():
-        assert pairs(pool.read().records) == items  # delete did not happen; nothing lost
+    assert pairs(parse_pool(pool.path.read_bytes())[0]) == items  # untouched so far
+    with pool.locked():  # the journal is complete: the delete is rolled forward
+        assert pairs(pool.read().records) == [items[0], items[2], items[3]]
     assert not intent(pool.path).exists()
 
 
