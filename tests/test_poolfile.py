@@ -38,6 +38,7 @@ from kvpfs.poolfile import (
     pool_path,
     stat_signature,
 )
+from tests.support.lockholder import LOCKER, start_locker, stop_locker
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "reference-daemon"
 
@@ -412,53 +413,6 @@ def test_duplicates_are_separate_records(pool: PoolFile) -> None:
 
 
 # --------------------------------------------------------------------------- locking
-
-LOCKER = r"""
-import fcntl, os, sys
-path, mode = sys.argv[1], sys.argv[2]
-f = open(path, "r+b")
-if mode == "lockf":
-    fcntl.lockf(f, fcntl.LOCK_EX)            # POSIX lock, like hv_kvp_daemon's F_SETLKW
-elif mode == "flock":
-    fcntl.flock(f, fcntl.LOCK_EX)            # like cloud-init / azure-init
-elif mode == "probe":
-    out = []
-    try:
-        fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        out.append("lockf-free")
-        fcntl.lockf(f, fcntl.LOCK_UN)
-    except OSError:
-        out.append("lockf-busy")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        out.append("flock-free")
-    except OSError:
-        out.append("flock-busy")
-    print(" ".join(out), flush=True)
-    sys.exit(0)
-print("ready", flush=True)
-sys.stdin.readline()
-"""
-
-
-def start_locker(path: Path, mode: str) -> subprocess.Popen[str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-c", LOCKER, str(path), mode],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout is not None
-    assert proc.stdout.readline() == "ready\n"
-    return proc
-
-
-def stop_locker(proc: subprocess.Popen[str]) -> None:
-    assert proc.stdin is not None
-    proc.stdin.write("\n")
-    proc.stdin.close()
-    assert proc.wait(timeout=10) == 0
-
 
 @pytest.mark.parametrize(("mode", "kind"), [("lockf", "POSIX"), ("flock", "FLOCK")])
 def test_foreign_lock_holder_times_out_and_is_named(pool: PoolFile, mode: str, kind: str) -> None:

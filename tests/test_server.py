@@ -13,8 +13,6 @@ import ipaddress
 import os
 import socket
 import struct
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -29,6 +27,7 @@ from kvpfs.protocol import Op, Status
 from kvpfs.server import DeviceServer
 from kvpfs.simulator import SYNTHETIC_POOL3, SimulatedHost
 from kvpfs.store import Origin, Store
+from tests.support.lockholder import start_locker, stop_locker
 
 RECORD = 2560
 KEY_FIELD = 512
@@ -450,33 +449,6 @@ async def test_disconnect_reopens_and_registers_again(rig: Rig) -> None:
     rig.host.disconnect()
     assert (await rig.host.get(0, "after")).value == "2"  # waits for the re-registration
     assert rig.host.registrations == 3
-
-
-LOCKER = r"""
-import fcntl, sys
-f = open(sys.argv[1], "r+b")
-fcntl.lockf(f, fcntl.LOCK_EX)     # POSIX lock, as hv_kvp_daemon or another fcntl user holds it
-print("ready", flush=True)
-sys.stdin.readline()
-"""
-
-
-def start_locker(path: Path) -> subprocess.Popen[str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-c", LOCKER, str(path)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
-    return proc
-
-
-def stop_locker(proc: subprocess.Popen[str]) -> None:
-    assert proc.stdin is not None
-    proc.stdin.write("\n")
-    proc.stdin.close()
-    assert proc.wait(timeout=10) == 0
 
 
 async def test_foreign_lock_gives_host_quick_e_fail(rig: Rig) -> None:

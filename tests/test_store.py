@@ -11,8 +11,6 @@ import json
 import os
 import shutil
 import stat
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -21,6 +19,7 @@ import pytest
 
 from kvpfs.poolfile import LockTimeout
 from kvpfs.store import Change, Origin, Store
+from tests.support.lockholder import start_locker, stop_locker
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "reference-daemon"
 RECORD = 2560
@@ -30,7 +29,6 @@ VALUE_FIELD = 2048
 needs_fixtures = pytest.mark.skipif(
     not FIXTURES.is_dir(), reason="reference-daemon fixtures not present"
 )
-
 
 # --------------------------------------------------------------------------- helpers
 
@@ -122,34 +120,6 @@ async def reference_store(tmp_path: Path) -> AsyncIterator[Store]:
     await s.open()
     yield s
     s.close()
-
-
-LOCKER = r"""
-import fcntl, sys
-f = open(sys.argv[1], "r+b")
-fcntl.lockf(f, fcntl.LOCK_EX)     # a classic POSIX lock, as hv_kvp_daemon takes
-print("ready", flush=True)
-sys.stdin.readline()
-"""
-
-
-def start_locker(path: Path) -> subprocess.Popen[str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-c", LOCKER, str(path)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout is not None
-    assert proc.stdout.readline() == "ready\n"
-    return proc
-
-
-def stop_locker(proc: subprocess.Popen[str]) -> None:
-    assert proc.stdin is not None
-    proc.stdin.write("\n")
-    proc.stdin.close()
-    assert proc.wait(timeout=10) == 0
 
 
 # --------------------------------------------------------------------------- opening
