@@ -377,7 +377,7 @@ class CrashRig:
             self.kill()
             self.figures["startup kills"] += 1
         self.intent_after_kill = bool(self.intent_files())
-        self.figures["intent files after kill"] += len(self.intent_files())
+        self.figures["journals after kill"] += len(self.intent_files())
         for intent in self.intent_files():
             assert stat.S_IMODE(intent.lstat().st_mode) == 0o600, intent
         self.clear_dead_mount()
@@ -504,7 +504,7 @@ class CrashRig:
         bad = [line for line in fresh.splitlines()
                if "Traceback" in line or ": ERROR:" in line or "unexpected" in line]
         assert not bad, "kvpfs logged errors:\n" + "\n".join(bad)
-        self.figures["intent recoveries logged"] += fresh.count("interrupted by a crash")
+        self.figures["interrupted changes redone"] += fresh.count("interrupted by a crash")
         self.figures["restarts verified"] += 1
 
 
@@ -566,8 +566,8 @@ def test_sigkill_at_random_points_loses_nothing_completed(crash_rig: CrashRig, r
         changes_in_flight_at_kill=f["in flight at kill"],
         in_flight_kept_old=f["in flight kept old"],
         in_flight_took_new=f["in flight took new"],
-        intent_files_after_kill=f["intent files after kill"],
-        interrupted_deletes_finished=f["intent recoveries logged"],
+        journals_after_kill=f["journals after kill"],
+        interrupted_changes_redone=f["interrupted changes redone"],
         restarts_verified=f["restarts verified"],
         dead_mounts_cleared_by_test=f["dead mounts the test had to clear"],
         records_checked=f["records checked"],
