@@ -181,6 +181,8 @@ def _run_mount(args: argparse.Namespace, on_ready: Callable[[], None] | None = N
     extra = [opt for group in args.options for opt in group.split(",") if opt]
 
     def announce() -> None:
+        if not sys.stdout.isatty():
+            return  # a service: the log line "ready" says it all, keep the journal clean
         mnt = args.mountpoint
         print(f"kvpfs is serving {'the simulated host' if args.simulate else args.device}"
               f" on {mnt}. Try:", flush=True)
