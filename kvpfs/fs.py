@@ -622,6 +622,7 @@ class KvpOperations(pyfuse3.Operations):
         # Visible to every reader from now on, before the first await: a `cat`
         # right after `close()` must not see the old value while we publish.
         node.inflight = value
+        node.cached = False
         try:
             async with self._guest_lock:
                 if node.linked:
@@ -756,6 +757,7 @@ class KvpOperations(pyfuse3.Operations):
         # truncate(2) by path: there is no close to wait for, publish now
         # (never strip a newline here: nothing was written).
         value = data
+        node.cached = False
         if b"\0" in value:
             raise pyfuse3.FUSEError(errno.EINVAL)
         async with self._guest_lock:

@@ -859,17 +859,38 @@ class PoolFile:
 
         A SIGKILL can stop a write at any page boundary (the kernel checks for a fatal
         signal before each page), and records straddle pages, so one pwrite is not enough:
-        the change goes first, whole, into a redo journal (written to a temporary name and
-        renamed, so it exists complete or not at all). Whoever takes the lock next redoes
-        it (`_redo_journal`), which rolls a torn write forward.
+        the change goes first, whole and with the bytes it replaces, into a redo journal
+        (written to a temporary name and renamed, so it exists complete or not at all).
+        Whoever takes the lock next finishes a change cut short (`_redo_journal`).
         """
-        journaled = self._write_journal(fst, offset, data, size_after)
-        if data:
-            self._pwrite(fd, data, offset, what)
-        if max(fst.st_size, offset + len(data)) != size_after:
-            self._truncate(fd, size_after)
+        before = self._before_image(fd, fst, offset, data, size_after)
+        journaled = self._write_journal(fst, offset, data, size_after, before)
+        try:
+            if data:
+                self._pwrite(fd, data, offset, what)
+            if max(fst.st_size, offset + len(data)) != size_after:
+                self._truncate(fd, size_after)
+        except BaseException:
+            # Reported as failed, so it must not be redone later: put the old bytes back.
+            try:
+                self._pwrite(fd, before, offset, "restoring after a failed change to")
+                self._truncate(fd, fst.st_size)
+            except PoolFileError:
+                raise  # the journal stays: the next writer rolls the change forward
+            if journaled:
+                self._remove_journal()
+            raise
         if journaled:
             self._remove_journal()
+
+    def _before_image(self, fd: int, fst: os.stat_result, offset: int, data: bytes,
+                      size_after: int) -> bytes:
+        """The bytes a change replaces: its range, or up to the old end if it resizes."""
+        end = offset + len(data) if size_after == fst.st_size else fst.st_size
+        try:
+            return os.pread(fd, max(0, end - offset), offset)
+        except OSError as exc:
+            raise _io_error("reading pool file", self.path, exc) from exc
 
     def _truncate(self, fd: int, size: int) -> None:
         try:
@@ -890,17 +911,18 @@ class PoolFile:
         return self.path.with_name(self.path.name + JOURNAL_SUFFIX)
 
     def _write_journal(self, fst: os.stat_result, offset: int, data: bytes,
-                       size_after: int) -> bool:
+                       size_after: int, before: bytes) -> bool:
         """Best effort: a full disk must not stop a change (a delete frees space), so a
         failure only logs, and that one change is then unprotected against a torn write."""
+        body = data + before
         header = (f"{fst.st_ino} {fst.st_size} {offset} {size_after} {len(data)} "
-                  f"{hashlib.sha256(data).hexdigest()}\n").encode("ascii")
+                  f"{hashlib.sha256(body).hexdigest()}\n").encode("ascii")
         temporary = self._journal_path.with_name(self._journal_path.name + ".tmp")
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
             jfd = os.open(temporary, flags, 0o600)
             try:
-                with memoryview(_JOURNAL_MAGIC + header + data) as view:
+                with memoryview(_JOURNAL_MAGIC + header + body) as view:
                     while view:
                         view = view[os.write(jfd, view):]
             finally:
@@ -939,10 +961,9 @@ class PoolFile:
         except OSError as exc:
             log.warning("cannot check %s: %s", self._journal_path, exc.strerror)
             return False
-        try:
-            return stat.S_ISREG(st.st_mode) and self._apply_journal(fd)
-        finally:
-            self._remove_journal()
+        redone = stat.S_ISREG(st.st_mode) and self._apply_journal(fd)  # raises: kept
+        self._remove_journal()
+        return redone
 
     def _apply_journal(self, fd: int) -> bool:
         try:
@@ -956,17 +977,25 @@ class PoolFile:
             end = raw.index(b"\n", len(_JOURNAL_MAGIC))
             fields = raw[len(_JOURNAL_MAGIC) : end].decode("ascii").split()
             ino, size_before, offset, size_after, length = (int(f) for f in fields[:5])
-            data = bytes(raw[end + 1 :])
-            if len(data) != length or hashlib.sha256(data).hexdigest() != fields[5]:
+            body = bytes(raw[end + 1 :])
+            if len(body) < length or hashlib.sha256(body).hexdigest() != fields[5]:
                 raise ValueError("incomplete journal")
         except (OSError, UnicodeDecodeError, ValueError, IndexError) as exc:
             log.warning("ignoring unreadable %s: %s", self._journal_path, exc)
             return False
+        data, before = body[:length], body[length:]
         fst = self._stat(fd)
-        low, high = sorted((size_before, size_after))
-        if fst.st_ino != ino or not low <= fst.st_size <= high:
-            log.warning("not redoing the change in %s: the file changed since the crash",
-                        self._journal_path)
+        if fst.st_ino != ino:
+            return False
+        try:
+            current = os.pread(fd, max(0, fst.st_size - offset), offset)
+        except OSError as exc:
+            raise _io_error("reading pool file", self.path, exc) from exc
+        done = fst.st_size == size_after and current[:length] == data
+        if done or not _cut_short(current, fst.st_size, offset, data, before, size_before):
+            if not done:
+                log.warning("not redoing the change in %s: another program changed the file"
+                            " since the crash", self._journal_path)
             return False
         if data:
             self._pwrite(fd, data, offset, "redoing an interrupted change in")
@@ -974,6 +1003,45 @@ class PoolFile:
             self._truncate(fd, size_after)
         log.warning("finished a change to %s interrupted by a crash", self.path)
         return True
+
+
+_PAGE = 4096
+
+
+def _common_prefix(a: bytes, b: bytes) -> int:
+    n = min(len(a), len(b))
+    low, high = 0, n  # the first difference lies in [low, high]
+    while low < high:
+        mid = (low + high + 1) // 2
+        if a[low:mid] == b[low:mid]:
+            low = mid
+        else:
+            high = mid - 1
+    return low
+
+
+def _cut_short(current: bytes, size: int, offset: int, data: bytes, before: bytes,
+               size_before: int) -> bool:
+    """Is the file what this change leaves when stopped part-way, and nothing else?
+
+    A write stops only at a page boundary (or before its first or after its last byte),
+    and the truncate comes after it: so the region must read `data[:k] + before[k:]` for
+    such a `k`, with the size that leaves. Any other content means another program
+    wrote since the crash, and redoing would clobber it.
+    """
+    current = current[: max(len(data), len(before))]  # the region this change covers
+    prefix = _common_prefix(current, data)  # new bytes reach at most this far
+    if len(current) <= len(before):  # old bytes start at the latest from here
+        old = before[: len(current)]
+        old_from = len(current) - _common_prefix(current[::-1], old[::-1])
+    else:
+        old_from = len(current)  # grown past the old end: only all-new can match
+    first_page = (-offset) % _PAGE
+    candidates = sorted({0, len(data), *range(first_page, len(data), _PAGE)})
+    return any(
+        old_from <= k <= prefix and size == max(size_before, offset + k)
+        for k in candidates
+    )
 
 
 # --------------------------------------------------------------------------- tools

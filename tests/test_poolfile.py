@@ -633,3 +633,49 @@ def test_garbage_intent_file_is_removed(pool: PoolFile) -> None:
     with pool.locked():
         assert len(pool.read().records) == 2
     assert not intent(pool.path).exists()
+
+
+def test_journal_left_after_a_finished_change_never_undoes_a_later_foreign_write(
+    pool: PoolFile, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed after the delete but before the journal was removed; cloud-init then appends
+    a record that brings the file back to its old size. The redo must see that the file
+    is neither the old, the new nor a torn state, and leave it alone."""
+    fill(pool, [(b"a", b"1"), (b"b", b"2"), (b"c", b"3")])
+    with monkeypatch.context() as patch:
+        patch.setattr(PoolFile, "_remove_journal", lambda self: None)
+        with pool.locked():
+            pool.delete_record(2, pool.read().records)
+    assert intent(pool.path).exists()
+    with open(pool.path, "ab") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        f.write(encode_record(b"cloudinit", b"telemetry"))
+    with pool.locked():
+        assert pairs(pool.read().records) == [(b"a", b"1"), (b"b", b"2"),
+                                              (b"cloudinit", b"telemetry")]
+    assert not intent(pool.path).exists()
+
+
+def test_failed_change_is_rolled_back_not_redone_later(
+    pool: PoolFile, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write that fails (here: the disk fills up mid-way) is reported, and stays undone."""
+    fill(pool, [(b"a", b"1"), (b"b", b"2")])
+    real_pwrite = os.pwrite
+    calls = []
+
+    def failing_pwrite(fd, data, offset):
+        calls.append(offset)
+        if len(calls) == 1:
+            real_pwrite(fd, bytes(data[:100]), offset)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_pwrite(fd, data, offset)
+
+    with pool.locked():
+        monkeypatch.setattr(os, "pwrite", failing_pwrite)
+        with pytest.raises(PoolFileError):
+            pool.write_record(0, b"a", b"new value")
+        monkeypatch.undo()
+    with pool.locked():
+        assert pairs(pool.read().records) == [(b"a", b"1"), (b"b", b"2")]
+    assert not intent(pool.path).exists()
