@@ -374,3 +374,25 @@ def test_second_instance_on_a_live_mount_refuses(tmp_path):
         assert os.listdir(first.path("guest")) == []  # the first one still serves
     finally:
         first.cleanup()
+
+
+def test_names_the_kernel_still_caches_after_a_host_delete(shared_kvpfs):
+    """After a host DELETE the kernel may keep the name a moment (1 s TTL): it must act
+    as gone, come back when the host sets the key again, and take a new guest value."""
+    key = unique("cached")
+    path = shared_kvpfs.path("external", key)
+    shared_kvpfs.host("set", "external", key, "one")
+    assert path.read_text() == "one"
+    shared_kvpfs.host("delete", "external", key)
+    assert not path.exists()
+    expect_errno(errno.ENOENT, path.read_text)
+    shared_kvpfs.host("set", "external", key, "two")
+    assert path.read_text() == "two"
+
+    guest = shared_kvpfs.path("guest", unique("cached"))
+    shared_kvpfs.host("set", "guest", guest.name, "from the host")
+    assert guest.read_text() == "from the host"
+    shared_kvpfs.host("delete", "guest", guest.name)
+    sh(f"echo from the guest > {guest}")
+    assert guest.read_text() == "from the guest"
+    assert host_items(shared_kvpfs, "guest")[guest.name] == "from the guest"
