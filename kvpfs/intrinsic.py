@@ -191,6 +191,3 @@ class Intrinsics:
         fresh = (self._addresses_at is not None
                  and time.monotonic() - self._addresses_at <= self.ADDRESS_TTL)
         return index in (2, 3) and not fresh
-
-    def all(self) -> list[tuple[str, str]]:
-        return [self.value(i) for i in range(len(KEYS))]  # type: ignore[misc]

@@ -70,7 +70,6 @@ DEFAULT_LOCK_TIMEOUT = 5.0
 DEFAULT_EXPORT_PREFIX = "KVP_"
 
 HV_KVP_DAEMON_NAMES = ("hv_kvp_daemon", "hypervkvpd")  # Debian/Ubuntu, RHEL/SUSE
-INTENT_SUFFIX = JOURNAL_SUFFIX  # kvpfs.poolfile's redo journal (crash recovery)
 MOUNT_PROBE_TIMEOUT = 3.0
 
 
@@ -452,7 +451,7 @@ def pool_status(contents: PoolContents, boot: float | None) -> dict:
         "mtime": None if st is None else st.st_mtime,
         "mtime_iso": None if st is None else _iso(st.st_mtime),
         "predates_boot": None if st is None or boot is None else st.st_mtime < boot,
-        "interrupted_delete": os.path.lexists(str(contents.path) + INTENT_SUFFIX),
+        "interrupted_delete": os.path.lexists(str(contents.path) + JOURNAL_SUFFIX),
     }
     return info
 

@@ -37,7 +37,7 @@ import pytest
 from kvpfs import cli, mounthelper
 from kvpfs.pools import POOL_NAMES
 
-from .conftest import REPO, KvpfsProcess, _dead_mount, fuse_missing, requires_fuse
+from .conftest import REPO, KvpfsProcess, _dead_mount, fuse_missing, requires_fuse, skip_unless_ci
 
 CONTRIB = REPO / "contrib"
 UNIT = CONTRIB / "kvpfs.service"
@@ -108,7 +108,7 @@ def default_file_examples() -> dict[str, str]:
 
 def test_unit_passes_systemd_analyze_verify(tmp_path):
     if shutil.which("systemd-analyze") is None:
-        pytest.skip("systemd-analyze is not installed")
+        skip_unless_ci("systemd-analyze is not installed")
     text = UNIT.read_text()
     assert "ExecStart=/usr/local/bin/kvpfs " in text
     # verify insists the ExecStart binary exists: point it at this venv's kvpfs.
@@ -303,10 +303,10 @@ def _remove_cgroup(top: Path) -> bool:
 @pytest.fixture
 def systemd():
     if fuse_missing():
-        pytest.skip(fuse_missing())
+        skip_unless_ci(fuse_missing())
     for tool in ("/lib/systemd/systemd", shutil.which("nsenter"), shutil.which("unshare")):
         if not tool or not os.path.exists(tool):
-            pytest.skip(f"{tool} is missing")
+            skip_unless_ci(f"{tool} is missing")
     if os.path.exists("/run/systemd/system"):
         pytest.skip("systemd already runs this machine: use the real one (systemctl) instead")
     instance = NamespacedSystemd()
@@ -443,9 +443,9 @@ SYSTEMD_DEVICE_VERIFY_SYSFS=0 exec udevadm test --action="$action" "$dev"
 def test_udev_rule_wants_kvpfs_for_the_kvp_device(action, wanted):
     """What udev itself makes of the rule for a (fake) /dev/vmbus/hv_kvp."""
     if shutil.which("udevadm") is None:
-        pytest.skip("udevadm is not installed (Debian package udev; ./dev.sh setup installs it)")
+        skip_unless_ci("udevadm is not installed (Debian package udev; ./dev.sh setup installs it)")
     if os.geteuid() != 0:
-        pytest.skip("needs root for a private mount namespace")
+        skip_unless_ci("needs root for a private mount namespace")
     done = subprocess.run(
         ["unshare", "--mount", "--propagation", "private", "sh", "-c", UDEV_SANDBOX, "sh",
          str(RULES), action],
@@ -553,7 +553,7 @@ def check_served(mnt: Path, control: Path) -> None:
 @pytest.fixture
 def helper_base(tmp_path):
     if fuse_missing():
-        pytest.skip(fuse_missing())
+        skip_unless_ci(fuse_missing())
     (tmp_path / "mnt").mkdir()
     yield tmp_path
     mnt = tmp_path / "mnt"
@@ -621,7 +621,7 @@ def test_mount_helper_foreground(helper_base):
 def shared_dir():
     """A tmpfs with shared propagation, like /run on a systemd host."""
     if fuse_missing():
-        pytest.skip(fuse_missing())
+        skip_unless_ci(fuse_missing())
     path = Path(tempfile.mkdtemp(prefix="kvpfs-shared-", dir="/tmp"))
     subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0755", "kvpfs-test", str(path)],
                    check=True)

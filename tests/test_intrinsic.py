@@ -98,7 +98,7 @@ def test_intrinsics_values_in_order() -> None:
     fqdn.value = "vm.example.test"
     intrinsics = Intrinsics(fqdn, os_info=OsInfo("Test OS", "3", "1"))
     intrinsics.integration_version = "3.1"
-    items = intrinsics.all()
+    items = [intrinsics.value(index) for index in range(len(KEYS))]
     assert [k for k, _ in items] == list(KEYS)
     assert len(items) == 10
     values = dict(items)

@@ -26,9 +26,6 @@ RECORD = 2560
 KEY_FIELD = 512
 VALUE_FIELD = 2048
 
-needs_fixtures = pytest.mark.skipif(
-    not FIXTURES.is_dir(), reason="reference-daemon fixtures not present"
-)
 
 # --------------------------------------------------------------------------- helpers
 
@@ -143,7 +140,6 @@ async def test_open_creates_five_empty_0600_files(tmp_path: Path) -> None:
         s.close()
 
 
-@needs_fixtures
 async def test_reference_fixture_loads_as_expected(reference_store: Store) -> None:
     expected = json.loads((FIXTURES / "expected.json").read_text(encoding="utf-8"))
     for n in range(5):
@@ -169,7 +165,6 @@ async def test_reference_fixture_loads_as_expected(reference_store: Store) -> No
     assert reference_store.get(0, b"oken") is None  # a stale key fragment, not a key
 
 
-@needs_fixtures
 async def test_open_leaves_reference_files_untouched(tmp_path: Path) -> None:
     pool_dir = tmp_path / "pools"
     copy_reference(pool_dir)
@@ -183,7 +178,6 @@ async def test_open_leaves_reference_files_untouched(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- set
 
 
-@needs_fixtures
 async def test_set_modifies_in_place_with_zero_padding(reference_store: Store) -> None:
     path = pool_file(reference_store.pool_dir, 0)
     before = slots_of(path)
@@ -208,7 +202,6 @@ async def test_set_shorter_value_zeroes_the_old_tail(store: Store) -> None:
     assert slots_of(path) == [canonical(b"alpha", b"v2"), canonical(b"beta", b"b")]
 
 
-@needs_fixtures
 async def test_set_on_duplicate_key_modifies_the_last_record(reference_store: Store) -> None:
     path = pool_file(reference_store.pool_dir, 1)
     before = slots_of(path)
@@ -220,7 +213,6 @@ async def test_set_on_duplicate_key_modifies_the_last_record(reference_store: St
     assert reference_store.enumerate(1, 1).value.startswith(b"result=error|")
 
 
-@needs_fixtures
 async def test_set_appends_new_keys(reference_store: Store) -> None:
     path = pool_file(reference_store.pool_dir, 3)
     before = path.read_bytes()
@@ -280,7 +272,6 @@ async def test_listeners_hear_our_own_changes(store: Store) -> None:
 # --------------------------------------------------------------------------- delete
 
 
-@needs_fixtures
 async def test_delete_keeps_order_and_removes_all_duplicates(reference_store: Store) -> None:
     path = pool_file(reference_store.pool_dir, 1)
     status_before = slots_of(path)[2]
@@ -295,7 +286,6 @@ async def test_delete_keeps_order_and_removes_all_duplicates(reference_store: St
     assert file_pairs(path)[1] == (b"Status", status_before[KEY_FIELD:].split(b"\0", 1)[0])
 
 
-@needs_fixtures
 async def test_delete_in_the_middle_shifts_later_records_up(reference_store: Store) -> None:
     path = pool_file(reference_store.pool_dir, 0)
     before = slots_of(path)
