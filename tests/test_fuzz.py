@@ -489,7 +489,9 @@ async def _handshake_with_junk(sock: trio.socket.SocketType, rng: random.Random)
               + bytes(SIZE - 516)),  # version without NUL in its 512-byte field
         bytes(mutate(bytearray(protocol.encode_register_reply(REGISTER1, "3.1")),
                      "bad_utf8", 3, rng.randrange(99))),  # version not UTF-8
-        bytes(build(rng.randrange(6, 256), rng.randrange(256), b"?", b"?")),
+        # an unknown op; never REGISTER1, which with a NUL-terminated version is a real reply
+        bytes(build(rng.choice([op for op in range(6, 256) if op != REGISTER1]),
+                    rng.randrange(256), b"?", b"?")),
     ]
     rng.shuffle(junk)
     for message in junk:
