@@ -6,12 +6,18 @@ blocks whatever O_NONBLOCK says, so we only read once poll reports a message.
 The simulated host hands out a socket pair instead, and the same `Channel`
 works for both: all that matters is an fd that carries one message per
 read/write.
+
+The async methods serve the registration on the trio thread; the blocking ones
+serve requests from the server's device thread, which polls the channel beside
+a stop pipe so that it can always be told to let go.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import select
+from collections.abc import Callable
 from typing import Protocol
 
 import trio
@@ -36,29 +42,59 @@ class Channel:
     async def read_message(self) -> bytes:
         while True:
             await trio.lowlevel.wait_readable(self.fd)
-            try:
-                data = os.read(self.fd, MESSAGE_SIZE)
-            except BlockingIOError:
-                continue
-            if len(data) != MESSAGE_SIZE:
-                raise OSError(
-                    errno.EIO,
-                    f"{self.name}: read returned {len(data)} bytes, expected one"
-                    f" {MESSAGE_SIZE}-byte message",
-                )
-            return data
+            data = self.read_ready_message()
+            if data is not None:
+                return data
 
     async def write_message(self, message: bytes) -> None:
+        while not self.write_ready_message(message):
+            await trio.lowlevel.wait_writable(self.fd)
+
+    def read_ready_message(self) -> bytes | None:
+        """One message, read once poll said so; None if there was none after all."""
+        try:
+            data = os.read(self.fd, MESSAGE_SIZE)
+        except BlockingIOError:
+            return None
+        if len(data) != MESSAGE_SIZE:
+            raise OSError(
+                errno.EIO,
+                f"{self.name}: read returned {len(data)} bytes, expected one"
+                f" {MESSAGE_SIZE}-byte message",
+            )
+        return data
+
+    def write_ready_message(self, message: bytes) -> bool:
+        """Write one message; False if the fd would block (only a socket pair does)."""
         assert len(message) == MESSAGE_SIZE
-        while True:
-            try:
-                written = os.write(self.fd, message)
-            except BlockingIOError:
-                await trio.lowlevel.wait_writable(self.fd)
-                continue
-            if written != MESSAGE_SIZE:
-                raise OSError(errno.EIO, f"{self.name}: short write of {written} bytes")
-            return
+        try:
+            written = os.write(self.fd, message)
+        except BlockingIOError:
+            return False
+        if written != MESSAGE_SIZE:
+            raise OSError(errno.EIO, f"{self.name}: short write of {written} bytes")
+        return True
+
+    def waiter(self, events: int, stop_fd: int) -> Callable[[], bool]:
+        """A blocking wait for `events` on the channel, for the device thread.
+
+        The wait returns True once the channel is ready (POLLERR and POLLHUP
+        count: the read or write that follows says what went wrong) and False
+        as soon as `stop_fd` becomes readable.
+        """
+        poller = select.poll()
+        poller.register(self.fd, events)
+        poller.register(stop_fd, select.POLLIN)
+
+        def wait() -> bool:
+            while True:
+                ready = poller.poll()
+                if any(fd == stop_fd for fd, _ in ready):
+                    return False
+                if ready:
+                    return True
+
+        return wait
 
     def close(self) -> None:
         if self.fd >= 0:

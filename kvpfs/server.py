@@ -1,10 +1,16 @@
 """Serving the host: register on the device, then answer one request at a time.
 
 Flow of one host request: `device.Channel` reads 7432 bytes, `protocol`
-decodes them into a typed request, `DeviceServer.answer` asks the `Store` (or
+decodes them into a typed request, the server asks the `Store` (or
 `Intrinsics` for pool 2), and the encoded reply goes back the same way.
-Nothing here blocks the trio loop: the device is read only when poll says a
-message is there, and pool-file work happens in the store's worker threads.
+
+Requests are read in a dedicated device thread, which answers GET and
+ENUMERATE itself from the store's memory: the host's most frequent requests,
+a full enumeration being one per record, then cost poll, read and write, as in
+any C daemon, and no trip through the trio loop. Everything that changes
+something (SET, DELETE, SET_IP_INFO) and anything unusual goes to the trio
+thread (`DeviceServer.answer`), which owns every change. Nothing here blocks
+the trio loop: pool-file work happens in the store's worker threads.
 
 A failed read or write closes the device, reopens it and registers again, which
 is what the kernel needs after hibernation or a timed-out transaction.
@@ -13,6 +19,9 @@ is what the kernel needs after hibernation or a timed-out transaction.
 from __future__ import annotations
 
 import logging
+import os
+import queue
+import select
 from collections.abc import Awaitable, Callable
 
 import trio
@@ -116,10 +125,92 @@ class DeviceServer:
                  channel.name, reply.op, reply.version)
 
     async def _serve(self, channel: Channel) -> None:
-        while True:
-            message = await channel.read_message()
-            reply = await self.answer(message)
-            await channel.write_message(reply)
+        """Serve requests in the device thread until the device fails (OSError) or we
+        are cancelled; either way the thread has let go of `channel` on return."""
+        stop_read, stop_write = os.pipe2(os.O_CLOEXEC)
+        handover = _Handover(trio.lowlevel.current_trio_token())
+        failure: OSError | None = None
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._answer_handed_over, channel, handover, stop_write)
+                # Not abandoned on cancel: the stop pipe ends the thread, and only then
+                # may the caller close the channel.
+                failure = await trio.to_thread.run_sync(
+                    self._serve_in_thread, channel, stop_read, handover,
+                    thread_name="kvpfs device",
+                )
+                if failure is None:
+                    await trio.lowlevel.checkpoint()  # it stops only when we are cancelled
+                nursery.cancel_scope.cancel()
+        finally:
+            os.close(stop_read)
+            os.close(stop_write)
+        if failure is not None:
+            raise failure
+
+    def _serve_in_thread(self, channel: Channel, stop_fd: int, handover: _Handover
+                         ) -> OSError | None:
+        """The device thread: poll, read, answer, write, until told to stop.
+
+        Returns the device's error rather than raising it, so that it reaches
+        `run` as itself and not inside an exception group.
+        """
+        readable = channel.waiter(select.POLLIN, stop_fd)
+        writable = channel.waiter(select.POLLOUT, stop_fd)
+        try:
+            while readable():
+                message = channel.read_ready_message()
+                if message is None:
+                    continue
+                reply = self._answer_read(message)
+                if reply is None:
+                    outcome = handover.answer_in_trio(message)
+                    if outcome is _STOP:
+                        return None
+                    if isinstance(outcome, OSError):
+                        return outcome
+                    continue
+                while not channel.write_ready_message(reply):
+                    if not writable():
+                        return None
+        except OSError as exc:
+            return exc
+        return None
+
+    async def _answer_handed_over(self, channel: Channel, handover: _Handover,
+                                  stop_fd: int) -> None:
+        """The trio side of the device thread: answer what it hands over and write
+        the reply here, so only one thread switch sits on the host's path."""
+        try:
+            async for message in handover.requests:
+                try:
+                    await channel.write_message(await self.answer(message))
+                except OSError as exc:
+                    handover.outcomes.put(exc)
+                else:
+                    handover.outcomes.put(None)
+        finally:
+            os.write(stop_fd, b"x")  # a thread in poll(2) stops
+            handover.outcomes.put(_STOP)  # a thread waiting for an outcome stops
+
+    def _answer_read(self, message: bytes) -> bytes | None:
+        """In the device thread: the reply to a GET or ENUMERATE, from memory.
+
+        None for everything else, which `answer` handles on the trio thread.
+        """
+        if message[0] not in (Op.GET, Op.ENUMERATE):
+            return None
+        try:
+            request = protocol.decode_request(message)
+        except ProtocolError:
+            return None  # `answer` logs it and says E_FAIL
+        self.requests += 1
+        log.debug("host request: %r", request)
+        try:
+            return self.read_reply(request)
+        except Exception:
+            log.exception("unexpected error answering %r; answered E_FAIL", request)
+            return protocol.encode_status(Status.E_FAIL)
 
     # ---------------------------------------------------------------- requests
     async def answer(self, message: bytes) -> bytes:
@@ -149,10 +240,10 @@ class DeviceServer:
         return protocol.encode_status(Status.E_FAIL)
 
     async def _dispatch(self, request: protocol.Request) -> bytes:
-        if isinstance(request, protocol.EnumerateRequest):
-            return await self._enumerate(request)
-        if isinstance(request, protocol.GetRequest):
-            return await self._get(request)
+        if isinstance(request, (protocol.EnumerateRequest, protocol.GetRequest)):
+            if request.pool == Pool.AUTO and self._intrinsic_blocks(request):
+                return await trio.to_thread.run_sync(self.read_reply, request)
+            return self.read_reply(request)
         if isinstance(request, protocol.SetRequest):
             if request.pool == Pool.AUTO:
                 log.warning("host SET on pool 2 (auto, computed by the guest) not supported")
@@ -174,37 +265,76 @@ class DeviceServer:
                     request.op, request.pool)
         return protocol.encode_status(Status.ERROR_NOT_SUPPORTED)
 
-    async def _intrinsic(self, index: int) -> tuple[str, str] | None:
-        if self.intrinsics.needs_thread(index):
-            return await trio.to_thread.run_sync(self.intrinsics.value, index)
-        return self.intrinsics.value(index)
+    def _intrinsic_blocks(self, request: protocol.EnumerateRequest | protocol.GetRequest) -> bool:
+        if isinstance(request, protocol.EnumerateRequest):
+            return self.intrinsics.needs_thread(request.index)
+        return any(self.intrinsics.needs_thread(i)
+                   for i, name in enumerate(INTRINSIC_KEYS) if name.encode() == request.key)
 
-    async def _enumerate(self, request: protocol.EnumerateRequest) -> bytes:
+    def read_reply(self, request: protocol.EnumerateRequest | protocol.GetRequest) -> bytes:
+        """GET and ENUMERATE, answered from memory; callable from any thread.
+
+        Blocks only for a fresh read of pool 2's address lists.
+        """
         if request.pool == Pool.AUTO:
-            item = await self._intrinsic(request.index)
+            return self._read_intrinsic(request)
+        if isinstance(request, protocol.EnumerateRequest):
+            record = self.store.enumerate(request.pool, request.index)
+            if record is None:
+                return protocol.encode_status(Status.S_CONT)
+            return protocol.encode_enumerate_reply(*_fit(record.key, record.value, request.pool))
+        value = self.store.get(request.pool, request.key)
+        if value is None:
+            return protocol.encode_status(Status.S_CONT)
+        return protocol.encode_get_reply(*_fit(request.key, value, request.pool))
+
+    def _read_intrinsic(self, request: protocol.EnumerateRequest | protocol.GetRequest) -> bytes:
+        if isinstance(request, protocol.EnumerateRequest):
+            item = self.intrinsics.value(request.index)
             if item is None:
                 return protocol.encode_status(Status.S_CONT)
             key, value = item
             return protocol.encode_enumerate_reply(
                 *_fit(key.encode(), value.encode(), "intrinsic")
             )
-        record = self.store.enumerate(request.pool, request.index)
-        if record is None:
+        names = [name.encode() for name in INTRINSIC_KEYS]
+        if request.key not in names:
             return protocol.encode_status(Status.S_CONT)
-        return protocol.encode_enumerate_reply(*_fit(record.key, record.value, request.pool))
+        item = self.intrinsics.value(names.index(request.key))
+        assert item is not None
+        return protocol.encode_get_reply(*_fit(request.key, item[1].encode(), "auto"))
 
-    async def _get(self, request: protocol.GetRequest) -> bytes:
-        if request.pool == Pool.AUTO:
-            names = [name.encode() for name in INTRINSIC_KEYS]
-            if request.key not in names:
-                return protocol.encode_status(Status.S_CONT)
-            item = await self._intrinsic(names.index(request.key))
-            assert item is not None
-            return protocol.encode_get_reply(*_fit(request.key, item[1].encode(), "auto"))
-        value = self.store.get(request.pool, request.key)
-        if value is None:
-            return protocol.encode_status(Status.S_CONT)
-        return protocol.encode_get_reply(*_fit(request.key, value, request.pool))
+
+_STOP = object()
+
+
+class _Handover:
+    """How the device thread passes a request to the trio thread and learns it is done.
+
+    `run_sync_soon` wakes the trio loop without the per-call task and context
+    switches of `trio.from_thread.run`; the outcome (None, the device's
+    OSError, or `_STOP`) comes back through a plain queue.
+    """
+
+    def __init__(self, token: trio.lowlevel.TrioToken) -> None:
+        self._token = token
+        self._send, self.requests = trio.open_memory_channel[bytes](1)
+        self.outcomes: queue.SimpleQueue[object] = queue.SimpleQueue()
+
+    def answer_in_trio(self, message: bytes) -> object:
+        try:
+            self._token.run_sync_soon(self._deliver, message)
+        except trio.RunFinishedError:
+            return _STOP
+        return self.outcomes.get()
+
+    def _deliver(self, message: bytes) -> None:
+        # Runs inside the trio loop, where an exception would be fatal; one request
+        # at a time, so the buffer of 1 is never full while someone receives.
+        try:
+            self._send.send_nowait(message)
+        except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+            self.outcomes.put(_STOP)
 
 
 def _cut_utf8(data: bytes, limit: int) -> bytes:

@@ -12,6 +12,11 @@ Changes other programs make while nobody writes are noticed by `watch()`,
 which compares file signatures (a stat, not a read) a few times a second.
 
 Listeners learn of every change as `Change` items, with where it came from.
+
+Memory is changed only on the trio thread. The device server's thread reads it
+too (`get`, `enumerate`), so every change to memory and those two reads hold
+`memory_lock`, a plain lock held for a few dictionary and list operations and
+never across I/O.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import enum
 import logging
 import os
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -153,6 +159,7 @@ class Store:
         self._listeners: list[Listener] = []
         self._warned_invalid: set[tuple[int, bytes]] = set()
         self.generation = 0  # bumped on every change, for cheap cache checks
+        self.memory_lock = threading.Lock()
 
     # ------------------------------------------------------------------ set-up
     def add_listener(self, listener: Listener) -> None:
@@ -174,7 +181,8 @@ class Store:
             pf.close()
 
     def _install(self, pool: int, state: PoolState) -> None:
-        self.states[pool] = state
+        with self.memory_lock:
+            self.states[pool] = state
         self.generation += 1
         invalid = state.invalid_records() if state.visible is not None else ()
         for slot in invalid:
@@ -196,11 +204,15 @@ class Store:
 
     # ------------------------------------------------------------------ reads
     def get(self, pool: int, key: bytes) -> bytes | None:
-        return self.states[pool].get(key)
+        """The value the last record with `key` holds; callable from any thread."""
+        with self.memory_lock:
+            return self.states[pool].get(key)
 
     def enumerate(self, pool: int, index: int) -> Record | None:
-        """The index-th record the host may see, in file order (duplicates included)."""
-        return self.states[pool].visible_record(index)
+        """The index-th record the host may see, in file order (duplicates included);
+        callable from any thread."""
+        with self.memory_lock:
+            return self.states[pool].visible_record(index)
 
     # ------------------------------------------------------------------ writes
     async def set(self, pool: int, key: bytes, value: bytes, origin: Origin) -> None:
@@ -230,24 +242,25 @@ class Store:
             changes = diff(before, reloaded, pool, Origin.EXTERNAL) if reloaded else []
             state = reloaded or before
             # Memory changes only here, on the trio thread, never while a reader iterates.
-            if action[0] == "modify":
-                state.records[action[1]] = Record(key, value)
-            elif action[0] == "append":
-                slot = action[1]
-                del state.records[slot:]
-                state.records.append(Record(key, value))
-                state.slots.setdefault(key, []).append(slot)
-                if state.visible is not None:
-                    state.visible.append(slot)
-            elif action[0] == "truncate":
-                # The common delete (the newest key): no later slot moves, no reindex.
-                del state.records[action[1]:]
-                del state.slots[key]
-                if state.visible is not None:
-                    state.visible = [slot for slot in state.visible if slot < action[1]]
-            elif action[0] == "replace":
-                state = action[1]
-            state.signature = signature
+            with self.memory_lock:
+                if action[0] == "modify":
+                    state.records[action[1]] = Record(key, value)
+                elif action[0] == "append":
+                    slot = action[1]
+                    del state.records[slot:]
+                    state.records.append(Record(key, value))
+                    state.slots.setdefault(key, []).append(slot)
+                    if state.visible is not None:
+                        state.visible.append(slot)
+                elif action[0] == "truncate":
+                    # The common delete (the newest key): no later slot moves, no reindex.
+                    del state.records[action[1]:]
+                    del state.slots[key]
+                    if state.visible is not None:
+                        state.visible = [slot for slot in state.visible if slot < action[1]]
+                elif action[0] == "replace":
+                    state = action[1]
+                state.signature = signature
             done = action[0] != "none"
             if done:
                 state.mtime_ns = time.time_ns()

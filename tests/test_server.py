@@ -13,6 +13,7 @@ import ipaddress
 import os
 import socket
 import struct
+import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -526,3 +527,173 @@ async def test_kernel_timeout_makes_server_register_again(tmp_path: Path) -> Non
         assert rig.server.registrations == 2
         nursery.cancel_scope.cancel()
     rig.store.close()
+
+
+# --------------------------------------------------------------------------- the device thread
+
+
+class ThreadKernel:
+    """A device whose kernel side a plain thread drives, so it keeps going while the test
+    blocks the trio loop on purpose."""
+
+    name = "thread-driven hv_kvp"
+
+    def __init__(self) -> None:
+        self.kernel: socket.socket | None = None
+
+    async def open(self):
+        from kvpfs.device import Channel
+
+        guest, kernel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.kernel = kernel
+        return Channel(guest.detach(), self.name)
+
+    def handshake(self) -> None:
+        assert self.kernel is not None
+        self.kernel.settimeout(5)
+        assert self.kernel.recv(protocol.MESSAGE_SIZE + 1)[0] == Op.REGISTER1
+        self.kernel.send(protocol.encode_register_reply(Op.REGISTER1, "3.1"))
+
+    def transact(self, request: bytes) -> tuple[int, bytes, bytes, float]:
+        """Status, key and value as the kernel reads them, and when the reply came."""
+        assert self.kernel is not None
+        self.kernel.send(request)
+        reply = self.kernel.recv(protocol.MESSAGE_SIZE + 1)
+        answered = time.monotonic()
+        assert len(reply) == protocol.MESSAGE_SIZE
+        status = protocol.decode_daemon_message(reply).status
+        return (status, *protocol.reply_key_value(reply), answered)
+
+
+async def start_thread_kernel(nursery: trio.Nursery, store: Store) -> tuple[ThreadKernel,
+                                                                            DeviceServer]:
+    kernel = ThreadKernel()
+    server = DeviceServer(kernel, store, Intrinsics(FqdnCache(resolver=lambda n: n),
+                                                    os_info=OS_INFO))
+    nursery.start_soon(server.run)
+    with trio.fail_after(5):
+        while kernel.kernel is None:
+            await trio.sleep(0.001)
+    await trio.to_thread.run_sync(kernel.handshake)
+    with trio.fail_after(5):  # registered, and serving from the device thread
+        while server.registrations < 1 or not any(
+            t.name == "kvpfs device" for t in threading.enumerate()
+        ):
+            await trio.sleep(0.001)
+    return kernel, server
+
+
+async def test_reads_are_answered_while_the_trio_loop_is_busy(tmp_path: Path) -> None:
+    """GET and ENUMERATE come from the device thread; a SET waits for the loop."""
+    store = Store(tmp_path / "pools")
+    await store.open()
+    for n in range(3):
+        await store.set(0, b"k%d" % n, b"v%d" % n, Origin.MOUNT)
+    async with trio.open_nursery() as nursery:
+        kernel, _ = await start_thread_kernel(nursery, store)
+        results: list[tuple[int, bytes, bytes, float]] = []
+        blocked = threading.Event()
+
+        def host() -> None:
+            blocked.wait(5)
+            for n in range(4):
+                results.append(kernel.transact(protocol.encode_enumerate_request(0, n)))
+            results.append(kernel.transact(protocol.encode_get_request(0, b"k1")))
+            results.append(kernel.transact(protocol.encode_get_request(2, b"OSMajorVersion")))
+            results.append(kernel.transact(protocol.encode_set_request(0, b"new", b"n")))
+
+        thread = threading.Thread(target=host)
+        thread.start()
+        blocked.set()
+        time.sleep(1.0)  # the trio loop does nothing for a second: no task runs
+        resumed = time.monotonic()
+        await trio.to_thread.run_sync(thread.join, 10)
+        assert not thread.is_alive()
+        nursery.cancel_scope.cancel()
+    store.close()
+    reads, (set_status, *_, set_answered) = results[:-1], results[-1]
+    assert [(status, value) for status, _, value, _ in reads] == [
+        (Status.S_OK, b"v0"), (Status.S_OK, b"v1"), (Status.S_OK, b"v2"), (Status.S_CONT, b""),
+        (Status.S_OK, b"v1"), (Status.S_OK, b"42"),
+    ]
+    assert [key for _, key, _, _ in reads[:3]] == [b"k0", b"k1", b"k2"]
+    assert all(answered < resumed for *_, answered in reads), "a read waited for the loop"
+    assert set_status == Status.S_OK and set_answered >= resumed
+    assert store.get(0, b"new") == b"n"
+
+
+async def test_host_reads_stay_consistent_while_the_loop_changes_the_pool(
+    tmp_path: Path,
+) -> None:
+    """The device thread reads memory the trio thread is changing: every reply is a record
+    that existed (value derived from its key) or the end of the pool; none is an error."""
+    store = Store(tmp_path / "pools")
+    await store.open()
+    for n in range(50):
+        await store.set(0, b"base%d" % n, b"=base%d" % n, Origin.MOUNT)
+    async with trio.open_nursery() as nursery:
+        kernel, _ = await start_thread_kernel(nursery, store)
+        stop = threading.Event()
+        seen: list[tuple[int, bytes, bytes]] = []
+
+        def host() -> None:
+            index = 0
+            while not stop.is_set():
+                status, key, value, _ = kernel.transact(
+                    protocol.encode_enumerate_request(0, index))
+                seen.append((status, key, value))
+                index = 0 if status != Status.S_OK else index + 1
+
+        thread = threading.Thread(target=host)
+        thread.start()
+        try:
+            for round_ in range(60):
+                # appends, in-place changes, deletes of the newest and of a middle record
+                await store.set(0, b"churn%d" % round_, b"=churn%d" % round_, Origin.MOUNT)
+                await store.set(0, b"base%d" % (round_ % 50), b"=base%d" % (round_ % 50),
+                                Origin.MOUNT)
+                if round_ % 3 == 0:
+                    await store.delete(0, b"churn%d" % round_, Origin.MOUNT)
+                if round_ % 7 == 0:
+                    await store.delete(0, b"churn%d" % (round_ - 1), Origin.MOUNT)
+        finally:
+            stop.set()
+            await trio.to_thread.run_sync(thread.join, 10)
+        nursery.cancel_scope.cancel()
+    store.close()
+    assert len(seen) > 100, "the host thread hardly ran"
+    for status, key, value in seen:
+        assert status in (Status.S_OK, Status.S_CONT), (status, key, value)
+        if status == Status.S_OK:
+            assert value == b"=" + key, (key, value)
+
+
+async def test_cancelling_the_server_stops_the_device_thread(tmp_path: Path) -> None:
+    """Cancellation reaches a thread blocked in poll and one whose SET is in the loop; the
+    channel is closed only after the thread has let go, so the kernel side sees EOF."""
+    store = Store(tmp_path / "pools", lock_timeout=5.0)
+    await store.open()
+    for case in ("idle", "set in flight"):
+        with trio.CancelScope() as scope:
+            async with trio.open_nursery() as nursery:
+                kernel, _ = await start_thread_kernel(nursery, store)
+                if case == "set in flight":
+                    proc = start_locker(tmp_path / "pools" / ".kvp_pool_0")
+                    try:
+                        assert kernel.kernel is not None
+                        kernel.kernel.send(protocol.encode_set_request(0, b"k", b"v"))
+                        await trio.sleep(0.2)  # handed over, waiting for the lock
+                        scope.cancel()
+                    finally:
+                        stop_locker(proc)
+                else:
+                    await trio.sleep(0.1)
+                    scope.cancel()
+        assert scope.cancelled_caught
+        assert kernel.kernel is not None
+        kernel.kernel.settimeout(5)
+        # whatever was in flight is dropped; then EOF, because the guest end is closed
+        while kernel.kernel.recv(protocol.MESSAGE_SIZE + 1):
+            assert case == "set in flight"
+        assert not any(t.name == "kvpfs device" for t in threading.enumerate())
+    store.close()
