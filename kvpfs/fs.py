@@ -39,6 +39,7 @@ from kvpfs.limits import VALUE_MAX_BYTES, VALUE_MAX_UNITS
 from kvpfs.poolfile import LockTimeout, PoolFileError
 from kvpfs.pools import GUEST, POOL_NAMES
 from kvpfs.store import AUTO_POOL, Change, Origin, Store
+from kvpfs.worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,8 @@ FIRST_KEY_INODE = 100
 
 
 TTL = 1.0  # attribute/entry cache; host changes are also invalidated explicitly
+# The kernel starts a timeout when our reply reaches it, a little after we build it.
+TTL_MARGIN = 0.5
 XATTR_KEY = b"user.kvp.key"
 XATTR_POOL = b"user.kvp.pool"
 XATTR_CONTROL = b"user.kvpfs.control"
@@ -131,6 +134,9 @@ class Node:
     atime_ns: int = 0
     inflight: bytes | None = None  # being published: what readers must already see
     cached: bool = False  # the kernel's page cache, if any, holds the current value
+    # Until then the kernel may use the name, and the attributes, we gave it without asking.
+    kernel_name_until: float = 0.0
+    kernel_attr_until: float = 0.0
     mode: int | None = None  # chmod/chown are accepted and remembered, not stored in pools
     uid: int | None = None
     gid: int | None = None
@@ -329,6 +335,7 @@ class KvpOperations(pyfuse3.Operations):
         if value is not None:
             node.last_size = len(value)
         ttl = TTL if node.pool != AUTO_POOL else 0.5
+        node.kernel_name_until = node.kernel_attr_until = time.monotonic() + ttl + TTL_MARGIN
         mode = node.mode if node.mode is not None else self.perm.file_mode(node.pool)
         attr = self._base_attr(node.ino, stat.S_IFREG | mode, node.last_size, node.mtime_ns, ttl)
         attr.st_ctime_ns = max(node.ctime_ns, node.mtime_ns)
@@ -885,9 +892,14 @@ class KvpOperations(pyfuse3.Operations):
         those get an attribute refresh without waiting. For changes from the
         host or other programs, wait (bounded) until the kernel has dropped its
         caches, so that the host's next request and the next `cat` agree.
+        Nothing is invalidated when the kernel holds nothing it would use: its
+        timeouts have run out, or an invalidation since has dropped what we
+        gave it, and no file is open (a page cache left by an earlier read is
+        dropped by the next open, as `cached` is now False).
         """
         self._publish_events(changes)
-        pending = []
+        pending: list[trio.Event] = []
+        refreshed: list[tuple[Node, float, trio.Event]] = []
         for change in changes:
             node = self._by_key.get((change.pool, change.key))
             if node is None:
@@ -898,9 +910,15 @@ class KvpOperations(pyfuse3.Operations):
                 continue
             node.mtime_ns = node.ctime_ns = time.time_ns()
             node.cached = False
+            until = node.kernel_attr_until if change.kind == "set" else node.kernel_name_until
+            if not node.handles and time.monotonic() >= until:
+                if change.kind != "set":
+                    self._unlink_node(node)
+                continue
             done = trio.Event()
             if change.kind == "set":
                 self._invalidations_send.send_nowait(("inode", node.ino, None, done))
+                refreshed.append((node, node.kernel_attr_until, done))
             else:
                 name = node.name
                 self._unlink_node(node)
@@ -912,6 +930,11 @@ class KvpOperations(pyfuse3.Operations):
             with trio.move_on_after(1.0):
                 for done in pending:
                     await done.wait()
+        for node, given_until, done in refreshed:
+            # Attributes and pages dropped (the name stays), unless the kernel asked
+            # again meanwhile and has a new deadline.
+            if done.is_set() and node.kernel_attr_until == given_until:
+                node.kernel_attr_until = 0.0
 
     def _publish_events(self, changes: list[Change]) -> None:
         if not self._streams:
@@ -931,19 +954,23 @@ class KvpOperations(pyfuse3.Operations):
         Never from a handler: invalidating inside one can deadlock the kernel
         against our own single thread (fuse-pyfuse3.md 1.8).
         """
-        async for kind, ino, arg, done in self._invalidations:
-            try:
-                if kind == "poll":
-                    arg.notify()
-                elif kind == "attr":
-                    await trio.to_thread.run_sync(pyfuse3.invalidate_inode, ino, True)
-                elif kind == "inode":
-                    await trio.to_thread.run_sync(pyfuse3.invalidate_inode, ino)
-                else:
-                    name, deleted = arg
-                    await trio.to_thread.run_sync(pyfuse3.invalidate_entry, ino, name, deleted)
-            except (FileNotFoundError, OSError) as exc:
-                log.debug("invalidation %s of %d: %s", kind, ino, exc)
-            finally:
-                if done is not None:
-                    done.set()
+        worker = Worker("kvpfs invalidations")
+        try:
+            async for kind, ino, arg, done in self._invalidations:
+                try:
+                    if kind == "poll":
+                        arg.notify()
+                    elif kind == "attr":
+                        await worker.run(pyfuse3.invalidate_inode, ino, True)
+                    elif kind == "inode":
+                        await worker.run(pyfuse3.invalidate_inode, ino)
+                    else:
+                        name, deleted = arg
+                        await worker.run(pyfuse3.invalidate_entry, ino, name, deleted)
+                except (FileNotFoundError, OSError) as exc:
+                    log.debug("invalidation %s of %d: %s", kind, ino, exc)
+                finally:
+                    if done is not None:
+                        done.set()
+        finally:
+            worker.close()

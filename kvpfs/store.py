@@ -44,6 +44,7 @@ from kvpfs.poolfile import (
     pool_path,
     stat_signature,
 )
+from kvpfs.worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +157,8 @@ class Store:
         ]
         self.states = [PoolState() for _ in range(POOL_COUNT)]
         self._locks = [trio.Lock() for _ in range(POOL_COUNT)]
+        # Pool-file work runs in one thread per pool: its lock serializes it anyway.
+        self._workers = [Worker(f"kvpfs pool {pool}") for pool in range(POOL_COUNT)]
         self._listeners: list[Listener] = []
         self._warned_invalid: set[tuple[int, bytes]] = set()
         self.generation = 0  # bumped on every change, for cheap cache checks
@@ -177,6 +180,8 @@ class Store:
             return pf.read()
 
     def close(self) -> None:
+        for worker in self._workers:
+            worker.close()
         for pf in self.files:
             pf.close()
 
@@ -233,7 +238,7 @@ class Store:
         async with self._locks[pool]:
             before = self.states[pool]
             try:
-                reloaded, action, signature = await trio.to_thread.run_sync(
+                reloaded, action, signature = await self._workers[pool].run(
                     self._locked_change, pool, before, kind, key, value
                 )
             except BaseException:
@@ -318,7 +323,7 @@ class Store:
             async with self._locks[pool]:
                 before = self.states[pool]
                 try:
-                    state = await trio.to_thread.run_sync(self._reload, pool, before.signature)
+                    state = await self._workers[pool].run(self._reload, pool, before.signature)
                 except LockTimeout as exc:
                     log.warning("pool %d changed but stays locked: %s; will retry", pool, exc)
                     continue

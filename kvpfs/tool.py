@@ -48,7 +48,7 @@ from typing import BinaryIO
 
 from kvpfs import __version__, limits
 from kvpfs.poolfile import (
-    JOURNAL_SUFFIX,
+    JOURNAL_PREFIX,
     POOL_COUNT,
     PoolContents,
     PoolFile,
@@ -451,9 +451,17 @@ def pool_status(contents: PoolContents, boot: float | None) -> dict:
         "mtime": None if st is None else st.st_mtime,
         "mtime_iso": None if st is None else _iso(st.st_mtime),
         "predates_boot": None if st is None or boot is None else st.st_mtime < boot,
-        "interrupted_delete": os.path.lexists(str(contents.path) + JOURNAL_SUFFIX),
+        "interrupted_delete": _journal_pending(contents.path),
     }
     return info
+
+
+def _journal_pending(pool: Path) -> bool:
+    """Does the pool's redo journal hold a change a crash interrupted?"""
+    try:
+        return os.lstat(pool.with_name(JOURNAL_PREFIX + pool.name)).st_size > 0
+    except OSError:
+        return False
 
 
 def collect_status(pool_dir: Path, *, lock_timeout: float = DEFAULT_LOCK_TIMEOUT

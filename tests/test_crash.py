@@ -416,7 +416,8 @@ class CrashRig:
     # ---- checks
 
     def intent_files(self) -> list[Path]:
-        return sorted(self.kv.pools.glob("*.kvpfs-journal*"))
+        """Redo journals holding a change (they are kept, empty, between changes)."""
+        return sorted(p for p in self.kv.pools.glob(".kvpfs-journal*") if p.stat().st_size)
 
     def observed(self) -> dict[int, dict[str, str]]:
         """Each pool file's keys and values, checked for shape on the way."""

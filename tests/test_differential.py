@@ -342,12 +342,18 @@ def anything(answer: Answer, ctx: Ctx) -> bool:
 
 
 def modes(mode: int) -> Check:
-    """Same file names as the reference; every file `mode` or kept as the reference kept it."""
+    """The reference's file names, each `mode` or kept as the reference kept it, plus redo
+    journals (`mode` too) of pools that exist."""
 
     def check(answer: Answer, ctx: Ctx) -> bool:
         ref = dict(ctx.ref.files or ())
         mine = dict(answer.files or ())
-        return mine.keys() == ref.keys() and all(m in (mode, ref[n]) for n, m in mine.items())
+        journals = {n: m for n, m in mine.items() if n.startswith(".kvpfs-journal")}
+        pools = {n: m for n, m in mine.items() if n not in journals}
+        return (pools.keys() == ref.keys()
+                and all(m in (mode, ref[n]) for n, m in pools.items())
+                and all(n.removeprefix(".kvpfs-journal") in ref and m == mode
+                        for n, m in journals.items()))
 
     return check
 
@@ -441,8 +447,10 @@ INTENDED: tuple[Intended, ...] = (
         "file modes",
         request="the pool directory's files and modes (checkpoint)",
         reference="pool files it creates are 0644",
-        kvpfs="pool files it creates are 0600 (existing files keep their mode in both)",
-        reason="pools carry secrets (Ignition configs, provisioning data)",
+        kvpfs="pool files it creates are 0600 (existing files keep their mode in both); beside"
+              " each pool it has written, its redo journal .kvpfs-journal.kvp_pool_N (0600)",
+        reason="pools carry secrets (Ignition configs, provisioning data); the journal is how"
+               " a killed kvpfs never tears a record",
         matches=request("FILES"),
         reference_ok=anything,
         kvpfs_ok=modes(0o600),

@@ -376,6 +376,34 @@ def test_second_instance_on_a_live_mount_refuses(tmp_path):
         first.cleanup()
 
 
+def test_host_changes_after_the_kernel_timeouts_need_no_invalidation(shared_kvpfs):
+    """Once the kernel's 1 s timeouts have run out and no file is open, a host change is
+    not invalidated (kvpfs skips the round trip); the next reader must still see it whole:
+    a longer value past the old size, a shorter one without stale bytes, then the delete."""
+    key = unique("expired")
+    path = shared_kvpfs.path("external", key)
+    shared_kvpfs.host("set", "external", key, "short")
+    assert path.stat().st_size == 5  # cached by the kernel for 1 s
+    shared_kvpfs.host("set", "external", key, "longer, within the timeouts")
+    assert path.stat().st_size == len("longer, within the timeouts")  # invalidated
+    assert path.read_text() == "longer, within the timeouts"  # page cache filled too
+    with open(path):  # while a file is open, host changes are invalidated as always
+        time.sleep(1.7)
+        shared_kvpfs.host("set", "external", key, "while open")
+        assert path.read_text() == "while open"
+    time.sleep(1.7)  # the timeouts of the stat above run out; nothing is open
+    shared_kvpfs.host("set", "external", key, "a much longer value than before")
+    assert path.read_text() == "a much longer value than before"
+    assert path.stat().st_size == len("a much longer value than before")
+    time.sleep(1.7)
+    shared_kvpfs.host("set", "external", key, "tiny")
+    assert path.read_text() == "tiny"
+    time.sleep(1.7)
+    shared_kvpfs.host("delete", "external", key)
+    expect_errno(errno.ENOENT, path.read_text)
+    assert key not in os.listdir(path.parent)
+
+
 def test_names_the_kernel_still_caches_after_a_host_delete(shared_kvpfs):
     """After a host DELETE the kernel may keep the name a moment (1 s TTL): it must act
     as gone, come back when the host sets the key again, and take a new guest value."""

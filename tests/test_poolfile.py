@@ -587,8 +587,13 @@ def run_crashing_delete(path: Path, index: int, kill_in: str) -> None:
 
 
 def intent(path: Path) -> Path:
-    """The redo journal of a change in flight."""
-    return path.with_name(path.name + ".kvpfs-journal")
+    """The redo journal: kept beside the pool, empty unless a change is in flight."""
+    return path.with_name(".kvpfs-journal" + path.name)
+
+
+def pending(path: Path) -> bool:
+    """Does the journal hold a change (a crash came before it was emptied)?"""
+    return intent(path).exists() and intent(path).stat().st_size > 0
 
 
 def test_crash_between_pwrite_and_ftruncate_is_recovered(pool: PoolFile) -> None:
@@ -597,22 +602,22 @@ def test_crash_between_pwrite_and_ftruncate_is_recovered(pool: PoolFile) -> None
     raw = pool.path.read_bytes()
     assert len(raw) == 4 * RECORD_SIZE  # a c d d
     assert pairs(parse_pool(raw)[0]) == [(b"a", b"1"), (b"c", b"3"), (b"d", b"4"), (b"d", b"4")]
-    assert intent(pool.path).exists()
+    assert pending(pool.path)
     assert stat.S_IMODE(os.stat(intent(pool.path)).st_mode) == 0o600
     with pool.locked():
         assert pairs(pool.read().records) == [(b"a", b"1"), (b"c", b"3"), (b"d", b"4")]
-    assert not intent(pool.path).exists()
+    assert not pending(pool.path)
 
 
 def test_crash_before_pwrite_is_redone(pool: PoolFile) -> None:
     items = [(b"a", b"1"), (b"b", b"2"), (b"c", b"3"), (b"d", b"4")]
     fill(pool, items)
     run_crashing_delete(pool.path, 1, "pwrite")
-    assert intent(pool.path).exists()
+    assert pending(pool.path)
     assert pairs(parse_pool(pool.path.read_bytes())[0]) == items  # untouched so far
     with pool.locked():  # the journal is complete: the delete is rolled forward
         assert pairs(pool.read().records) == [items[0], items[2], items[3]]
-    assert not intent(pool.path).exists()
+    assert not pending(pool.path)
 
 
 def test_crash_then_foreign_append_is_left_alone(pool: PoolFile) -> None:
@@ -624,7 +629,7 @@ def test_crash_then_foreign_append_is_left_alone(pool: PoolFile) -> None:
     with pool.locked():
         got = pairs(pool.read().records)
     assert got == [(b"b", b"2"), (b"c", b"3"), (b"c", b"3"), (b"late", b"x")]  # nothing lost
-    assert not intent(pool.path).exists()
+    assert not pending(pool.path)
 
 
 def test_garbage_intent_file_is_removed(pool: PoolFile) -> None:
@@ -632,7 +637,54 @@ def test_garbage_intent_file_is_removed(pool: PoolFile) -> None:
     intent(pool.path).write_text("not an intent\n")
     with pool.locked():
         assert len(pool.read().records) == 2
-    assert not intent(pool.path).exists()
+    assert not pending(pool.path)
+
+
+def test_journal_is_kept_empty_private_and_outside_the_pool_glob(pool: PoolFile) -> None:
+    fill(pool, [(b"a", b"1")])
+    with pool.locked():
+        pool.write_record(0, b"a", b"2")
+    journal = intent(pool.path)
+    assert journal.stat().st_size == 0 and stat.S_IMODE(journal.stat().st_mode) == 0o600
+    assert sorted(p.name for p in pool.path.parent.glob(".kvp_pool_*")) == [pool.path.name]
+
+
+def test_torn_journal_entry_is_ignored(pool: PoolFile, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A crash inside the journal write leaves a prefix of the entry: the pool was not
+    touched yet, so the entry must be dropped, not half applied."""
+    fill(pool, [(b"a", b"1"), (b"b", b"2"), (b"c", b"3")])
+    before = pool.path.read_bytes()
+    with monkeypatch.context() as patch:
+        patch.setattr(PoolFile, "_clear_journal", lambda self: None)
+        with pool.locked():
+            pool.delete_record(0, pool.read().records)
+    entry = intent(pool.path).read_bytes()
+    for cut in (4096, len(entry) - 1, 20):
+        pool.path.write_bytes(before)  # as before the change: it never reached the pool
+        intent(pool.path).write_bytes(entry[:cut])
+        with pool.locked():
+            assert pairs(pool.read().records) == [(b"a", b"1"), (b"b", b"2"), (b"c", b"3")]
+        assert not pending(pool.path)
+
+
+def test_journal_removed_or_replaced_by_a_symlink(pool: PoolFile, tmp_path: Path,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """Removed while we run: made again. Replaced by a symlink: never followed; the change
+    still happens, unprotected, with a warning."""
+    fill(pool, [(b"a", b"1")])
+    intent(pool.path).unlink()
+    with pool.locked():
+        pool.write_record(0, b"a", b"2")
+    assert intent(pool.path).is_file() and not pending(pool.path)
+    intent(pool.path).unlink()
+    target = tmp_path / "elsewhere"
+    target.write_bytes(b"")
+    intent(pool.path).symlink_to(target)
+    with pool.locked():
+        pool.write_record(0, b"a", b"3")
+        assert pairs(pool.read().records) == [(b"a", b"3")]
+    assert target.read_bytes() == b""
+    assert "not protected against a crash" in caplog.text
 
 
 def test_journal_left_after_a_finished_change_never_undoes_a_later_foreign_write(
@@ -643,17 +695,17 @@ def test_journal_left_after_a_finished_change_never_undoes_a_later_foreign_write
     is neither the old, the new nor a torn state, and leave it alone."""
     fill(pool, [(b"a", b"1"), (b"b", b"2"), (b"c", b"3")])
     with monkeypatch.context() as patch:
-        patch.setattr(PoolFile, "_remove_journal", lambda self: None)
+        patch.setattr(PoolFile, "_clear_journal", lambda self: None)
         with pool.locked():
             pool.delete_record(2, pool.read().records)
-    assert intent(pool.path).exists()
+    assert pending(pool.path)
     with open(pool.path, "ab") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         f.write(encode_record(b"cloudinit", b"telemetry"))
     with pool.locked():
         assert pairs(pool.read().records) == [(b"a", b"1"), (b"b", b"2"),
                                               (b"cloudinit", b"telemetry")]
-    assert not intent(pool.path).exists()
+    assert not pending(pool.path)
 
 
 def test_failed_change_is_rolled_back_not_redone_later(
@@ -678,4 +730,4 @@ def test_failed_change_is_rolled_back_not_redone_later(
         monkeypatch.undo()
     with pool.locked():
         assert pairs(pool.read().records) == [(b"a", b"1"), (b"b", b"2")]
-    assert not intent(pool.path).exists()
+    assert not pending(pool.path)

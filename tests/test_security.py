@@ -66,7 +66,13 @@ def test_new_pool_files_are_0600_in_a_0700_directory_whatever_the_umask(tmp_path
         for pool in range(5):
             assert mode(pool_file(kv.pools, pool)) == 0o600, f"pool {pool}"
         assert mode(kv.control) == 0o600  # the control socket plays the host
-        assert sorted(p.name for p in kv.pools.iterdir()) == [f".kvp_pool_{n}" for n in range(5)]
+        # Beside the pools, only the redo journals of the pools written to (0 by the test,
+        # 3 by the simulated host's start-up push): private too, and empty between changes.
+        journals = [f".kvpfs-journal.kvp_pool_{n}" for n in (0, 3)]
+        assert sorted(p.name for p in kv.pools.iterdir()) == \
+            [f".kvp_pool_{n}" for n in range(5)] + journals
+        for name in journals:
+            assert mode(kv.pools / name) == 0o600 and (kv.pools / name).stat().st_size == 0
     finally:
         kv.cleanup()
     record_figures("security: new files", pool_files_0600=5, pool_dir_0700=True)
