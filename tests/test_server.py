@@ -583,12 +583,17 @@ async def start_thread_kernel(nursery: trio.Nursery, store: Store) -> tuple[Thre
     return kernel, server
 
 
+async def store_holding(pool_dir: Path, items: list[tuple[bytes, bytes]]) -> Store:
+    store = Store(pool_dir)
+    await store.open()
+    for key, value in items:
+        await store.set(0, key, value, Origin.MOUNT)
+    return store
+
+
 async def test_reads_are_answered_while_the_trio_loop_is_busy(tmp_path: Path) -> None:
     """GET and ENUMERATE come from the device thread; a SET waits for the loop."""
-    store = Store(tmp_path / "pools")
-    await store.open()
-    for n in range(3):
-        await store.set(0, b"k%d" % n, b"v%d" % n, Origin.MOUNT)
+    store = await store_holding(tmp_path / "pools", [(b"k%d" % n, b"v%d" % n) for n in range(3)])
     async with trio.open_nursery() as nursery:
         kernel, _ = await start_thread_kernel(nursery, store)
         results: list[tuple[int, bytes, bytes, float]] = []
@@ -627,10 +632,8 @@ async def test_host_reads_stay_consistent_while_the_loop_changes_the_pool(
 ) -> None:
     """The device thread reads memory the trio thread is changing: every reply is a record
     that existed (value derived from its key) or the end of the pool; none is an error."""
-    store = Store(tmp_path / "pools")
-    await store.open()
-    for n in range(50):
-        await store.set(0, b"base%d" % n, b"=base%d" % n, Origin.MOUNT)
+    store = await store_holding(tmp_path / "pools",
+                                [(b"base%d" % n, b"=base%d" % n) for n in range(50)])
     async with trio.open_nursery() as nursery:
         kernel, _ = await start_thread_kernel(nursery, store)
         stop = threading.Event()
