@@ -557,6 +557,7 @@ class PoolFile:
         self._reopened_in_lock = False  # this locked() block had to reopen the file
         self._journal_fd: int | None = None  # the redo journal, kept open (see _change)
         self._journal_id: tuple[int, int] | None = None  # its (st_dev, st_ino)
+        self._journal_complained = False  # an unusable journal is logged once, not per lock
 
     # ---- lifecycle
 
@@ -942,9 +943,12 @@ class PoolFile:
                 os.close(fd)
                 raise OSError(errno.EINVAL, "not a regular file")
         except OSError as exc:
-            log.warning("cannot use %s (%s); changes are not protected against a crash",
-                        path, exc.strerror or exc)
+            log.log(logging.DEBUG if self._journal_complained else logging.WARNING,
+                    "cannot use %s (%s); changes are not protected against a crash",
+                    path, exc.strerror or exc)
+            self._journal_complained = True
             return None
+        self._journal_complained = False
         self._journal_fd, self._journal_id = fd, (opened.st_dev, opened.st_ino)
         return fd, opened.st_size
 
