@@ -14,6 +14,7 @@ import grp
 import json
 import logging
 import os
+import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -189,8 +190,12 @@ def _run_mount(args: argparse.Namespace, on_ready: Callable[[], None] | None = N
         print(f"  ls {mnt}/auto_external; cat {mnt}/auto_external/VirtualMachineId", flush=True)
         print(f"  echo Ready > {mnt}/guest/Status", flush=True)
         if args.simulate:
-            print("  kvpfs host list guest      # what the host sees", flush=True)
-            print("  kvpfs host set external greeting hello; cat "
+            # Copy-pasteable from another shell, where the venv may not be on PATH.
+            beside = os.path.join(os.path.dirname(sys.executable), "kvpfs")
+            kvpfs = ("kvpfs" if shutil.which("kvpfs") else
+                     beside if os.access(beside, os.X_OK) else f"{sys.executable} -m kvpfs")
+            print(f"  {kvpfs} host list guest      # what the host sees", flush=True)
+            print(f"  {kvpfs} host set external greeting hello; cat "
                   f"{mnt}/external/greeting", flush=True)
         print("Stop with Ctrl-C (or umount).", flush=True)
 

@@ -424,3 +424,43 @@ def test_names_the_kernel_still_caches_after_a_host_delete(shared_kvpfs):
     sh(f"echo from the guest > {guest}")
     assert guest.read_text() == "from the guest"
     assert host_items(shared_kvpfs, "guest")[guest.name] == "from the guest"
+
+
+def test_the_greeting_on_a_terminal_gives_commands_that_work(tmp_path: Path):
+    """What a new user meets first: on a terminal, `kvpfs mount --simulate` says what to try,
+    with a `kvpfs` command that runs from another shell, venv on PATH or not."""
+    import pty
+    import shlex
+
+    (tmp_path / "mnt").mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}
+    env["PATH"] = "/usr/bin:/bin"  # a second shell without the venv activated
+    venv_kvpfs = Path(sys.executable).with_name("kvpfs")
+    command = [str(venv_kvpfs) if venv_kvpfs.exists() else sys.executable, "mount",
+               str(tmp_path / "mnt"), "--simulate", "--pool-dir", str(tmp_path / "pools")]
+    if not venv_kvpfs.exists():
+        command[1:1] = ["-m", "kvpfs"]
+    controller, terminal = pty.openpty()
+    proc = subprocess.Popen(command, stdout=terminal, stderr=subprocess.DEVNULL, env=env)
+    os.close(terminal)
+    text = b""
+    try:
+        deadline = time.monotonic() + 15
+        while b"Stop with Ctrl-C" not in text and time.monotonic() < deadline:
+            text += os.read(controller, 4096)
+        greeting = text.decode().replace("\r\n", "\n")
+        assert "is serving the simulated host" in greeting, greeting
+        hint = next(line for line in greeting.splitlines() if "host list guest" in line)
+        argv = shlex.split(hint.split("#")[0])
+        listed = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=30)
+        assert listed.returncode == 0, listed.stderr
+        setter = next(line for line in greeting.splitlines() if "host set external" in line)
+        for part in setter.split(";"):
+            done = subprocess.run(shlex.split(part), env=env, capture_output=True, text=True,
+                                  timeout=30)
+            assert done.returncode == 0, done.stderr
+        assert done.stdout == "hello"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+        os.close(controller)
