@@ -14,6 +14,7 @@ import grp
 import json
 import logging
 import os
+import shlex
 import shutil
 import sys
 from collections.abc import Callable
@@ -194,8 +195,11 @@ def _run_mount(args: argparse.Namespace, on_ready: Callable[[], None] | None = N
             beside = os.path.join(os.path.dirname(sys.executable), "kvpfs")
             kvpfs = ("kvpfs" if shutil.which("kvpfs") else
                      beside if os.access(beside, os.X_OK) else f"{sys.executable} -m kvpfs")
-            print(f"  {kvpfs} host list guest      # what the host sees", flush=True)
-            print(f"  {kvpfs} host set external greeting hello; cat "
+            host = f"{kvpfs} host"
+            if len(control.kvpfs_mounts()) > 1:  # without a choice the command would refuse
+                host += f" --mount {shlex.quote(str(mnt))}"
+            print(f"  {host} list guest      # what the host sees", flush=True)
+            print(f"  {host} set external greeting hello; cat "
                   f"{mnt}/external/greeting", flush=True)
         print("Stop with Ctrl-C (or umount).", flush=True)
 

@@ -426,9 +426,14 @@ def test_names_the_kernel_still_caches_after_a_host_delete(shared_kvpfs):
     assert host_items(shared_kvpfs, "guest")[guest.name] == "from the guest"
 
 
-def test_the_greeting_on_a_terminal_gives_commands_that_work(tmp_path: Path):
+@pytest.mark.parametrize("alone", [True, False], ids=["as started", "beside another kvpfs"])
+def test_the_greeting_on_a_terminal_gives_commands_that_work(tmp_path: Path, alone: bool,
+                                                             request: pytest.FixtureRequest):
     """What a new user meets first: on a terminal, `kvpfs mount --simulate` says what to try,
-    with a `kvpfs` command that runs from another shell, venv on PATH or not."""
+    with a `kvpfs` command that runs from another shell, venv on PATH or not, and that
+    names this mount when another kvpfs runs too."""
+    if not alone:
+        request.getfixturevalue("shared_kvpfs")
     import pty
     import shlex
 
@@ -450,11 +455,11 @@ def test_the_greeting_on_a_terminal_gives_commands_that_work(tmp_path: Path):
             text += os.read(controller, 4096)
         greeting = text.decode().replace("\r\n", "\n")
         assert "is serving the simulated host" in greeting, greeting
-        hint = next(line for line in greeting.splitlines() if "host list guest" in line)
+        hint = next(line for line in greeting.splitlines() if " list guest" in line)
         argv = shlex.split(hint.split("#")[0])
         listed = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=30)
         assert listed.returncode == 0, listed.stderr
-        setter = next(line for line in greeting.splitlines() if "host set external" in line)
+        setter = next(line for line in greeting.splitlines() if " set external" in line)
         for part in setter.split(";"):
             done = subprocess.run(shlex.split(part), env=env, capture_output=True, text=True,
                                   timeout=30)
