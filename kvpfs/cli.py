@@ -193,11 +193,11 @@ def _run_mount(args: argparse.Namespace, on_ready: Callable[[], None] | None = N
         if args.simulate:
             # Copy-pasteable from another shell, where the venv may not be on PATH.
             beside = os.path.join(os.path.dirname(sys.executable), "kvpfs")
-            kvpfs = ("kvpfs" if shutil.which("kvpfs") else
-                     beside if os.access(beside, os.X_OK) else f"{sys.executable} -m kvpfs")
+            kvpfs = ("kvpfs" if shutil.which("kvpfs") else shlex.quote(beside)
+                     if os.access(beside, os.X_OK) else f"{shlex.quote(sys.executable)} -m kvpfs")
             host = f"{kvpfs} host"
             if len(control.kvpfs_mounts()) > 1:  # without a choice the command would refuse
-                host += f" --mount {shlex.quote(str(mnt))}"
+                host += f" --mount {shlex.quote(str(control.canonical_mountpoint(mnt)))}"
             print(f"  {host} list guest      # what the host sees", flush=True)
             print(f"  {host} set external greeting hello; cat "
                   f"{mnt}/external/greeting", flush=True)

@@ -53,8 +53,9 @@ FIRST_KEY_INODE = 100
 
 
 TTL = 1.0  # attribute/entry cache; host changes are also invalidated explicitly
-# The kernel starts a timeout when our reply reaches it, a little after we build it.
-TTL_MARGIN = 0.5
+# The kernel starts a timeout when the caller handles our reply, after we build it, and
+# a busy or throttled guest can delay that: a generous margin, as skipping is a heuristic.
+TTL_MARGIN = TTL
 XATTR_KEY = b"user.kvp.key"
 XATTR_POOL = b"user.kvp.pool"
 XATTR_CONTROL = b"user.kvpfs.control"
@@ -134,8 +135,7 @@ class Node:
     atime_ns: int = 0
     inflight: bytes | None = None  # being published: what readers must already see
     cached: bool = False  # the kernel's page cache, if any, holds the current value
-    # Until then the kernel may use the name, and the attributes, we gave it without asking.
-    kernel_name_until: float = 0.0
+    # Until then the kernel may use the attributes we gave it without asking.
     kernel_attr_until: float = 0.0
     mode: int | None = None  # chmod/chown are accepted and remembered, not stored in pools
     uid: int | None = None
@@ -335,7 +335,7 @@ class KvpOperations(pyfuse3.Operations):
         if value is not None:
             node.last_size = len(value)
         ttl = TTL if node.pool != AUTO_POOL else 0.5
-        node.kernel_name_until = node.kernel_attr_until = time.monotonic() + ttl + TTL_MARGIN
+        node.kernel_attr_until = time.monotonic() + ttl + TTL_MARGIN
         mode = node.mode if node.mode is not None else self.perm.file_mode(node.pool)
         attr = self._base_attr(node.ino, stat.S_IFREG | mode, node.last_size, node.mtime_ns, ttl)
         attr.st_ctime_ns = max(node.ctime_ns, node.mtime_ns)
@@ -892,10 +892,13 @@ class KvpOperations(pyfuse3.Operations):
         those get an attribute refresh without waiting. For changes from the
         host or other programs, wait (bounded) until the kernel has dropped its
         caches, so that the host's next request and the next `cat` agree.
-        Nothing is invalidated when the kernel holds nothing it would use: its
-        timeouts have run out, or an invalidation since has dropped what we
-        gave it, and no file is open (a page cache left by an earlier read is
-        dropped by the next open, as `cached` is now False).
+        A changed value is not invalidated when the kernel holds nothing it
+        would use: the attributes' timeout has run out, or an invalidation
+        since has dropped them, and no file is open (a page cache left by an
+        earlier read is dropped by the next open, as `cached` is now False).
+        A deleted key is always invalidated while the kernel knows its inode:
+        that is what tells inotify watchers (IN_DELETE_SELF) and the parent
+        directory's cached attributes.
         """
         self._publish_events(changes)
         pending: list[trio.Event] = []
@@ -910,10 +913,11 @@ class KvpOperations(pyfuse3.Operations):
                 continue
             node.mtime_ns = node.ctime_ns = time.time_ns()
             node.cached = False
-            until = node.kernel_attr_until if change.kind == "set" else node.kernel_name_until
-            if not node.handles and time.monotonic() >= until:
-                if change.kind != "set":
-                    self._unlink_node(node)
+            if change.kind == "set":
+                if not node.handles and time.monotonic() >= node.kernel_attr_until:
+                    continue
+            elif node.lookups <= 0 and not node.handles:
+                self._unlink_node(node)  # the kernel never had it or has forgotten it
                 continue
             done = trio.Event()
             if change.kind == "set":

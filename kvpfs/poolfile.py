@@ -917,7 +917,7 @@ class PoolFile:
 
     @property
     def _journal_path(self) -> Path:
-        return self.path.with_name(JOURNAL_PREFIX + self.path.name)
+        return journal_path(self.path)
 
     def _journal(self, *, create: bool) -> tuple[int, int] | None:
         """The journal's descriptor and size, (re)opened if its path names another file:
@@ -969,9 +969,9 @@ class PoolFile:
                   f"{len(before)} {hashlib.sha256(body).hexdigest()}\n").encode("ascii")
         entry = _JOURNAL_MAGIC + header + body
         try:
-            # pwritev, not pwrite: one call, and the crash tests' hooks on os.pwrite stay
-            # on the pool file. Bytes after the entry (none, normally) are never read.
-            written = os.pwritev(journal[0], [entry], 0)
+            # One call at offset 0 of an empty file; bytes after the entry (none unless
+            # emptying it failed) are never read.
+            written = os.pwrite(journal[0], entry, 0)
             if written != len(entry):
                 raise OSError(errno.EIO, f"short write of {written} bytes")
         except OSError as exc:
@@ -985,7 +985,7 @@ class PoolFile:
         if self._journal_fd is None:
             return
         try:
-            os.truncate(self._journal_fd, 0)  # not os.ftruncate: see the pwritev above
+            os.ftruncate(self._journal_fd, 0)
         except OSError as exc:
             log.warning("cannot empty %s: %s", self._journal_path, exc.strerror)
 
@@ -1095,6 +1095,8 @@ class PoolContents:
     records: tuple[Record, ...]
     trailing_bytes: int
     stat_result: os.stat_result | None  # None: the file does not exist (an empty pool)
+    # A kvpfs change was cut short; its journal still holds it for the next writer to finish.
+    unfinished_change: bool = False
 
     @property
     def exists(self) -> bool:
@@ -1125,6 +1127,18 @@ class PoolContents:
             if record.valid and record.key == key:
                 return record.value
         return None
+
+
+def journal_path(pool_file: Path) -> Path:
+    """The redo journal kept beside a pool file."""
+    return pool_file.with_name(JOURNAL_PREFIX + pool_file.name)
+
+
+def _journal_holds_change(pool_file: Path) -> bool:
+    try:
+        return os.lstat(journal_path(pool_file)).st_size > 0
+    except OSError:
+        return False
 
 
 def read_pool(pool_dir: Path, pool: int, *, lock_timeout: float = 5.0
@@ -1160,6 +1174,7 @@ def read_pool(pool_dir: Path, pool: int, *, lock_timeout: float = 5.0
         try:
             data = _pread_all(fd)
             st = os.fstat(fd)
+            unfinished = _journal_holds_change(path)  # under the lock: no change under way
         finally:
             _release_locks(fd)
     except PoolFileError:
@@ -1169,7 +1184,7 @@ def read_pool(pool_dir: Path, pool: int, *, lock_timeout: float = 5.0
     finally:
         os.close(fd)
     records, trailing = parse_pool(data)
-    return PoolContents(pool, path, data, tuple(records), trailing, st)
+    return PoolContents(pool, path, data, tuple(records), trailing, st, unfinished)
 
 
 def load_pool_dir(pool_dir: Path, *, lock_timeout: float = 5.0) -> dict[int, list[Record]]:

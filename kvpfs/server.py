@@ -139,14 +139,17 @@ class DeviceServer:
                     self._serve_in_thread, channel, stop_read, handover,
                     thread_name="kvpfs device",
                 )
+                # Stopped without a device error: we were cancelled (raised here), or the
+                # trio side of the handover ended, which raises its own error at exit.
                 if failure is None:
-                    await trio.lowlevel.checkpoint()  # it stops only when we are cancelled
+                    await trio.lowlevel.checkpoint()
                 nursery.cancel_scope.cancel()
         finally:
             os.close(stop_read)
             os.close(stop_write)
         if failure is not None:
             raise failure
+        log.warning("device thread for %s stopped; opening the device again", channel.name)
 
     def _serve_in_thread(self, channel: Channel, stop_fd: int, handover: _Handover
                          ) -> OSError | None:
@@ -240,6 +243,8 @@ class DeviceServer:
         return protocol.encode_status(Status.E_FAIL)
 
     async def _dispatch(self, request: protocol.Request) -> bytes:
+        # The device thread answers GET and ENUMERATE itself; they come here only from
+        # direct callers of `answer` (tests, the in-process benchmark).
         if isinstance(request, (protocol.EnumerateRequest, protocol.GetRequest)):
             if request.pool == Pool.AUTO and self._intrinsic_blocks(request):
                 return await trio.to_thread.run_sync(self.read_reply, request)

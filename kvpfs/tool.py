@@ -48,7 +48,6 @@ from typing import BinaryIO
 
 from kvpfs import __version__, limits
 from kvpfs.poolfile import (
-    JOURNAL_PREFIX,
     POOL_COUNT,
     PoolContents,
     PoolFile,
@@ -451,17 +450,9 @@ def pool_status(contents: PoolContents, boot: float | None) -> dict:
         "mtime": None if st is None else st.st_mtime,
         "mtime_iso": None if st is None else _iso(st.st_mtime),
         "predates_boot": None if st is None or boot is None else st.st_mtime < boot,
-        "interrupted_delete": _journal_pending(contents.path),
+        "interrupted_change": contents.unfinished_change,
     }
     return info
-
-
-def _journal_pending(pool: Path) -> bool:
-    """Does the pool's redo journal hold a change a crash interrupted?"""
-    try:
-        return os.lstat(pool.with_name(JOURNAL_PREFIX + pool.name)).st_size > 0
-    except OSError:
-        return False
 
 
 def collect_status(pool_dir: Path, *, lock_timeout: float = DEFAULT_LOCK_TIMEOUT
@@ -515,8 +506,8 @@ def status_notes(status: dict) -> list[str]:
         if info["trailing_bytes"]:
             notes.append(f"{label} ends with {info['trailing_bytes']} bytes of a partial "
                          "record (a writer was interrupted); they are ignored")
-        if info["interrupted_delete"]:
-            notes.append(f"{label}: a kvpfs delete was interrupted; the next write finishes it")
+        if info["interrupted_change"]:
+            notes.append(f"{label}: a kvpfs change was interrupted; the next write finishes it")
         mode = int(info["mode"], 8) if info["mode"] else 0
         if info["pool"] == 0 and mode & 0o044:
             notes.append(f"{label} is readable by other users (mode {info['mode']}) and often "

@@ -2,10 +2,9 @@
 
 `trio.to_thread.run_sync` costs about 50 µs per call on a small VM (thread
 cache, capacity limiter, thread renaming); a long-lived thread fed through a
-queue costs about half that. A host SET pays for two such calls (the pool-file
-change and the kernel cache invalidation), so the store keeps one `Worker` per
-pool, whose changes its per-pool lock serializes already, and the filesystem
-one for its invalidations, which it runs in order.
+queue costs about half that. The store keeps one `Worker` per pool for its
+pool-file changes, which its per-pool lock serializes already, and the
+filesystem one for its kernel cache invalidations, which it runs in order.
 
 Like `to_thread.run_sync` without `abandon_on_cancel`, a call that has started
 is waited for even when the caller is cancelled: the blocking function's
@@ -28,18 +27,21 @@ _Job = tuple[Callable[..., Any], tuple[Any, ...], trio.lowlevel.Task, trio.lowle
 
 
 class Worker:
-    """One daemon thread, started on first use and ended by `close`."""
+    """One daemon thread, started on first use (again after `close`)."""
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[_Job | None] | None = None
         self._thread: threading.Thread | None = None
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """`fn(*args)` in the worker thread; its result or its exception."""
         await trio.lowlevel.checkpoint_if_cancelled()
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._serve, name=self.name, daemon=True)
+        if self._jobs is None or self._thread is None or not self._thread.is_alive():
+            # Each thread has its own queue: one that is ending never takes a new job.
+            self._jobs = queue.SimpleQueue()
+            self._thread = threading.Thread(
+                target=_serve, args=(self._jobs,), name=self.name, daemon=True)
             self._thread.start()
         self._jobs.put((fn, args, trio.lowlevel.current_task(),
                         trio.lowlevel.current_trio_token()))
@@ -48,16 +50,18 @@ class Worker:
         )
 
     def close(self) -> None:
-        """Let the thread end once it has finished what it was given."""
-        if self._thread is not None:
+        """Let the thread end once it has finished what it was given. A later `run`
+        starts a new thread, which does not wait for that last call to end."""
+        if self._jobs is not None:
             self._jobs.put(None)
-            self._thread = None
+        self._jobs = self._thread = None
 
-    def _serve(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            fn, args, task, token = job
-            result = outcome.capture(fn, *args)
-            try:
-                token.run_sync_soon(trio.lowlevel.reschedule, task, result)
-            except trio.RunFinishedError:
-                return  # the caller's trio run is over; nobody waits any more
+
+def _serve(jobs: queue.SimpleQueue[_Job | None]) -> None:
+    while (job := jobs.get()) is not None:
+        fn, args, task, token = job
+        result = outcome.capture(fn, *args)
+        try:
+            token.run_sync_soon(trio.lowlevel.reschedule, task, result)
+        except trio.RunFinishedError:
+            return  # the caller's trio run is over; nobody waits any more

@@ -617,20 +617,21 @@ def test_restart_on_a_dead_mount(tmp_path: Path) -> None:
 
 # --------------------------------------------------------------------------- torn shifts
 
-def _write_torn_at_page(path: str, action: str, index: int, pages: int) -> None:
+def _write_torn_at_page(path: str, action: str, index: int, pages: int, torn: str) -> None:
     """Child: change the pool, but let the write that crosses a page boundary stop after
     `pages` boundaries and die there -- what Linux does when SIGKILL arrives during a write
-    that spans pages (generic_perform_write checks for a fatal signal before each page)."""
+    that spans pages (generic_perform_write checks for a fatal signal before each page).
+    `torn` says whose write: the pool file's, or the redo journal's before it."""
     real_pwrite = os.pwrite
+    pf = PoolFile(Path(path))
 
     def pwrite(fd: int, data, offset: int) -> int:
         boundary = ((offset // PAGE) + pages) * PAGE
-        if offset + len(data) > boundary:
+        if offset + len(data) > boundary and (fd == pf._fd) == (torn == "pool"):
             real_pwrite(fd, bytes(data[: boundary - offset]), offset)
             os.kill(os.getpid(), signal.SIGKILL)
         return real_pwrite(fd, data, offset)
 
-    pf = PoolFile(Path(path))
     with pf.locked():
         snapshot = pf.read()
         os.pwrite = pwrite
@@ -644,14 +645,19 @@ def _write_torn_at_page(path: str, action: str, index: int, pages: int) -> None:
 
 TORN_ITEMS = [(b"key-%02d" % i, bytes([0x41 + i]) * 1500) for i in range(12)]
 NEW_LONG = b"N" * 2000
-# (action, record index, pages before the stop), then the two acceptable outcomes
+# (action, record index, pages before the stop, whose write), then the acceptable outcomes
 TORN_CASES = {
-    "delete, 1 page": ("delete", 1, 1),
-    "delete, 2 pages": ("delete", 1, 2),
-    "delete, 5 pages": ("delete", 1, 5),
+    "delete, 1 page": ("delete", 1, 1, "pool"),
+    "delete, 2 pages": ("delete", 1, 2, "pool"),
+    "delete, 5 pages": ("delete", 1, 5, "pool"),
     # record 4 is bytes 10240..12799: the page boundary at 12288 falls inside its value
-    "modify": ("modify", 4, 1),
-    "append": ("append", 0, 1),  # record 12 is bytes 30720..33279: it spans a boundary too
+    "modify": ("modify", 4, 1, "pool"),
+    "append": ("append", 0, 1, "pool"),  # record 12 is bytes 30720..33279: it spans one too
+    # the journal entry of a delete or modify (new and old bytes) spans a page: torn, it
+    # is ignored, and the pool file, not yet touched, keeps its old records (an append's
+    # entry fits in one page, which a SIGKILL cannot tear)
+    "journal of a delete": ("delete", 1, 1, "journal"),
+    "journal of a modify": ("modify", 4, 1, "journal"),
 }
 
 
@@ -667,12 +673,12 @@ def torn_outcomes(action: str, index: int) -> list[list[tuple[bytes, bytes]]]:
 
 @pytest.mark.parametrize("case", list(TORN_CASES))
 def test_write_killed_at_a_page_boundary_is_recovered(tmp_path: Path, case: str) -> None:
-    action, index, pages = TORN_CASES[case]
+    action, index, pages, torn = TORN_CASES[case]
     path = tmp_path / ".kvp_pool_0"
     path.write_bytes(b"".join(slot(k, v) for k, v in TORN_ITEMS))
     os.chmod(tmp_path, 0o700)
     child = multiprocessing.get_context("fork").Process(
-        target=_write_torn_at_page, args=(str(path), action, index, pages))
+        target=_write_torn_at_page, args=(str(path), action, index, pages, torn))
     child.start()
     child.join(30)
     assert child.exitcode == -signal.SIGKILL
@@ -690,6 +696,8 @@ def test_write_killed_at_a_page_boundary_is_recovered(tmp_path: Path, case: str)
             f"torn record: {key!r} = {value[:8]!r}...{value[-8:]!r}")
     assert records in torn_outcomes(action, index), (
         "neither rolled back nor forward: " + ", ".join(k.decode() for k, _ in records))
+    if torn == "journal":
+        assert records == TORN_ITEMS, "a torn journal entry was applied"
 
 
 def test_sigkill_during_deletes_in_a_large_pool(tmp_path: Path, request) -> None:

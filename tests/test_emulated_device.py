@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import os
 import select
 import signal
@@ -379,6 +380,36 @@ def test_host_timeout_withdraws_queued_request(emu) -> None:
         impatient.set(Pool.EXTERNAL, "k", "v")
     state = host.wait_for(timeout=2, idle=True)
     assert state["requests"] == 1 and state["ring"] == 0 and state["completed"] == 0
+
+
+def test_hosts_that_hang_up_never_stop_the_emulator(emu) -> None:
+    """A host that closes before its answer is sent is dropped quietly; one that only
+    closes its sending side still gets the answers to what it asked."""
+    import socket
+
+    from tests.support import emuwire
+
+    device, host = emu
+    path = str(control_socket_of(device))
+    for _ in range(30):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as gone:
+            gone.connect(path)
+            gone.sendall(emuwire.json_frame({"cmd": "ping"}) * 2)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as polite:
+        polite.settimeout(10)
+        polite.connect(path)
+        polite.sendall(emuwire.json_frame({"cmd": "ping"}) + emuwire.json_frame({"cmd": "state"}))
+        polite.shutdown(socket.SHUT_WR)
+        data = b""
+        while chunk := polite.recv(65536):
+            data += chunk
+    answers = []
+    while data:
+        length = emuwire.split_length(data[:4])
+        answers.append(json.loads(data[5 : 4 + length]))
+        data = data[4 + length :]
+    assert [a["ok"] for a in answers] == [True, True] and "state" in answers[1]
+    assert host.wait_for(timeout=2, idle=True)["present"]  # still serving
 
 
 def test_context_manager_cleans_up_after_emulator_crash(tmp_path) -> None:

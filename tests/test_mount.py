@@ -7,6 +7,7 @@ import fcntl
 import os
 import signal
 import stat
+import struct
 import subprocess
 import sys
 import time
@@ -376,10 +377,35 @@ def test_second_instance_on_a_live_mount_refuses(tmp_path):
         first.cleanup()
 
 
+def _inotify_watch(path: Path) -> int:
+    """An inotify fd (non-blocking) watching `path` for IN_DELETE_SELF."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+    assert fd >= 0, os.strerror(ctypes.get_errno())
+    assert libc.inotify_add_watch(fd, os.fsencode(path), 0x400) >= 0  # IN_DELETE_SELF
+    return fd
+
+
+def _inotify_masks(fd: int) -> list[int]:
+    try:
+        data = os.read(fd, 4096)
+    except BlockingIOError:
+        return []
+    masks, offset = [], 0
+    while offset < len(data):
+        _wd, mask, _cookie, length = struct.unpack_from("iIII", data, offset)
+        masks.append(mask)
+        offset += 16 + length
+    return masks
+
+
 def test_host_changes_after_the_kernel_timeouts_need_no_invalidation(shared_kvpfs):
-    """Once the kernel's 1 s timeouts have run out and no file is open, a host change is
-    not invalidated (kvpfs skips the round trip); the next reader must still see it whole:
-    a longer value past the old size, a shorter one without stale bytes, then the delete."""
+    """Once the kernel's timeouts (1 s, plus as much again to be sure) have run out and no
+    file is open, a changed value is not invalidated (kvpfs skips the round trip); the next
+    reader must still see it whole, longer or shorter than before. A delete is always
+    invalidated while the kernel knows the inode: an inotify watcher learns of it."""
     key = unique("expired")
     path = shared_kvpfs.path("external", key)
     shared_kvpfs.host("set", "external", key, "short")
@@ -388,20 +414,25 @@ def test_host_changes_after_the_kernel_timeouts_need_no_invalidation(shared_kvpf
     assert path.stat().st_size == len("longer, within the timeouts")  # invalidated
     assert path.read_text() == "longer, within the timeouts"  # page cache filled too
     with open(path):  # while a file is open, host changes are invalidated as always
-        time.sleep(1.7)
+        time.sleep(2.2)
         shared_kvpfs.host("set", "external", key, "while open")
         assert path.read_text() == "while open"
-    time.sleep(1.7)  # the timeouts of the stat above run out; nothing is open
+    time.sleep(2.2)  # the timeouts of the reads above run out; nothing is open
     shared_kvpfs.host("set", "external", key, "a much longer value than before")
     assert path.read_text() == "a much longer value than before"
     assert path.stat().st_size == len("a much longer value than before")
-    time.sleep(1.7)
+    time.sleep(2.2)
     shared_kvpfs.host("set", "external", key, "tiny")
     assert path.read_text() == "tiny"
-    time.sleep(1.7)
-    shared_kvpfs.host("delete", "external", key)
-    expect_errno(errno.ENOENT, path.read_text)
-    assert key not in os.listdir(path.parent)
+    watch = _inotify_watch(path)
+    try:
+        time.sleep(2.2)
+        shared_kvpfs.host("delete", "external", key)
+        expect_errno(errno.ENOENT, path.read_text)
+        assert key not in os.listdir(path.parent)
+        assert any(mask & 0x400 for mask in _inotify_masks(watch)), "no IN_DELETE_SELF"
+    finally:
+        os.close(watch)
 
 
 def test_names_the_kernel_still_caches_after_a_host_delete(shared_kvpfs):

@@ -563,18 +563,21 @@ def test_cloud_init_appender_loses_nothing(pool: PoolFile) -> None:
 
 
 def _delete_and_die(path: str, index: int, kill_in: str) -> None:
-    """Child: run a delete and SIGKILL ourselves inside os.pwrite or os.ftruncate."""
-
-    def die(*_args: object) -> None:
-        os.kill(os.getpid(), signal.SIGKILL)
-
+    """Child: run a delete and SIGKILL ourselves in os.pwrite or os.ftruncate of the pool
+    file (the journal's own calls go through)."""
     pf = PoolFile(Path(path))
+    real = {"pwrite": os.pwrite, "ftruncate": os.ftruncate}[kill_in]
+
+    def die_on_the_pool(fd: int, *args: object) -> object:
+        if fd == pf._fd:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(fd, *args)
+
     with pf.locked():
         snap = pf.read()
-        if kill_in == "ftruncate":
-            os.ftruncate = die  # pwrite already done: the duplicate-last-record state
-        else:
-            os.pwrite = die  # intent written, file untouched
+        # ftruncate: pwrite already done, the duplicate-last-record state;
+        # pwrite: journal written, pool file untouched
+        setattr(os, kill_in, die_on_the_pool)
         pf.delete_record(index, snap.records)
 
 
@@ -717,10 +720,11 @@ def test_failed_change_is_rolled_back_not_redone_later(
     calls = []
 
     def failing_pwrite(fd, data, offset):
-        calls.append(offset)
-        if len(calls) == 1:
-            real_pwrite(fd, bytes(data[:100]), offset)
-            raise OSError(errno.ENOSPC, "No space left on device")
+        if fd == pool._fd:  # the pool file's first write fails half-way; the journal's not
+            calls.append(offset)
+            if len(calls) == 1:
+                real_pwrite(fd, bytes(data[:100]), offset)
+                raise OSError(errno.ENOSPC, "No space left on device")
         return real_pwrite(fd, data, offset)
 
     with pool.locked():

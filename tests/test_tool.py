@@ -536,6 +536,16 @@ def test_status_counts_and_staleness(pools: Path) -> None:
     assert rows["guest"][2:6] == ["4", "3", "1", "0"]
     assert rows["guest"][-1] == "yes" and rows["external"][-1] == "no"
 
+    # `kvpfs set` kept the guest pool's redo journal, empty: nothing unfinished; a journal
+    # that still holds a change (a writer killed mid-change) is reported
+    journal = pools / ".kvpfs-journal.kvp_pool_1"
+    assert journal.stat().st_size == 0
+    assert not any(p["interrupted_change"] for p in status["pools"])
+    journal.write_bytes(b"kvpfs-redo 2\n(a change cut short)")
+    status = json.loads(ok(kvpfs_cmd("status", "--json", "--pool-dir", pools)))
+    assert [p["interrupted_change"] for p in status["pools"]] == [False, True, False, False, False]
+    assert any("a kvpfs change was interrupted" in n for n in status["notes"])
+
 
 def test_status_of_a_missing_directory(tmp_path: Path) -> None:
     status = json.loads(ok(kvpfs_cmd("status", "--json", "--pool-dir", tmp_path / "none")))

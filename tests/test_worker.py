@@ -80,3 +80,21 @@ async def test_close_ends_the_thread() -> None:
             await trio.sleep(0.01)
     assert await worker.run(lambda: "restarted on use") == "restarted on use"
     worker.close()
+
+
+
+def test_a_worker_serves_one_trio_run_after_another() -> None:
+    """The thread outlives a trio run (the store's workers do across tests); a thread
+    that has ended is replaced, so no caller is ever left waiting."""
+    worker = Worker("long-lived worker")
+
+    async def use() -> threading.Thread:
+        return await worker.run(threading.current_thread)
+
+    first = trio.run(use)
+    assert trio.run(use) is first
+    worker.close()
+    first.join(5)
+    assert not first.is_alive()
+    assert trio.run(use) is not first
+    worker.close()

@@ -779,6 +779,12 @@ class _FrameReader:
         return payload
 
 
+@dataclass
+class _HostConnection:
+    waiting: HostRequest | None = None  # the request being answered
+    gone: bool = False  # the host closed its side
+
+
 class ControlServer:
     """Serves the scripted host: requests into the ring, commands onto the device."""
 
@@ -789,11 +795,13 @@ class ControlServer:
         """One host connection: frames are answered in order, one at a time.
 
         A reader task runs for the whole connection, so a host that goes away
-        while its request waits is noticed without a watcher task per request.
+        while its request waits is noticed without a watcher task per request:
+        that request is withdrawn, and requests it sent after it are dropped.
+        A host that only closes its sending side still gets its answers.
         """
         reader = _FrameReader(stream)
         frames_in, frames = trio.open_memory_channel[bytes](math.inf)
-        waiting: list[HostRequest] = []  # the request being answered, if any
+        host = _HostConnection()
         try:
             async with trio.open_nursery() as nursery:
 
@@ -804,23 +812,30 @@ class ControlServer:
                     except (trio.BrokenResourceError, trio.ClosedResourceError,
                             ValueError) as exc:
                         log.debug("control connection closed: %s", exc)
-                    for request in waiting:
-                        self.device.abandon(request)  # the host went away
-                    nursery.cancel_scope.cancel()
+                    host.gone = True
+                    frames_in.close()  # what was asked before is still answered
+                    if host.waiting is not None:
+                        self.device.abandon(host.waiting)
+                        nursery.cancel_scope.cancel()
 
                 nursery.start_soon(read_frames)
                 async for payload in frames:
                     if payload[:1] == emuwire.KIND_JSON:
                         reply = emuwire.json_frame(await self._command(payload[1:]))
+                    elif host.gone and payload[:1] == emuwire.KIND_REQUEST:
+                        continue  # never submitted: the host went away first
                     else:
-                        reply = emuwire.frame(await self._answer(payload, waiting))
-                    await stream.send_all(reply)
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            log.debug("control connection closed: %s", exc)
+                        reply = emuwire.frame(await self._answer(payload, host))
+                    try:
+                        await stream.send_all(reply)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                        log.debug("control connection closed: %s", exc)
+                        nursery.cancel_scope.cancel()
+                        break
         finally:
             await stream.aclose()
 
-    async def _answer(self, payload: bytes, waiting: list[HostRequest]) -> bytes:
+    async def _answer(self, payload: bytes, host: _HostConnection) -> bytes:
         kind, message = payload[:1], payload[1:]
         if kind != emuwire.KIND_REQUEST:
             return emuwire.KIND_ERROR + b"unknown kind"
@@ -828,10 +843,10 @@ class ControlServer:
             text = f"request is {len(message)} bytes, expected {MESSAGE_SIZE}"
             return emuwire.KIND_ERROR + text.encode()
         request = HostRequest(message)
-        waiting.append(request)
+        host.waiting = request
         self.device.submit(request)
         await request.done.wait()
-        waiting.clear()
+        host.waiting = None
         return emuwire.encode_answer(request.status, request.source, request.reply)
 
     async def _command(self, body: bytes) -> dict[str, Any]:
