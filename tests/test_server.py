@@ -650,7 +650,10 @@ async def test_host_reads_stay_consistent_while_the_loop_changes_the_pool(
         thread = threading.Thread(target=host)
         thread.start()
         try:
-            for round_ in range(60):
+            round_ = 0
+            # at least 60 rounds, and on until the host has read a good deal meanwhile
+            while round_ < 60 or (len(seen) < 200 and round_ < 5000):
+                round_ += 1
                 # appends, in-place changes, deletes of the newest and of a middle record
                 await store.set(0, b"churn%d" % round_, b"=churn%d" % round_, Origin.MOUNT)
                 await store.set(0, b"base%d" % (round_ % 50), b"=base%d" % (round_ % 50),
