@@ -38,6 +38,7 @@ from kvpfs import cli, mounthelper
 from kvpfs.pools import POOL_NAMES
 
 from .conftest import REPO, KvpfsProcess, _dead_mount, fuse_missing, requires_fuse, skip_unless_ci
+from .support.waiting import wait_for
 
 CONTRIB = REPO / "contrib"
 UNIT = CONTRIB / "kvpfs.service"
@@ -266,7 +267,7 @@ class NamespacedSystemd:
             self.pid = self.pid or init_pid()
             return bool(self.pid) and self.state("kvpfs-test.target") == "active"
 
-        wait_until(booted, timeout=60, what="systemd to boot")
+        wait_for(booted, timeout=60, what="systemd to boot")
 
     def run(self, *command: str, check: bool = True) -> subprocess.CompletedProcess:
         return subprocess.run(["nsenter", f"--target={self.pid}", "--mount", "--pid", "--",
@@ -288,7 +289,7 @@ class NamespacedSystemd:
         for hierarchy in ("", "systemd/", "unified/", "devices/"):
             top = Path(f"/sys/fs/cgroup/{hierarchy}{self.group}")
             if top.is_dir():
-                wait_until(lambda top=top: _remove_cgroup(top), what=f"{top} to empty")
+                wait_for(lambda top=top: _remove_cgroup(top), timeout=10, what=f"{top} to empty")
 
 
 def _remove_cgroup(top: Path) -> bool:
@@ -319,8 +320,8 @@ def systemd():
 
 def test_unit_under_real_systemd(systemd):
     """The unit as shipped, run by systemd: notify, sandbox, visible mount, restart, conflicts."""
-    wait_until(lambda: systemd.state("kvpfs.service") in ("active", "failed"), timeout=30,
-               what="kvpfs.service to start")
+    wait_for(lambda: systemd.state("kvpfs.service") in ("active", "failed"), timeout=30,
+             what="kvpfs.service to start")
     assert systemd.state("kvpfs.service") == "active", systemd.log()  # READY=1 arrived
     # The mount is there for every process, not only inside the service.
     assert systemd.run("findmnt", "-n", "-o", "FSTYPE", "/run/kvp").stdout.strip() == "fuse.kvpfs"
@@ -339,9 +340,9 @@ def test_unit_under_real_systemd(systemd):
     # Killed: restarted (Restart=on-failure), a fresh mount in place of the dead one.
     old_pid = systemd.main_pid()
     systemd.run("systemctl", "kill", "--signal=KILL", "kvpfs.service")
-    wait_until(lambda: systemd.main_pid() not in (0, old_pid)
-               and systemd.state("kvpfs.service") == "active", timeout=30,
-               what="kvpfs.service to restart")
+    wait_for(lambda: systemd.main_pid() not in (0, old_pid)
+             and systemd.state("kvpfs.service") == "active", timeout=30,
+             what="kvpfs.service to restart")
     assert systemd.run("cat", "/run/kvp/guest/Status").stdout == "Ready"
 
     # Conflicts= both ways with hv-kvp-daemon.service (a stand-in here).
@@ -517,19 +518,11 @@ def daemon_pids(marker: str) -> list[int]:
     return pids
 
 
-def wait_until(predicate, timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
 def unmount_and_expect_exit(mnt: Path) -> None:
     """`umount MNT` must end the background daemon that served it."""
     assert daemon_pids(str(mnt)), "the background daemon is not running"
     subprocess.run(["umount", str(mnt)], check=True, capture_output=True, timeout=30)
-    wait_until(lambda: not daemon_pids(str(mnt)), what="the daemon to exit after umount")
+    wait_for(lambda: not daemon_pids(str(mnt)), timeout=10, what="the daemon to exit after umount")
     assert not os.path.ismount(mnt)
 
 
@@ -543,7 +536,7 @@ def check_served(mnt: Path, control: Path) -> None:
 
     # The host pushes its identity right after registering, shortly after the mount.
     vm_id = mnt / "auto_external" / "VirtualMachineId"
-    wait_until(vm_id.exists, what="the host's VirtualMachineId")
+    wait_for(vm_id.exists, timeout=10, what="the host's VirtualMachineId")
     assert vm_id.read_text()
     (mnt / "guest" / "Status").write_text("Ready\n")
     items = dict(control_mod.call(control, {"op": "list", "pool": "guest"})["items"])
@@ -604,7 +597,8 @@ def test_mount_helper_foreground(helper_base):
                              helper_options(helper_base)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        wait_until(lambda: os.path.ismount(mnt) or proc.poll() is not None, what="the mount")
+        wait_for(lambda: os.path.ismount(mnt) or proc.poll() is not None, timeout=10,
+                 what="the mount")
         assert proc.poll() is None, proc.communicate()
         check_served(mnt, helper_base / "control.sock")
         proc.send_signal(signal.SIGTERM)
@@ -803,7 +797,8 @@ def test_rslave_bind_of_the_parent_follows_a_restart(shared_dir, tmp_path):
     try:
         assert holder.stdout.readline().strip() == "ready"
         kvpfs.start()
-        wait_until(kvpfs.path("auto_external", "VirtualMachineId").exists, what="the VM id")
+        wait_for(kvpfs.path("auto_external", "VirtualMachineId").exists, timeout=10,
+                 what="the VM id")
         first_id = kvpfs.path("auto_external", "VirtualMachineId").read_text()
         assert container("cat", f"{inside}/auto_external/VirtualMachineId").stdout == first_id
         assert kvpfs.stop() == 0

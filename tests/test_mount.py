@@ -19,6 +19,7 @@ import pytest
 from kvpfs.poolfile import RECORD_SIZE, encode_record, parse_pool, pool_path
 
 from .conftest import KvpfsProcess, requires_fuse
+from .support.waiting import wait_for
 
 pytestmark = requires_fuse
 
@@ -38,17 +39,6 @@ def host_items(kvpfs: KvpfsProcess, pool: str) -> dict[str, str]:
 def pool_records(kvpfs: KvpfsProcess, pool: int) -> list[tuple[bytes, bytes]]:
     records, _ = parse_pool(pool_path(kvpfs.pools, pool).read_bytes())
     return [(r.key, r.value) for r in records]
-
-
-def wait_for(predicate, timeout: float = 5.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.02)
 
 
 def expect_errno(code: int, func, *args):

@@ -30,6 +30,7 @@ from kvpfs.poolfile import (
 )
 
 from .conftest import REPO, KvpfsProcess
+from .support.waiting import wait_for
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "reference-daemon"
 needs_fixtures = pytest.mark.skipif(not FIXTURES.is_dir(), reason="reference fixtures missing")
@@ -632,17 +633,6 @@ def test_dump_tar_holds_no_pools_when_redacted(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- with kvpfs running
-
-
-def wait_for(predicate, timeout: float):
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout} s")
-        time.sleep(0.02)
 
 
 def read_or_none(path: Path) -> str | None:
