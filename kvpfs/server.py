@@ -271,10 +271,8 @@ class DeviceServer:
         return protocol.encode_status(Status.ERROR_NOT_SUPPORTED)
 
     def _intrinsic_blocks(self, request: protocol.EnumerateRequest | protocol.GetRequest) -> bool:
-        if isinstance(request, protocol.EnumerateRequest):
-            return self.intrinsics.needs_thread(request.index)
-        return any(self.intrinsics.needs_thread(i)
-                   for i, name in enumerate(INTRINSIC_KEYS) if name.encode() == request.key)
+        index = _intrinsic_index(request)
+        return index is not None and self.intrinsics.needs_thread(index)
 
     def read_reply(self, request: protocol.EnumerateRequest | protocol.GetRequest) -> bytes:
         """GET and ENUMERATE, answered from memory; callable from any thread.
@@ -294,20 +292,26 @@ class DeviceServer:
         return protocol.encode_get_reply(*_fit(request.key, value, request.pool))
 
     def _read_intrinsic(self, request: protocol.EnumerateRequest | protocol.GetRequest) -> bytes:
+        index = _intrinsic_index(request)
+        item = None if index is None else self.intrinsics.value(index)
+        if item is None:
+            return protocol.encode_status(Status.S_CONT)
+        key, value = item
         if isinstance(request, protocol.EnumerateRequest):
-            item = self.intrinsics.value(request.index)
-            if item is None:
-                return protocol.encode_status(Status.S_CONT)
-            key, value = item
             return protocol.encode_enumerate_reply(
                 *_fit(key.encode(), value.encode(), "intrinsic")
             )
-        names = [name.encode() for name in INTRINSIC_KEYS]
-        if request.key not in names:
-            return protocol.encode_status(Status.S_CONT)
-        item = self.intrinsics.value(names.index(request.key))
-        assert item is not None
-        return protocol.encode_get_reply(*_fit(request.key, item[1].encode(), "auto"))
+        return protocol.encode_get_reply(*_fit(request.key, value.encode(), "auto"))
+
+
+_INTRINSIC_INDEX = {name.encode(): index for index, name in enumerate(INTRINSIC_KEYS)}
+
+
+def _intrinsic_index(request: protocol.EnumerateRequest | protocol.GetRequest) -> int | None:
+    """Which pool-2 value a request names: by position, or by exact key for GET."""
+    if isinstance(request, protocol.EnumerateRequest):
+        return request.index
+    return _INTRINSIC_INDEX.get(request.key)
 
 
 _STOP = object()
