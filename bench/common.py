@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvpfs.poolfile import POOL_COUNT, encode_record, pool_path
+from kvpfs.storage.poolfile import POOL_COUNT, encode_record, pool_path
 
 REPO = Path(__file__).resolve().parent.parent
 KVPFS_SOURCE = REPO  # where `python -m kvpfs` finds the package it runs (--kvpfs-src)

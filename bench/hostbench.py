@@ -48,9 +48,9 @@ from bench.common import (
     write_pools,
 )
 from bench.profiling import maybe_profile
-from kvpfs.intrinsic import KEYS as INTRINSIC_KEYS
-from kvpfs.poolfile import KEY_FIELD, RECORD_SIZE, PoolFile, pool_path
-from kvpfs.protocol import Status
+from kvpfs.host.intrinsic import KEYS as INTRINSIC_KEYS
+from kvpfs.storage.poolfile import KEY_FIELD, RECORD_SIZE, PoolFile, pool_path
+from kvpfs.wire.protocol import Status
 from tests.support.kvphost import EmulatedHost, run_emulated_device
 from tests.support.refdaemon import run_reference_daemon
 
@@ -156,7 +156,7 @@ class _KvpfsGuest:
 
 class _PoolFileGuest:
     """What tools do beside hv_kvp_daemon: write the record in the pool file under the
-    locks (as kvpfs.poolfile does), read the record from the file."""
+    locks (as kvpfs.storage.poolfile does), read the record from the file."""
 
     def __init__(self, pool_dir: Path) -> None:
         self.pool_dir = pool_dir

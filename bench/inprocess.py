@@ -19,17 +19,17 @@ import trio
 
 from bench.common import Stat, key_name, value_text, write_pools
 from bench.hostbench import AUTO, EXTERNAL, PASS_REQUESTS, HostConfig
-from kvpfs.intrinsic import KEYS as INTRINSIC_KEYS
-from kvpfs.intrinsic import FqdnCache, Intrinsics
-from kvpfs.protocol import (
+from kvpfs.host.intrinsic import KEYS as INTRINSIC_KEYS
+from kvpfs.host.intrinsic import FqdnCache, Intrinsics
+from kvpfs.host.server import DeviceServer
+from kvpfs.storage.store import Store
+from kvpfs.wire.protocol import (
     Status,
     encode_delete_request,
     encode_enumerate_request,
     encode_get_request,
     encode_set_request,
 )
-from kvpfs.server import DeviceServer
-from kvpfs.store import Store
 
 
 def _status(reply: bytes) -> int:

@@ -18,7 +18,7 @@ import select
 import signal
 import sys
 
-from kvpfs.protocol import MESSAGE_SIZE, Op, Status, encode_register, encode_status
+from kvpfs.wire.protocol import MESSAGE_SIZE, Op, Status, encode_register, encode_status
 
 
 def main(argv: list[str]) -> int:

@@ -1,3 +1,3 @@
-from kvpfs.cli import main
+from kvpfs.cli.main import main
 
 raise SystemExit(main())

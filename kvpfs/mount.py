@@ -26,15 +26,15 @@ import pyfuse3
 import trio
 
 from kvpfs import __version__, control
-from kvpfs.device import CharDevice, DeviceUnavailable
-from kvpfs.fs import KvpOperations, Permissions
-from kvpfs.intrinsic import FqdnCache, Intrinsics
-from kvpfs.netconfig import IpInfoService, NetSettings
-from kvpfs.poolfile import PoolFileError
-from kvpfs.pools import pool_number
-from kvpfs.server import DeviceServer, RegistrationRefused
-from kvpfs.simulator import SimulatedHost
-from kvpfs.store import Store, default_pool_dir
+from kvpfs.fuse.operations import KvpOperations, Permissions
+from kvpfs.host.device import CharDevice, DeviceUnavailable
+from kvpfs.host.intrinsic import FqdnCache, Intrinsics
+from kvpfs.host.netconfig import IpInfoService, NetSettings
+from kvpfs.host.server import DeviceServer, RegistrationRefused
+from kvpfs.host.simulator import SimulatedHost
+from kvpfs.storage.poolfile import PoolFileError
+from kvpfs.storage.store import Store, default_pool_dir
+from kvpfs.wire.pools import pool_number
 
 log = logging.getLogger(__name__)
 

@@ -34,8 +34,9 @@ from pathlib import Path
 
 import pytest
 
-from kvpfs import cli, mounthelper
-from kvpfs.pools import POOL_NAMES
+from kvpfs.cli import main as cli
+from kvpfs.cli import mounthelper
+from kvpfs.wire.pools import POOL_NAMES
 
 from .conftest import REPO, KvpfsProcess, _dead_mount, fuse_missing, requires_fuse, skip_unless_ci
 from .support.waiting import wait_for

@@ -45,9 +45,9 @@ from pathlib import Path
 import pytest
 
 from kvpfs import control
-from kvpfs.poolfile import PoolFile
-from kvpfs.protocol import Status
-from kvpfs.simulator import SYNTHETIC_POOL3
+from kvpfs.host.simulator import SYNTHETIC_POOL3
+from kvpfs.storage.poolfile import PoolFile
+from kvpfs.wire.protocol import Status
 
 from .conftest import REPO, KvpfsProcess, _dead_mount, requires_fuse, skip_unless_ci
 from .support.safety import (

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from kvpfs.protocol import Status, encode_set_request
+from kvpfs.wire.protocol import Status, encode_set_request
 from tests.conftest import REPO, KvpfsDeviceProcess, fuse_missing
 from tests.support.emuwire import ReplySource
 from tests.support.figures import record_figure

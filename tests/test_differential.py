@@ -44,13 +44,13 @@ from pathlib import Path
 
 import pytest
 
-from kvpfs.kernelconv import (
+from kvpfs.wire.kernelconv import (
     GUEST_VALUE_MAX_UNITS,
     HOST_KEY_MAX_BYTES,
     guest_to_host,
     host_to_guest,
 )
-from kvpfs.protocol import (
+from kvpfs.wire.protocol import (
     SET_KEY_SIZE_OFFSET,
     Op,
     Status,

@@ -23,7 +23,7 @@ from typing import TypeVar
 
 import pytest
 
-from kvpfs.protocol import (
+from kvpfs.wire.protocol import (
     MESSAGE_SIZE,
     Op,
     Pool,
@@ -352,7 +352,7 @@ def test_blocked_reader_can_be_killed(emu, tmp_path) -> None:
     device, host = emu
     script = (
         "import os, sys\n"
-        "from kvpfs.protocol import encode_register\n"
+        "from kvpfs.wire.protocol import encode_register\n"
         f"fd = os.open({device!r}, os.O_RDWR)\n"
         "os.write(fd, encode_register())\n"
         "os.read(fd, 7432)\n"

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from kvpfs.poolfile import encode_record, pool_path
+from kvpfs.storage.poolfile import encode_record, pool_path
 
 from .conftest import KvpfsProcess, requires_fuse
 

@@ -8,10 +8,10 @@ import os
 import pyfuse3
 import pytest
 
-from kvpfs import fs
-from kvpfs.fs import DIR_INODES, EVENTS_INODE, KvpOperations
-from kvpfs.intrinsic import FqdnCache, Intrinsics
-from kvpfs.store import Origin, Store
+from kvpfs.fuse import operations as fs
+from kvpfs.fuse.operations import DIR_INODES, EVENTS_INODE, KvpOperations
+from kvpfs.host.intrinsic import FqdnCache, Intrinsics
+from kvpfs.storage.store import Origin, Store
 
 
 class Ctx:

@@ -39,13 +39,13 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kvpfs import protocol
-from kvpfs.device import Channel
-from kvpfs.intrinsic import KEYS as INTRINSIC_KEYS
-from kvpfs.intrinsic import FqdnCache, Intrinsics, OsInfo
-from kvpfs.server import DeviceServer
-from kvpfs.simulator import SimulatedHost
-from kvpfs.store import Store
+from kvpfs.host.device import Channel
+from kvpfs.host.intrinsic import KEYS as INTRINSIC_KEYS
+from kvpfs.host.intrinsic import FqdnCache, Intrinsics, OsInfo
+from kvpfs.host.server import DeviceServer
+from kvpfs.host.simulator import SimulatedHost
+from kvpfs.storage.store import Store
+from kvpfs.wire import protocol
 
 from .support.safety import (
     KEY_FIELD,

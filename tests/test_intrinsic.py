@@ -1,4 +1,4 @@
-"""Tests for kvpfs.intrinsic: OS information from a fake root, and the bounded FQDN cache."""
+"""Tests for kvpfs.host.intrinsic: OS information from a fake root, and the bounded FQDN cache."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from kvpfs.intrinsic import KEYS, FqdnCache, Intrinsics, OsInfo, read_os_info, resolve_fqdn
+from kvpfs.host.intrinsic import KEYS, FqdnCache, Intrinsics, OsInfo, read_os_info, resolve_fqdn
 
 
 def write(root: Path, relative: str, text: str) -> None:

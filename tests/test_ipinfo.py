@@ -1,6 +1,6 @@
 """GET_IP_INFO / SET_IP_INFO without a network: tokens, reply layout, configuration files.
 
-`kvpfs.ipinfo` is pure and tested directly.  `kvpfs.netconfig` is tested against fake
+`kvpfs.wire.ipinfo` is pure and tested directly.  `kvpfs.host.netconfig` is tested against fake
 sysfs trees and a fake root (/etc, /run, /usr/libexec), with fake nmcli/networkctl/busctl/
 hv_set_ifconfig programs on PATH that record their argument lists -- interface names here
 (hv0...) do not exist in the test's namespace, so nothing real is touched.  Generated
@@ -24,14 +24,15 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvpfs import ipinfo, netconfig, protocol
-from kvpfs.intrinsic import FqdnCache, Intrinsics, OsInfo
-from kvpfs.ipinfo import InvalidArgument, LinkInfo, StaticConfig, parse_set
-from kvpfs.netconfig import IpInfoService, NetSettings
-from kvpfs.protocol import Op, Status
-from kvpfs.server import DeviceServer
-from kvpfs.simulator import SimulatedHost
-from kvpfs.store import Store
+from kvpfs.host import netconfig
+from kvpfs.host.intrinsic import FqdnCache, Intrinsics, OsInfo
+from kvpfs.host.netconfig import IpInfoService, NetSettings
+from kvpfs.host.server import DeviceServer
+from kvpfs.host.simulator import SimulatedHost
+from kvpfs.storage.store import Store
+from kvpfs.wire import ipinfo, protocol
+from kvpfs.wire.ipinfo import InvalidArgument, LinkInfo, StaticConfig, parse_set
+from kvpfs.wire.protocol import Op, Status
 
 SYSTEM_PYTHON = "/usr/bin/python3"
 NMKEYFILE = Path(__file__).with_name("nmkeyfile.py")

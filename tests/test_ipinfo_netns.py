@@ -41,8 +41,9 @@ from pathlib import Path
 
 import pytest
 
-from kvpfs import control, ipinfo
-from kvpfs.protocol import Status
+from kvpfs import control
+from kvpfs.wire import ipinfo
+from kvpfs.wire.protocol import Status
 
 from .conftest import skip_unless_ci
 
@@ -202,9 +203,10 @@ def write(path: Path, text: str, mode: int = 0o644) -> Path:
 
 
 def _helper_call(argv: list[str]) -> object:
-    from kvpfs import netconfig, protocol
-    from kvpfs.netconfig import NetSettings
-    from kvpfs.protocol import Op
+    from kvpfs.host import netconfig
+    from kvpfs.host.netconfig import NetSettings
+    from kvpfs.wire import protocol
+    from kvpfs.wire.protocol import Op
 
     kind, settings_json, arg = argv
     raw = json.loads(settings_json)
@@ -220,7 +222,7 @@ def _helper_call(argv: list[str]) -> object:
 
 def _helper_diff(argv: list[str]) -> object:
     """GET_IP_INFO for each MAC from the reference daemon, then from kvpfs, same device."""
-    from kvpfs.protocol import Op
+    from kvpfs.wire.protocol import Op
     from tests.support.kvphost import run_emulated_device
     from tests.support.refdaemon import run_reference_daemon
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from kvpfs.poolfile import RECORD_SIZE, encode_record, parse_pool, pool_path
+from kvpfs.storage.poolfile import RECORD_SIZE, encode_record, parse_pool, pool_path
 
 from .conftest import KvpfsProcess, requires_fuse
 from .support.waiting import wait_for

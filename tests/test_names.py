@@ -1,4 +1,4 @@
-"""Tests for kvpfs.names: the reversible key <-> file-name escaping."""
+"""Tests for kvpfs.wire.names: the reversible key <-> file-name escaping."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
-from kvpfs.names import (
+from kvpfs.wire.names import (
     LONG_MARK,
     NAME_MAX,
     InvalidName,

@@ -1,4 +1,4 @@
-"""Tests for kvpfs.poolfile against real files, real locks and real child processes."""
+"""Tests for kvpfs.storage.poolfile against real files, real locks and real child processes."""
 
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kvpfs import poolfile
-from kvpfs.poolfile import (
+from kvpfs.storage import poolfile
+from kvpfs.storage.poolfile import (
     KEY_FIELD,
     POOL_COUNT,
     RECORD_SIZE,

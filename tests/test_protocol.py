@@ -1,4 +1,4 @@
-"""Tests for kvpfs.protocol and kvpfs.kernelconv (bytes only, no devices).
+"""Tests for kvpfs.wire.protocol and kvpfs.wire.kernelconv (bytes only, no devices).
 
 Offsets are written here as literals, independently of the module's constants, and were
 taken from gcc 12.2 ``offsetof`` on ``struct hv_kvp_msg`` from Debian linux-libc-dev
@@ -22,9 +22,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kvpfs import kernelconv as kc
-from kvpfs import protocol as p
-from kvpfs.protocol import (
+from kvpfs.wire import kernelconv as kc
+from kvpfs.wire import protocol as p
+from kvpfs.wire.protocol import (
     DeleteRequest,
     EnumerateRequest,
     GetRequest,

@@ -1,4 +1,4 @@
-"""Tests for kvpfs.server.DeviceServer driven by the simulated host over the real byte protocol.
+"""DeviceServer (kvpfs.host.server) driven by the simulated host over the real byte protocol.
 
 Each test runs a SimulatedHost (the kernel + Hyper-V host), a DeviceServer that opens it like
 /dev/vmbus/hv_kvp, and a Store over pool files in tmp_path, all in one trio nursery.  The host
@@ -22,12 +22,12 @@ from pathlib import Path
 import pytest
 import trio
 
-from kvpfs import protocol
-from kvpfs.intrinsic import KEYS, FqdnCache, Intrinsics, OsInfo
-from kvpfs.protocol import Op, Status
-from kvpfs.server import DeviceServer
-from kvpfs.simulator import SYNTHETIC_POOL3, SimulatedHost
-from kvpfs.store import Origin, Store
+from kvpfs.host.intrinsic import KEYS, FqdnCache, Intrinsics, OsInfo
+from kvpfs.host.server import DeviceServer
+from kvpfs.host.simulator import SYNTHETIC_POOL3, SimulatedHost
+from kvpfs.storage.store import Origin, Store
+from kvpfs.wire import protocol
+from kvpfs.wire.protocol import Op, Status
 from tests.support.lockholder import start_locker, stop_locker
 
 RECORD = 2560
@@ -542,7 +542,7 @@ class ThreadKernel:
         self.kernel: socket.socket | None = None
 
     async def open(self):
-        from kvpfs.device import Channel
+        from kvpfs.host.device import Channel
 
         guest, kernel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.kernel = kernel

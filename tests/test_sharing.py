@@ -35,7 +35,7 @@ from pathlib import Path
 import pytest
 
 from kvpfs import control
-from kvpfs.protocol import Status
+from kvpfs.wire.protocol import Status
 
 from .conftest import REPO, KvpfsProcess, requires_fuse
 from .support.safety import (

@@ -1,4 +1,4 @@
-"""Tests for kvpfs.store: the in-memory pools kept in step with real pool files in tmp_path.
+"""Tests for kvpfs.storage.store: the in-memory pools kept in step with real pool files in tmp_path.
 
 Everything goes through real files, real locks (fcntl/flock) and, for foreign lock holders,
 real child processes.  Pool file bytes are checked directly, not through the store.
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from kvpfs.poolfile import LockTimeout
-from kvpfs.store import Change, Origin, Store
+from kvpfs.storage.poolfile import LockTimeout
+from kvpfs.storage.store import Change, Origin, Store
 from tests.support.lockholder import start_locker, stop_locker
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "reference-daemon"

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from kvpfs import limits, tool
-from kvpfs.poolfile import (
+from kvpfs.cli import tool
+from kvpfs.storage.poolfile import (
     KEY_FIELD,
     RECORD_SIZE,
     VALUE_FIELD,
@@ -28,6 +28,7 @@ from kvpfs.poolfile import (
     parse_pool,
     pool_path,
 )
+from kvpfs.wire import limits
 
 from .conftest import REPO, KvpfsProcess
 from .support.waiting import wait_for
@@ -87,7 +88,7 @@ def records(directory: Path, pool: int) -> list[tuple[bytes, bytes]]:
 
 
 def test_limits_are_the_hosts() -> None:
-    """One set of limits for the mount, the store and the tool (kvpfs.limits)."""
+    """One set of limits for the mount, the store and the tool (kvpfs.wire.limits)."""
     assert (limits.KEY_MAX_UNITS, limits.VALUE_MAX_UNITS) == (254, 1022)
     assert (limits.KEY_MAX_BYTES, limits.VALUE_MAX_BYTES) == (511, 2047)
 

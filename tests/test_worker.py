@@ -1,4 +1,4 @@
-"""kvpfs.worker: a dedicated thread for blocking calls, with to_thread's semantics."""
+"""kvpfs.storage.worker: a dedicated thread for blocking calls, with to_thread's semantics."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import time
 import pytest
 import trio
 
-from kvpfs.worker import Worker
+from kvpfs.storage.worker import Worker
 
 
 async def test_runs_in_its_own_thread_and_returns_or_raises() -> None:

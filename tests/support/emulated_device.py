@@ -62,7 +62,7 @@ from typing import Any, ParamSpec, TypeVar
 import pyfuse3
 import trio
 
-from kvpfs.protocol import LEGACY_REGISTER, MESSAGE_SIZE, Op, Status, encode_register_reply
+from kvpfs.wire.protocol import LEGACY_REGISTER, MESSAGE_SIZE, Op, Status, encode_register_reply
 from tests.support import emuwire
 from tests.support.emuwire import ReplySource
 

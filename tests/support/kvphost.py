@@ -37,7 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kvpfs.kernelconv import (
+from kvpfs.host.simulator import IpInfoResult, ip_info_as_host_sees
+from kvpfs.wire.kernelconv import (
     GUEST_KEY_MAX_UNITS,
     GUEST_VALUE_MAX_UNITS,
     HOST_KEY_MAX_BYTES,
@@ -46,7 +47,7 @@ from kvpfs.kernelconv import (
     guest_to_host,
     host_to_guest,
 )
-from kvpfs.protocol import (
+from kvpfs.wire.protocol import (
     MESSAGE_SIZE,
     Op,
     Status,
@@ -58,7 +59,6 @@ from kvpfs.protocol import (
     encode_set_request,
     reply_key_value,
 )
-from kvpfs.simulator import IpInfoResult, ip_info_as_host_sees
 from tests.support import emuwire
 from tests.support.emuwire import ReplySource
 

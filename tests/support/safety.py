@@ -7,7 +7,7 @@
 * Self-checking values (`checked_value`/`value_is_checked`): a value names its key, a sequence
   number and a hash of both, so a reader can tell a torn or misplaced value from a real one.
 * An independent pool file parser (`split_slots`, `slot_pairs`): the tests check kvpfs's files
-  with their own reading of the format, not with kvpfs.poolfile.
+  with their own reading of the format, not with kvpfs.storage.poolfile.
 """
 
 from __future__ import annotations

@@ -14,9 +14,9 @@ import select
 import time
 from pathlib import Path
 
-from kvpfs import names
-from kvpfs.poolfile import pool_path, read_pool, stat_signature
-from kvpfs.pools import POOL_NAMES
+from kvpfs.storage.poolfile import pool_path, read_pool, stat_signature
+from kvpfs.wire import names
+from kvpfs.wire.pools import POOL_NAMES
 
 POLL_INTERVAL = 0.1
 

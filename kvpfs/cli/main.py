@@ -20,8 +20,9 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from kvpfs import __version__, control, mounthelper
-from kvpfs.pools import pool_number
+from kvpfs import __version__, control
+from kvpfs.cli import mounthelper
+from kvpfs.wire.pools import pool_number
 
 EXIT_OK = 0
 EXIT_NOT_FOUND = 1
@@ -118,7 +119,7 @@ EXIT_TIMEOUT = 124  # as timeout(1)
 
 
 def _run_wait(args: argparse.Namespace) -> int:
-    from kvpfs import wait
+    from kvpfs.cli import wait
 
     key = os.fsencode(args.key)  # the bytes given on the command line
     try:
@@ -353,7 +354,7 @@ def _add_tool_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_tool(args: argparse.Namespace) -> int:
-    from kvpfs import tool
+    from kvpfs.cli import tool
 
     prog = f"kvpfs {args.command}"
     common = {"lock_timeout": args.lock_timeout}
@@ -393,5 +394,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def mount_helper_main(argv: list[str] | None = None) -> int:
-    """`mount.kvpfs SRC MNT -o OPTS`, what `mount -t kvpfs` runs (see kvpfs/mounthelper.py)."""
+    """`mount.kvpfs SRC MNT -o OPTS`, what `mount -t kvpfs` runs (see kvpfs/cli/mounthelper.py)."""
     return mounthelper.main(sys.argv[1:] if argv is None else argv)

@@ -32,8 +32,7 @@ from pathlib import Path
 
 import trio
 
-from kvpfs.limits import KEY_MAX_BYTES, VALUE_MAX_BYTES
-from kvpfs.poolfile import (
+from kvpfs.storage.poolfile import (
     POOL_COUNT,
     LockTimeout,
     PoolFile,
@@ -44,7 +43,8 @@ from kvpfs.poolfile import (
     pool_path,
     stat_signature,
 )
-from kvpfs.worker import Worker
+from kvpfs.storage.worker import Worker
+from kvpfs.wire.limits import KEY_MAX_BYTES, VALUE_MAX_BYTES
 
 log = logging.getLogger(__name__)
 

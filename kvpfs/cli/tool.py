@@ -7,8 +7,8 @@ still on hv_kvp_daemon) as well as machines where it is. It uses the daemon's ow
 * reads take the shared locks (OFD read lock + `flock(LOCK_SH)`), so a reader never sees the
   reference daemon's truncate-and-rewrite half done, and never create or modify anything;
 * writes go through `PoolFile.locked()` (OFD write lock + `flock(LOCK_EX)`, crash recovery)
-  and change the file exactly as `kvpfs.store` does: an upsert modifies the last valid record
-  with the key in place or appends one, a delete removes every valid record with the key,
+  and change the file exactly as `kvpfs.storage.store` does: an upsert modifies the last valid
+  record with the key in place or appends one, a delete removes every valid record with the key,
   last to first. A running kvpfs on the same directory notices within a second (it compares
   file signatures four times a second), as it notices cloud-init's appends;
 * a key or value the host could not receive whole is refused with nothing written (the same
@@ -19,7 +19,7 @@ still on hv_kvp_daemon) as well as machines where it is. It uses the daemon's ow
 
 All output is UTF-8 bytes whatever the locale (KVP data is UTF-8). Functions raise `ToolError`
 (with the exit status to use) or `PoolFileError` (an I/O problem, exit status 4); `run` turns
-both into a message on stderr and an exit status. No argparse here: `kvpfs.cli` parses.
+both into a message on stderr and an exit status. No argparse here: `kvpfs.cli.main` parses.
 """
 
 from __future__ import annotations
@@ -46,8 +46,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import BinaryIO
 
-from kvpfs import __version__, limits
-from kvpfs.poolfile import (
+from kvpfs import __version__
+from kvpfs.storage.poolfile import (
     POOL_COUNT,
     PoolContents,
     PoolFile,
@@ -56,7 +56,8 @@ from kvpfs.poolfile import (
     pool_path,
     read_pool,
 )
-from kvpfs.pools import AUTO, GUEST, POOL_NAMES
+from kvpfs.wire import limits
+from kvpfs.wire.pools import AUTO, GUEST, POOL_NAMES
 
 EXIT_OK = 0
 EXIT_NOT_FOUND = 1

@@ -1,13 +1,13 @@
 """The system side of GET_IP_INFO and SET_IP_INFO.
 
 GET_IP_INFO: the adapter is found by MAC in sysfs, its addresses and default gateways come
-from the kernel over rtnetlink (`kvpfs.rtnl`, the namespace kvpfs runs in), its DNS servers
+from the kernel over rtnetlink (`kvpfs.host.rtnl`, the namespace kvpfs runs in), its DNS servers
 from systemd-resolved for that link when resolved runs (else networkd's link state, else
 /etc/resolv.conf), and "DHCP on" from whichever of NetworkManager, systemd-networkd,
 ifupdown or network-scripts manages the link, read from their state files.
 
 SET_IP_INFO: the adapter is found by VMBus instance GUID in sysfs, the host's tokens are
-validated (`kvpfs.ipinfo.parse_set`), and the configuration goes to the network manager
+validated (`kvpfs.wire.ipinfo.parse_set`), and the configuration goes to the network manager
 that owns the link: a NetworkManager keyfile loaded and activated with nmcli, or a
 systemd-networkd .network file followed by `networkctl reload`; otherwise, like the
 reference, `ifcfg-<if>` plus `<if>.nmconnection` handed to hv_set_ifconfig if installed.
@@ -39,8 +39,9 @@ from pathlib import Path
 
 import trio
 
-from kvpfs import protocol, rtnl
-from kvpfs.ipinfo import (
+from kvpfs.host import rtnl
+from kvpfs.wire import protocol
+from kvpfs.wire.ipinfo import (
     InvalidArgument,
     IpAddress,
     LinkInfo,
@@ -55,7 +56,7 @@ from kvpfs.ipinfo import (
     render_nm_keyfile,
     safe_ifname,
 )
-from kvpfs.protocol import Op, Status
+from kvpfs.wire.protocol import Op, Status
 
 log = logging.getLogger(__name__)
 

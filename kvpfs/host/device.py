@@ -22,7 +22,7 @@ from typing import Protocol
 
 import trio
 
-from kvpfs.protocol import MESSAGE_SIZE
+from kvpfs.wire.protocol import MESSAGE_SIZE
 
 DEFAULT_DEVICE = "/dev/vmbus/hv_kvp"
 

@@ -9,7 +9,7 @@ half-written file.  Rendering is pure text so tests can feed it straight to the 
 parsers (libnm's keyfile reader, systemd-networkd).
 
 Everything that touches the system (sysfs, netlink, files, nmcli/networkctl) lives in
-`kvpfs.netconfig`.
+`kvpfs.host.netconfig`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Interface, IPv6Address, IPv6Interface
 from typing import TypeAlias
 
-from kvpfs import protocol
+from kvpfs.wire import protocol
 
 __all__ = [
     "ADDR_FAMILY_IPV4",

@@ -119,8 +119,8 @@ def translate(source: str | None, mountpoint: str, options: list[str]) -> list[s
 
 def main(argv: list[str], prog: str = "mount.kvpfs") -> int:
     """Mount as mount(8) expects: return once mounted (or in the foreground with -f)."""
-    from kvpfs import cli
-    from kvpfs.daemonize import run_in_background
+    from kvpfs.cli import main as cli
+    from kvpfs.cli.daemonize import run_in_background
 
     args = build_helper_parser(prog).parse_intermixed_args(argv)
     if args.type is not None and args.type not in ("kvpfs", "fuse.kvpfs"):

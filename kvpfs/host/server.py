@@ -26,13 +26,13 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
-from kvpfs import protocol
-from kvpfs.device import Channel, DeviceUnavailable, Opener
-from kvpfs.intrinsic import KEYS as INTRINSIC_KEYS
-from kvpfs.intrinsic import Intrinsics
-from kvpfs.poolfile import LockTimeout, PoolFileError
-from kvpfs.protocol import Op, Pool, ProtocolError, Status
-from kvpfs.store import Origin, Store
+from kvpfs.host.device import Channel, DeviceUnavailable, Opener
+from kvpfs.host.intrinsic import KEYS as INTRINSIC_KEYS
+from kvpfs.host.intrinsic import Intrinsics
+from kvpfs.storage.poolfile import LockTimeout, PoolFileError
+from kvpfs.storage.store import Origin, Store
+from kvpfs.wire import protocol
+from kvpfs.wire.protocol import Op, Pool, ProtocolError, Status
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import trio
 
-from kvpfs.netinfo import interface_addresses
+from kvpfs.host.netinfo import interface_addresses
 
 log = logging.getLogger(__name__)
 

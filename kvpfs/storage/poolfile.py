@@ -57,7 +57,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kvpfs.pools import POOL_NAMES
+from kvpfs.wire.pools import POOL_NAMES
 
 __all__ = [
     "KEY_FIELD",

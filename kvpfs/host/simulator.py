@@ -20,9 +20,9 @@ from dataclasses import dataclass
 
 import trio
 
-from kvpfs import kernelconv, protocol
-from kvpfs.device import Channel
-from kvpfs.protocol import Op, Status
+from kvpfs.host.device import Channel
+from kvpfs.wire import kernelconv, protocol
+from kvpfs.wire.protocol import Op, Status
 
 log = logging.getLogger(__name__)
 

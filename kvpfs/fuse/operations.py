@@ -32,14 +32,14 @@ from dataclasses import dataclass, field
 import pyfuse3
 import trio
 
-from kvpfs import limits, names
-from kvpfs.intrinsic import KEYS as INTRINSIC_KEYS
-from kvpfs.intrinsic import Intrinsics
-from kvpfs.limits import VALUE_MAX_BYTES, VALUE_MAX_UNITS
-from kvpfs.poolfile import LockTimeout, PoolFileError
-from kvpfs.pools import GUEST, POOL_NAMES
-from kvpfs.store import AUTO_POOL, Change, Origin, Store
-from kvpfs.worker import Worker
+from kvpfs.host.intrinsic import KEYS as INTRINSIC_KEYS
+from kvpfs.host.intrinsic import Intrinsics
+from kvpfs.storage.poolfile import LockTimeout, PoolFileError
+from kvpfs.storage.store import AUTO_POOL, Change, Origin, Store
+from kvpfs.storage.worker import Worker
+from kvpfs.wire import limits, names
+from kvpfs.wire.limits import VALUE_MAX_BYTES, VALUE_MAX_UNITS
+from kvpfs.wire.pools import GUEST, POOL_NAMES
 
 log = logging.getLogger(__name__)
 
