@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from kvpfs import __version__
+from kvpfs.storage import writeplan
 from kvpfs.storage.poolfile import (
     POOL_COUNT,
     PoolContents,
@@ -174,16 +175,13 @@ def set_key(pool_dir: Path, pool: int, key: bytes, value: bytes, *,
     try:
         with pf.locked():
             records = pf.read().records
-            slots = [i for i, r in enumerate(records) if r.valid and r.key == key]
-            if slots and records[slots[-1]].value == value:
-                return "unchanged"
-            if slots:
-                pf.write_record(slots[-1], key, value)
-                return "modified"
-            pf.append_record(key, value)
-            return "appended"
+            change = writeplan.plan(records, writeplan.Upsert(key, value))
+            pf.apply(change, records)
     finally:
         pf.close()
+    if isinstance(change, writeplan.Modify):
+        return "modified"
+    return "appended" if isinstance(change, writeplan.Append) else "unchanged"
 
 
 def delete_key(pool_dir: Path, pool: int, key: bytes, *,
@@ -198,15 +196,12 @@ def delete_key(pool_dir: Path, pool: int, key: bytes, *,
     pf = PoolFile(path, lock_timeout=lock_timeout)
     try:
         with pf.locked():
-            records = list(pf.read().records)
-            slots = [i for i, r in enumerate(records) if r.valid and r.key == key]
-            # Last to first, so each removal leaves the earlier slot numbers valid.
-            for slot in reversed(slots):
-                pf.delete_record(slot, records)
-                del records[slot]
-            return len(slots)
+            records = pf.read().records
+            change = writeplan.plan(records, writeplan.Delete(key))
+            pf.apply(change, records)
     finally:
         pf.close()
+    return len(change.slots) if isinstance(change, writeplan.Truncate | writeplan.Remove) else 0
 
 
 # --------------------------------------------------------------------------- formats

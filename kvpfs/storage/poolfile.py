@@ -54,9 +54,19 @@ import struct
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+from kvpfs.storage import writeplan
+from kvpfs.storage.records import (
+    KEY_FIELD,
+    RECORD_SIZE,
+    VALUE_FIELD,
+    Record,
+    encode_record,
+    parse_pool,
+    slot_bytes,
+)
 from kvpfs.wire.pools import POOL_NAMES
 
 __all__ = [
@@ -82,9 +92,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-RECORD_SIZE = 2560
-KEY_FIELD = 512
-VALUE_FIELD = 2048
 POOL_COUNT = 5
 
 _F_OFD_SETLK: int = getattr(fcntl, "F_OFD_SETLK", 37)
@@ -108,97 +115,6 @@ def pool_path(pool_dir: Path, pool: int) -> Path:
     if not 0 <= pool < POOL_COUNT:
         raise ValueError(f"pool number must be 0..{POOL_COUNT - 1}, not {pool}")
     return Path(pool_dir) / f".kvp_pool_{pool}"
-
-
-# --------------------------------------------------------------------------- records
-
-
-@dataclass(frozen=True, slots=True)
-class Record:
-    """One 2560-byte slot, key and value cut at their first NUL.
-
-    `raw` is the original slot for records that cannot be rewritten faithfully from key and
-    value (not `valid`, or a field with no NUL terminator), so a delete that shifts them copies
-    them back byte for byte instead of "repairing" data we do not understand.
-    """
-
-    key: bytes
-    value: bytes
-    raw: bytes | None = None
-    # Non-empty key, and both fields UTF-8 (what the host can receive). Decided once here:
-    # indexing a pool asks it of every record.
-    valid: bool = field(init=False, compare=False)
-
-    def __post_init__(self) -> None:
-        try:
-            self.key.decode("utf-8")
-            self.value.decode("utf-8")
-            valid = bool(self.key)
-        except UnicodeDecodeError:
-            valid = False
-        object.__setattr__(self, "valid", valid)
-
-
-def _parse_record(data: bytes | bytearray, start: int = 0) -> Record:
-    """The record in the slot at `start`, copying only its key and value."""
-    value_start = start + KEY_FIELD
-    key_end = data.find(b"\0", start, value_start)
-    value_end = data.find(b"\0", value_start, value_start + VALUE_FIELD)
-    unterminated = key_end < 0 or value_end < 0
-    key = bytes(data[start : value_start if key_end < 0 else key_end])
-    value = bytes(data[value_start : value_start + VALUE_FIELD if value_end < 0 else value_end])
-    record = Record(key, value)
-    if not record.valid or unterminated:
-        return Record(key, value, bytes(data[start : start + RECORD_SIZE]))
-    return record
-
-
-def parse_pool(data: bytes | bytearray) -> tuple[list[Record], int]:
-    """Split a pool file's contents into records; also return the trailing partial length.
-
-    Duplicate keys are kept, in file order: pool 1 writers only append, and the later record
-    is the newer one.
-    """
-    count = len(data) // RECORD_SIZE
-    records = [_parse_record(data, i * RECORD_SIZE) for i in range(count)]
-    return records, len(data) - count * RECORD_SIZE
-
-
-def encode_record(key: bytes, value: bytes) -> bytes:
-    """One zero-padded 2560-byte slot.
-
-    Zero padding (rather than the reference daemon's copy of only the new bytes) keeps stale
-    data from leaking; a NUL terminator always fits, so every reader stops where we meant.
-    """
-    if not isinstance(key, bytes | bytearray | memoryview) or not isinstance(
-        value, bytes | bytearray | memoryview
-    ):
-        raise TypeError("KVP key and value must be bytes (UTF-8 encoded)")
-    key, value = bytes(key), bytes(value)
-    if b"\0" in key:
-        raise ValueError("KVP key contains a NUL byte; NUL terminates the key in the pool file")
-    if b"\0" in value:
-        raise ValueError("KVP value contains a NUL byte; NUL terminates the value in the pool file")
-    if len(key) > KEY_FIELD - 1:
-        raise ValueError(
-            f"KVP key is {len(key)} bytes; at most {KEY_FIELD - 1} fit in the {KEY_FIELD}-byte "
-            "key field with its NUL terminator"
-        )
-    if len(value) > VALUE_FIELD - 1:
-        raise ValueError(
-            f"KVP value is {len(value)} bytes; at most {VALUE_FIELD - 1} fit in the "
-            f"{VALUE_FIELD}-byte value field with its NUL terminator"
-        )
-    return key.ljust(KEY_FIELD, b"\0") + value.ljust(VALUE_FIELD, b"\0")
-
-
-def _slot_bytes(record: Record) -> bytes:
-    """The bytes a record is written back as when it is shifted by a delete."""
-    if record.raw is not None:
-        if len(record.raw) != RECORD_SIZE:
-            raise ValueError(f"Record.raw must be {RECORD_SIZE} bytes, not {len(record.raw)}")
-        return record.raw
-    return encode_record(record.key, record.value)
 
 
 # --------------------------------------------------------------------------- identity
@@ -856,9 +772,25 @@ class PoolFile:
             )
         if not 0 <= index < count:
             raise IndexError(f"record {index} out of range: {self.path} has {count} records")
-        tail = b"".join(_slot_bytes(r) for r in records[index + 1 :])
+        tail = b"".join(slot_bytes(r) for r in records[index + 1 :])
         self._change(fd, fst, index * RECORD_SIZE, tail, (count - 1) * RECORD_SIZE,
                      f"shifting records after {index} in")
+
+    def apply(self, change: writeplan.Plan, records: Sequence[Record]) -> None:
+        """Carry out a write plan made from `records`, read under the same lock."""
+        if isinstance(change, writeplan.Modify):
+            self.write_record(change.slot, change.record.key, change.record.value)
+        elif isinstance(change, writeplan.Append):
+            slot = self.append_record(change.record.key, change.record.value)
+            if slot != change.slot:
+                raise ValueError(f"stale records for {self.path}: appended slot {slot}, "
+                                 f"planned {change.slot}; re-read under the lock")
+        elif isinstance(change, (writeplan.Truncate, writeplan.Remove)):
+            remaining = list(records)
+            # Last to first, so each removal leaves the earlier slot numbers valid.
+            for slot in reversed(change.slots):
+                self.delete_record(slot, remaining)
+                del remaining[slot]
 
     def _change(self, fd: int, fst: os.stat_result, offset: int, data: bytes,
                 size_after: int, what: str) -> None:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import errno
 
-from kvpfs.storage.poolfile import KEY_FIELD, VALUE_FIELD
 from kvpfs.wire.kernelconv import GUEST_KEY_MAX_UNITS, GUEST_VALUE_MAX_UNITS, utf16_units
+from kvpfs.wire.protocol import KEY_FIELD, VALUE_FIELD
 
 KEY_MAX_UNITS = GUEST_KEY_MAX_UNITS  # 254
 VALUE_MAX_UNITS = GUEST_VALUE_MAX_UNITS  # 1022
