@@ -19,7 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from kvpfs.cli import tool
+from kvpfs import __version__
+from kvpfs.cli.formats import export_name
+from kvpfs.cli.status import boot_time
 from kvpfs.storage.poolfile import (
     KEY_FIELD,
     RECORD_SIZE,
@@ -265,7 +267,7 @@ def test_export_survives_eval_exactly(tmp_path: Path) -> None:
     exports = ok(result)
     assert result.stderr == b""
     assert b"export KVP_quote='it'\\''s a '\\''quoted'\\'' value'\n" in exports
-    names = [tool.export_name(key) for key in TRICKY]
+    names = [export_name(key) for key in TRICKY]
     assert names[-1] == "KVP_dashes_and_dots"
     assert eval_exports(exports, *names) == [v.encode() for v in TRICKY.values()]
 
@@ -275,7 +277,7 @@ def test_export_of_the_reference_pools(pools: Path) -> None:
     for pool, items in expected_pools().items():
         exports = ok(kvpfs_cmd("ls", "--export", "--pool-dir", pools, str(pool)))
         last = dict(items)
-        names = [tool.export_name(k) for k in last]
+        names = [export_name(k) for k in last]
         assert len(exports.splitlines()) == len(last)
         assert eval_exports(exports, *names) == [v.encode() for v in last.values()]
 
@@ -510,7 +512,7 @@ def test_unusable_pool_file_is_exit_4(tmp_path: Path) -> None:
 
 @needs_fixtures
 def test_status_counts_and_staleness(pools: Path) -> None:
-    boot = tool.boot_time()
+    boot = boot_time()
     assert boot is not None
     old = boot - 3600
     for n in range(5):
@@ -579,7 +581,7 @@ def test_dump_to_stdout_is_one_complete_json(pools: Path) -> None:
     dump = json.loads(ok(result))
     assert b"secrets" in result.stderr  # pool 0's values are in the bundle
     assert dump["format"] == "kvpfs-dump 1" and dump["redacted"] is False
-    assert dump["system"]["kvpfs"] == tool.__version__ and dump["system"]["kernel"]
+    assert dump["system"]["kvpfs"] == __version__ and dump["system"]["kernel"]
     expected = expected_pools()
     for info in dump["pools"]:
         n = info["pool"]

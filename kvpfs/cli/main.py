@@ -22,13 +22,14 @@ from pathlib import Path
 
 from kvpfs import __version__, control
 from kvpfs.cli import mounthelper
+from kvpfs.cli.results import (
+    EXIT_NOT_FOUND,
+    EXIT_OK,
+    EXIT_TIMEOUT,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+)
 from kvpfs.wire.pools import pool_number
-
-EXIT_OK = 0
-EXIT_NOT_FOUND = 1
-EXIT_USAGE = 2
-EXIT_UNAVAILABLE = 3
-EXIT_IO = 4
 
 log = logging.getLogger("kvpfs")
 
@@ -115,7 +116,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-EXIT_TIMEOUT = 124  # as timeout(1)
 
 
 def _run_wait(args: argparse.Namespace) -> int:
@@ -309,7 +309,7 @@ TOOL_COMMANDS = ("get", "set", "rm", "ls", "status", "dump")
 
 
 def _add_tool_parsers(sub: argparse._SubParsersAction) -> None:
-    """`get/set/rm/ls/status/dump`: the pool files directly (kvpfs/tool.py), mount or not."""
+    """`get/set/rm/ls/status/dump` on the pool files directly (cli/keys.py, status.py, dump.py)."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--pool-dir", type=Path, default=Path("/var/lib/hyperv"),
                         help="pool files directory (default /var/lib/hyperv)")
@@ -354,27 +354,27 @@ def _add_tool_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_tool(args: argparse.Namespace) -> int:
-    from kvpfs.cli import tool
+    from kvpfs.cli import dump, keys, results, status
 
     prog = f"kvpfs {args.command}"
     common = {"lock_timeout": args.lock_timeout}
     if args.command == "get":
-        return tool.run(prog, tool.cmd_get, args.pool_dir, args.pool, args.key, raw=args.raw,
-                        **common)
+        return results.run(prog, keys.cmd_get, args.pool_dir, args.pool, args.key, raw=args.raw,
+                           **common)
     if args.command == "set":
-        return tool.run(prog, tool.cmd_set, args.pool_dir, args.pool, args.key, args.value,
-                        raw=args.raw, force_pool=args.force_pool, **common)
+        return results.run(prog, keys.cmd_set, args.pool_dir, args.pool, args.key, args.value,
+                           raw=args.raw, force_pool=args.force_pool, **common)
     if args.command == "rm":
-        return tool.run(prog, tool.cmd_rm, args.pool_dir, args.pool, args.key,
-                        force_pool=args.force_pool, missing_ok=args.missing_ok, **common)
+        return results.run(prog, keys.cmd_rm, args.pool_dir, args.pool, args.key,
+                           force_pool=args.force_pool, missing_ok=args.missing_ok, **common)
     if args.command == "ls":
         fmt = "json" if args.json else "export" if args.export else "text"
-        return tool.run(prog, tool.cmd_ls, args.pool_dir, args.pool, fmt=fmt,
-                        all_records=args.all_records, prefix=args.prefix, **common)
+        return results.run(prog, keys.cmd_ls, args.pool_dir, args.pool, fmt=fmt,
+                           all_records=args.all_records, prefix=args.prefix, **common)
     if args.command == "status":
-        return tool.run(prog, tool.cmd_status, args.pool_dir, as_json=args.json, **common)
-    return tool.run(prog, tool.cmd_dump, args.pool_dir, output=args.output,
-                    redact=args.redact, **common)
+        return results.run(prog, status.cmd_status, args.pool_dir, as_json=args.json, **common)
+    return results.run(prog, dump.cmd_dump, args.pool_dir, output=args.output,
+                           redact=args.redact, **common)
 
 
 def main(argv: list[str] | None = None) -> int:

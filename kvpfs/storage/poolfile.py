@@ -70,6 +70,7 @@ from kvpfs.storage.records import (
 from kvpfs.wire.pools import POOL_NAMES
 
 __all__ = [
+    "DEFAULT_LOCK_TIMEOUT",
     "KEY_FIELD",
     "POOL_COUNT",
     "RECORD_SIZE",
@@ -93,6 +94,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 POOL_COUNT = 5
+# How long a writer waits for another program's lock (`--lock-timeout`).
+DEFAULT_LOCK_TIMEOUT = 5.0
 
 _F_OFD_SETLK: int = getattr(fcntl, "F_OFD_SETLK", 37)
 # struct flock { short l_type; short l_whence; off_t l_start; off_t l_len; pid_t l_pid; }
@@ -463,7 +466,7 @@ class PoolFile:
     All other methods expect the caller to hold the lock.
     """
 
-    def __init__(self, path: Path, *, lock_timeout: float = 5.0) -> None:
+    def __init__(self, path: Path, *, lock_timeout: float = DEFAULT_LOCK_TIMEOUT) -> None:
         self.path = Path(path)
         self.lock_timeout = lock_timeout
         self._fd: int | None = None
@@ -1073,7 +1076,7 @@ def _journal_holds_change(pool_file: Path) -> bool:
         return False
 
 
-def read_pool(pool_dir: Path, pool: int, *, lock_timeout: float = 5.0
+def read_pool(pool_dir: Path, pool: int, *, lock_timeout: float = DEFAULT_LOCK_TIMEOUT
               ) -> PoolContents:
     """Read one pool under the shared locks; a missing file is an empty pool.
 
@@ -1119,7 +1122,8 @@ def read_pool(pool_dir: Path, pool: int, *, lock_timeout: float = 5.0
     return PoolContents(pool, path, data, tuple(records), trailing, st, unfinished)
 
 
-def load_pool_dir(pool_dir: Path, *, lock_timeout: float = 5.0) -> dict[int, list[Record]]:
+def load_pool_dir(pool_dir: Path, *, lock_timeout: float = DEFAULT_LOCK_TIMEOUT
+                  ) -> dict[int, list[Record]]:
     """Read all pools under shared locks (OFD read lock + flock LOCK_SH), for tools.
 
     Missing files (or a missing directory) are empty pools. Nothing is created or modified.
