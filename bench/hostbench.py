@@ -48,11 +48,11 @@ from bench.common import (
     write_pools,
 )
 from bench.profiling import maybe_profile
+from emulation.kvphost import EmulatedHost, run_emulated_device
+from emulation.refdaemon import run_reference_daemon
 from kvpfs.host.intrinsic import KEYS as INTRINSIC_KEYS
 from kvpfs.storage.poolfile import KEY_FIELD, RECORD_SIZE, PoolFile, pool_path
 from kvpfs.wire.protocol import Status
-from tests.support.kvphost import EmulatedHost, run_emulated_device
-from tests.support.refdaemon import run_reference_daemon
 
 KVPFS = "kvpfs"
 REFERENCE = "hv_kvp_daemon"

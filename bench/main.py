@@ -1,7 +1,7 @@
 """kvpfs benchmark: host transactions, filesystem operations, end to end, memory, start-up.
 
 Everything is measured in one run on this machine: kvpfs and Debian's
-hv_kvp_daemon on the same emulated /dev/vmbus/hv_kvp (tests/support), kvpfs's
+hv_kvp_daemon on the same emulated /dev/vmbus/hv_kvp (emulation/), kvpfs's
 filesystem beside tmpfs and a minimal pyfuse3 filesystem (bench/floorfs.py).
 It prints Markdown tables and one PASS/MISS line per target of the
 performance issue. Needs root, /dev/fuse and hyperv-daemons (./dev.sh installs
@@ -37,8 +37,8 @@ from bench.common import (
 from bench.fsbench import FLOOR, KVPFS, TMPFS, FsConfig, FsResult
 from bench.hostbench import REFERENCE, HostConfig, HostResult
 from bench.startbench import StartResult
-from tests.support.kvphost import run_emulated_device
-from tests.support.refdaemon import REFERENCE_DAEMON
+from emulation.kvphost import run_emulated_device
+from emulation.refdaemon import REFERENCE_DAEMON
 
 SECTIONS = ("host", "fs", "start")
 FLAT_LIMIT = 1.5

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# The benchmark drives the emulated device of tests/support, so the checkout is on the path.
+# The benchmark drives the emulated device of emulation/, so the checkout is on the path.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.main import main

@@ -1,7 +1,7 @@
 """kvpfs against a misbehaving /dev/vmbus/hv_kvp: it must survive, register again and serve.
 
 kvpfs runs as a real mount (`kvpfs mount --device`) on the emulated device of
-tests/support/emulated_device.py, whose control socket injects the faults the kernel can
+emulation/emulated_device.py, whose control socket injects the faults the kernel can
 produce: failed reads and writes (as after hibernation), the module going away and coming
 back, a transaction that times out while kvpfs waits for a pool lock (its late reply then gets
 EINVAL), a device another daemon already holds (EBUSY), and the pool directory deleted under a
@@ -24,11 +24,11 @@ from pathlib import Path
 
 import pytest
 
+from emulation.emuwire import ReplySource
+from emulation.kvphost import EmulatedHost, run_emulated_device
 from kvpfs.wire.protocol import Status, encode_set_request
 from tests.conftest import REPO, KvpfsDeviceProcess, fuse_missing
-from tests.support.emuwire import ReplySource
 from tests.support.figures import record_figure
-from tests.support.kvphost import EmulatedHost, run_emulated_device
 
 pytestmark = pytest.mark.skipif(fuse_missing() is not None, reason=str(fuse_missing()))
 

@@ -1,8 +1,8 @@
 """Differential tests: Debian's hv_kvp_daemon and kvpfs, driven by the same scripted host.
 
-Each daemon gets its own emulated /dev/vmbus/hv_kvp (tests/support/emulated_device.py) and its
+Each daemon gets its own emulated /dev/vmbus/hv_kvp (emulation/emulated_device.py) and its
 own pool directory: the reference daemon runs in a private mount namespace
-(tests/support/refdaemon.py), kvpfs as a real mount (`kvpfs mount --device ...`). Every step
+(emulation/refdaemon.py), kvpfs as a real mount (`kvpfs mount --device ...`). Every step
 of a transcript is sent to both, and what the host sees is compared: the status, key and
 value of each reply after the kernel's UTF-8 -> UTF-16 conversion. Checkpoint steps compare
 the pool files themselves: the records decoded in file order (cut at the first NUL), the
@@ -44,6 +44,9 @@ from pathlib import Path
 
 import pytest
 
+from emulation.emuwire import ReplySource
+from emulation.kvphost import EmulatedHost, run_emulated_device
+from emulation.refdaemon import REFERENCE_DAEMON, run_reference_daemon
 from kvpfs.wire.kernelconv import (
     GUEST_VALUE_MAX_UNITS,
     HOST_KEY_MAX_BYTES,
@@ -63,10 +66,7 @@ from kvpfs.wire.protocol import (
     reply_key_value,
 )
 from tests.conftest import REPO, KvpfsDeviceProcess, fuse_missing
-from tests.support.emuwire import ReplySource
 from tests.support.figures import record_figure
-from tests.support.kvphost import EmulatedHost, run_emulated_device
-from tests.support.refdaemon import REFERENCE_DAEMON, run_reference_daemon
 
 pytestmark = pytest.mark.skipif(
     fuse_missing() is not None or not os.access(REFERENCE_DAEMON, os.X_OK),

@@ -23,6 +23,14 @@ from typing import TypeVar
 
 import pytest
 
+from emulation.emuwire import ReplySource
+from emulation.kvphost import (
+    EmulatedHost,
+    HostReply,
+    control_socket_of,
+    run_emulated_device,
+)
+from emulation.refdaemon import REFERENCE_DAEMON, run_reference_daemon
 from kvpfs.wire.protocol import (
     MESSAGE_SIZE,
     Op,
@@ -33,14 +41,6 @@ from kvpfs.wire.protocol import (
     encode_set_request,
     encode_status,
 )
-from tests.support.emuwire import ReplySource
-from tests.support.kvphost import (
-    EmulatedHost,
-    HostReply,
-    control_socket_of,
-    run_emulated_device,
-)
-from tests.support.refdaemon import REFERENCE_DAEMON, run_reference_daemon
 
 T = TypeVar("T")
 
@@ -387,7 +387,7 @@ def test_hosts_that_hang_up_never_stop_the_emulator(emu) -> None:
     closes its sending side still gets the answers to what it asked."""
     import socket
 
-    from tests.support import emuwire
+    from emulation import emuwire
 
     device, host = emu
     path = str(control_socket_of(device))

@@ -222,9 +222,9 @@ def _helper_call(argv: list[str]) -> object:
 
 def _helper_diff(argv: list[str]) -> object:
     """GET_IP_INFO for each MAC from the reference daemon, then from kvpfs, same device."""
+    from emulation.kvphost import run_emulated_device
+    from emulation.refdaemon import run_reference_daemon
     from kvpfs.wire.protocol import Op
-    from tests.support.kvphost import run_emulated_device
-    from tests.support.refdaemon import run_reference_daemon
 
     work, macs = Path(argv[0]), json.loads(argv[1])
     answers: dict[str, dict] = {"reference": {}, "kvpfs": {}}

@@ -1,1 +1,2 @@
-"""Test helpers: the emulated hv_kvp device, the scripted host and the reference daemon."""
+"""Test helpers: waiting, lock holders, pool writers and safety figures (the device and host
+emulation shared with bench/ is the top-level `emulation` package)."""

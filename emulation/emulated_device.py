@@ -2,12 +2,12 @@
 
 Run as its own process::
 
-    python -m tests.support.emulated_device MOUNTDIR CONTROL_SOCKET [--timeout 30] [--debug]
+    python -m emulation.emulated_device MOUNTDIR CONTROL_SOCKET [--timeout 30] [--debug]
 
 ``MOUNTDIR/hv_kvp`` then behaves like the Linux char device (``drivers/hv/hv_utils_transport.c``
 plus the KVP state machine of ``drivers/hv/hv_kvp.c``), and a scripted host drives it through
-``CONTROL_SOCKET`` (wire format in :mod:`tests.support.emuwire`, client in
-:mod:`tests.support.kvphost`).  Why FUSE rather than a socket pair: a daemon under test -- ours or
+``CONTROL_SOCKET`` (wire format in :mod:`emulation.emuwire`, client in
+:mod:`emulation.kvphost`).  Why FUSE rather than a socket pair: a daemon under test -- ours or
 the real Debian ``hv_kvp_daemon`` -- opens a *path* and uses plain open/read/write/poll/close,
 so only a file system can reproduce EBUSY on a second open, EINVAL on a short read,
 poll readiness and "close resets the device" without patching the daemon.
@@ -62,9 +62,9 @@ from typing import Any, ParamSpec, TypeVar
 import pyfuse3
 import trio
 
+from emulation import emuwire
+from emulation.emuwire import ReplySource
 from kvpfs.wire.protocol import LEGACY_REGISTER, MESSAGE_SIZE, Op, Status, encode_register_reply
-from tests.support import emuwire
-from tests.support.emuwire import ReplySource
 
 log = logging.getLogger("kvpemu")
 

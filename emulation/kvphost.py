@@ -37,6 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from emulation import emuwire
+from emulation.emuwire import ReplySource
 from kvpfs.host.simulator import IpInfoResult, ip_info_as_host_sees
 from kvpfs.wire.kernelconv import (
     GUEST_KEY_MAX_UNITS,
@@ -59,8 +61,6 @@ from kvpfs.wire.protocol import (
     encode_set_request,
     reply_key_value,
 )
-from tests.support import emuwire
-from tests.support.emuwire import ReplySource
 
 __all__ = [
     "DEVICE_FILE",
@@ -73,7 +73,7 @@ __all__ = [
     "run_emulated_device",
 ]
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 DEVICE_FILE = "hv_kvp"
 CONTROL_XATTR = "user.kvpemu.control"
 
@@ -459,7 +459,7 @@ def run_emulated_device(
     args = [
         sys.executable,
         "-m",
-        "tests.support.emulated_device",
+        "emulation.emulated_device",
         str(mountdir),
         str(control),
         "--timeout",

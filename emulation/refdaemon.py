@@ -5,7 +5,7 @@ The daemon hard-codes ``/dev/vmbus/hv_kvp`` and ``/var/lib/hyperv`` and logs thr
 touched.  So the daemon is started as::
 
     unshare --mount --propagation private \\
-        python -m tests.support.refdaemon --ns-exec CONFIG -- /usr/sbin/hv_kvp_daemon -n
+        python -m emulation.refdaemon --ns-exec CONFIG -- /usr/sbin/hv_kvp_daemon -n
 
 and the small Python step in between (``_ns_exec``) prepares its view of the file system with
 mount(2) before it ``execv``\\s the daemon (``unshare`` does not fork, so the pid we hold is
@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from tests.support.kvphost import EmulatedHost
+    from emulation.kvphost import EmulatedHost
 
 __all__ = ["REFERENCE_DAEMON", "RefDaemon", "ReferenceDaemonError", "run_reference_daemon"]
 
@@ -62,7 +62,7 @@ REFERENCE_DAEMON = "/usr/sbin/hv_kvp_daemon"
 KVP_DEVICE = "/dev/vmbus/hv_kvp"
 KVP_POOL_DIR = "/var/lib/hyperv"
 SYSLOG_PATH = "/dev/log"
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 _MS_BIND = 0x1000
 _MS_REC = 0x4000
@@ -280,7 +280,7 @@ def run_reference_daemon(
     context is entered as soon as the process runs (for tests of failing handshakes).
     On exit the daemon gets SIGTERM, then SIGKILL.
     """
-    from tests.support.kvphost import EmulatedHost, control_socket_of
+    from emulation.kvphost import EmulatedHost, control_socket_of
 
     if not os.access(daemon, os.X_OK):
         raise ReferenceDaemonError(f"{daemon} not installed (apt-get install hyperv-daemons)")
@@ -316,7 +316,7 @@ def run_reference_daemon(
         "private",
         sys.executable,
         "-m",
-        "tests.support.refdaemon",
+        "emulation.refdaemon",
         "--ns-exec",
         json.dumps(config),
         "--",
@@ -364,7 +364,7 @@ def _main(argv: list[str]) -> int:
     """``--ns-exec CONFIG -- COMMAND...``: the in-namespace step (not for direct use)."""
     if len(argv) < 4 or argv[0] != "--ns-exec" or argv[2] != "--":
         print(
-            "usage: python -m tests.support.refdaemon --ns-exec CONFIG -- CMD...", file=sys.stderr
+            "usage: python -m emulation.refdaemon --ns-exec CONFIG -- CMD...", file=sys.stderr
         )
         return 2
     _ns_exec(json.loads(argv[1]), argv[3:])
