@@ -11,10 +11,11 @@ import tarfile
 import time
 from importlib import metadata
 from pathlib import Path
+from typing import Literal
 
 from kvpfs import __version__
 from kvpfs.cli.formats import invalid_entry, utf8_text
-from kvpfs.cli.results import EXIT_IO, EXIT_OK, Output, UsageError, json_bytes
+from kvpfs.cli.results import EXIT_IO, EXIT_OK, JsonObject, Output, UsageError, json_bytes
 from kvpfs.cli.status import collect_status, iso_time, status_notes
 from kvpfs.storage.poolfile import DEFAULT_LOCK_TIMEOUT, pool_path
 from kvpfs.storage.records import Record
@@ -46,7 +47,7 @@ def _package_version(name: str) -> str | None:
         return None
 
 
-def system_info() -> dict:
+def system_info() -> JsonObject:
     """Versions and the facts support asks first (is this a Hyper-V guest, which kernel)."""
     uname = os.uname()
     return {
@@ -64,12 +65,12 @@ def system_info() -> dict:
     }
 
 
-def _redacted(record: Record) -> list:
+def _redacted(record: Record) -> list[str]:
     return [utf8_text(record.key), f"<redacted: {len(record.value)} bytes>"]
 
 
 def build_dump(pool_dir: Path, *, redact: bool = False, embed_raw: bool = True,
-               lock_timeout: float = DEFAULT_LOCK_TIMEOUT) -> tuple[dict, dict[int, bytes]]:
+               lock_timeout: float = DEFAULT_LOCK_TIMEOUT) -> tuple[JsonObject, dict[int, bytes]]:
     """The support bundle as one JSON-able dict, plus the raw pool files it decoded.
 
     Each pool's entry is its `status` entry plus "entries" (every record in file order,
@@ -105,11 +106,13 @@ def build_dump(pool_dir: Path, *, redact: bool = False, embed_raw: bool = True,
     return dump, raws
 
 
-TAR_SUFFIXES = {".tar": "w", ".tar.gz": "w:gz", ".tgz": "w:gz", ".tar.xz": "w:xz"}
+TarMode = Literal["w", "w:gz", "w:xz"]
+TAR_SUFFIXES: dict[str, TarMode] = {".tar": "w", ".tar.gz": "w:gz", ".tgz": "w:gz",
+                                    ".tar.xz": "w:xz"}
 DUMP_TOP = "kvpfs-dump"
 
 
-def _tar_mode(output: Path) -> str | None:
+def _tar_mode(output: Path) -> TarMode | None:
     name = output.name
     for suffix, mode in TAR_SUFFIXES.items():
         if name.endswith(suffix):
@@ -117,7 +120,7 @@ def _tar_mode(output: Path) -> str | None:
     return None
 
 
-def write_dump(output: Path, dump: dict, raws: dict[int, bytes]) -> None:
+def write_dump(output: Path, dump: JsonObject, raws: dict[int, bytes]) -> None:
     """Write the bundle as a directory or, for a .tar/.tar.gz/.tgz/.tar.xz name, an archive:
     `dump.json` and `pools/.kvp_pool_N` (the raw files, named as in /var/lib/hyperv so the
     directory works as a `--pool-dir`). Created 0600/0700 (pools carry secrets); an existing

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from kvpfs.cli.results import Output, UsageError, json_bytes
+from kvpfs.cli.results import JsonObject, Output, UsageError, json_bytes
 from kvpfs.storage.poolfile import PoolContents
 from kvpfs.storage.records import Record
 
@@ -54,7 +54,7 @@ def export_name(key: str, prefix: str = DEFAULT_EXPORT_PREFIX) -> str:
     return prefix + _NOT_NAME.sub("_", key)
 
 
-def invalid_entry(slot: int, record: Record) -> dict:
+def invalid_entry(slot: int, record: Record) -> JsonObject:
     """How an invalid record appears in JSON: where it is and what its key bytes are, never
     its value (which the host never sees either)."""
     return {"invalid": True, "slot": slot, "reason": invalid_reason(record),
@@ -98,7 +98,7 @@ def format_json(contents: PoolContents, *, all_records: bool = False) -> Output:
     """An object key -> value (last wins), or a list of [key, value] in file order with
     duplicates and `invalid_entry` objects."""
     if all_records:
-        entries: list = [
+        entries: list[object] = [
             [utf8_text(r.key), utf8_text(r.value)] if r.valid else invalid_entry(slot, r)
             for slot, r in enumerate(contents.records)
         ]

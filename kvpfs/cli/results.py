@@ -12,6 +12,7 @@ import os
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from kvpfs.storage.poolfile import PoolFileError
 
@@ -22,6 +23,8 @@ EXIT_USAGE = 2  # bad arguments, or a key or value beyond the limits: nothing wr
 EXIT_UNAVAILABLE = 3  # kvpfs could not start, or no kvpfs is reachable
 EXIT_IO = 4  # a lock timeout or a pool file that cannot be read or written
 EXIT_TIMEOUT = 124  # `kvpfs wait --timeout`, as timeout(1)
+
+JsonObject = dict[str, Any]  # what --json prints, before it is printed
 
 
 class ToolError(Exception):

@@ -10,7 +10,7 @@ import stat
 import threading
 from pathlib import Path
 
-from kvpfs.cli.results import EXIT_IO, EXIT_OK, Output, json_bytes
+from kvpfs.cli.results import EXIT_IO, EXIT_OK, JsonObject, Output, json_bytes
 from kvpfs.storage.poolfile import (
     DEFAULT_LOCK_TIMEOUT,
     POOL_COUNT,
@@ -37,9 +37,9 @@ def boot_time() -> float | None:
     return None
 
 
-def hv_kvp_daemons() -> list[dict]:
+def hv_kvp_daemons() -> list[JsonObject]:
     """Running hv_kvp_daemon processes visible here (/proc/*/comm)."""
-    found = []
+    found: list[JsonObject] = []
     try:
         pids = sorted(int(name) for name in os.listdir("/proc") if name.isdigit())
     except OSError:
@@ -55,11 +55,11 @@ def hv_kvp_daemons() -> list[dict]:
     return found
 
 
-def _probe_mount(mountpoint: Path) -> dict:
+def _probe_mount(mountpoint: Path) -> JsonObject:
     """Ask one kvpfs mount for its status through its control socket."""
     from kvpfs import control  # imports trio; only needed here
 
-    info: dict = {"mountpoint": str(mountpoint)}
+    info: JsonObject = {"mountpoint": str(mountpoint)}
     try:
         path = Path(os.fsdecode(os.getxattr(mountpoint, control.CONTROL_XATTR)))
     except OSError as exc:
@@ -81,7 +81,7 @@ def _probe_mount(mountpoint: Path) -> dict:
     return info
 
 
-def kvpfs_mounts(pool_dir: Path) -> list[dict]:
+def kvpfs_mounts(pool_dir: Path) -> list[JsonObject]:
     """Running kvpfs mounts, each with its pool directory and whether it is `pool_dir`.
 
     Each probe runs in a daemon thread with a time bound: a stopped kvpfs would otherwise
@@ -95,12 +95,12 @@ def kvpfs_mounts(pool_dir: Path) -> list[dict]:
         counts[mountpoint] = counts.get(mountpoint, 0) + 1
     results = []
     for mountpoint, count in counts.items():
-        box: list[dict] = []
+        box: list[JsonObject] = []
         thread = threading.Thread(target=lambda m=mountpoint, b=box: b.append(_probe_mount(m)),
                                   daemon=True)
         thread.start()
         thread.join(MOUNT_PROBE_TIMEOUT + 1)
-        info = box[0] if box else {"mountpoint": str(mountpoint),
+        info: JsonObject = box[0] if box else {"mountpoint": str(mountpoint),
                                    "error": "no answer (the kvpfs process may be stopped)"}
         if count > 1:
             info["stacked"] = count
@@ -128,12 +128,12 @@ def _owner(uid: int) -> str:
         return str(uid)
 
 
-def pool_status(contents: PoolContents, boot: float | None) -> dict:
+def pool_status(contents: PoolContents, boot: float | None) -> JsonObject:
     """Counts, size, mode and age of one pool (as `kvpfs status --json` shows it)."""
     valid = contents.valid_items()
     unique = len({key for key, _ in valid})
     st = contents.stat_result
-    info: dict = {
+    info: JsonObject = {
         "pool": contents.pool,
         "name": contents.name,
         "path": str(contents.path),
@@ -156,13 +156,13 @@ def pool_status(contents: PoolContents, boot: float | None) -> dict:
 
 
 def collect_status(pool_dir: Path, *, lock_timeout: float = DEFAULT_LOCK_TIMEOUT
-                   ) -> tuple[dict, dict[int, PoolContents]]:
+                   ) -> tuple[JsonObject, dict[int, PoolContents]]:
     """Status of the whole pool directory, plus the contents it was computed from.
 
     A pool that cannot be read gets an "error" entry instead of stopping the others.
     """
     boot = boot_time()
-    status: dict = {
+    status: JsonObject = {
         "pool_dir": str(pool_dir),
         "pool_dir_exists": pool_dir.is_dir(),
         "boot_time": boot,
@@ -183,7 +183,7 @@ def collect_status(pool_dir: Path, *, lock_timeout: float = DEFAULT_LOCK_TIMEOUT
     return status, contents
 
 
-def status_notes(status: dict) -> list[str]:
+def status_notes(status: JsonObject) -> list[str]:
     """Things worth a sentence: stale pools, unreadable or damaged records, exposure."""
     notes = []
     if status["hv_kvp_daemon"] and any(not m.get("simulated") for m in status["kvpfs_mounts"]):
@@ -215,7 +215,7 @@ def status_notes(status: dict) -> list[str]:
     return notes
 
 
-def format_status(status: dict) -> str:
+def format_status(status: JsonObject) -> str:
     """The human-readable `kvpfs status`."""
     lines = [f"pool directory  {status['pool_dir']}"
              + ("" if status["pool_dir_exists"] else " (does not exist)")]
@@ -241,7 +241,7 @@ def format_status(status: dict) -> str:
     lines.append("")
     header = ("POOL", "RECORDS", "KEYS", "DUPS", "INVALID", "PARTIAL", "SIZE", "MODE",
               "CHANGED", "THIS BOOT")
-    rows = []
+    rows: list[tuple[str, ...]] = []
     for info in status["pools"]:
         label = f"{info['pool']} {info['name']}"
         if "error" in info:

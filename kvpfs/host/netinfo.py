@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import ipaddress
 import socket
 from dataclasses import dataclass
@@ -58,7 +59,7 @@ class InterfaceAddress:
     loopback: bool
 
 
-def _raw_address(sa: ctypes.POINTER(_Sockaddr)) -> bytes | None:
+def _raw_address(sa: ctypes._Pointer[_Sockaddr]) -> bytes | None:
     family = sa.contents.sa_family
     if family == socket.AF_INET:
         return bytes(sa.contents.sa_data[2:6])
@@ -72,7 +73,7 @@ def interface_addresses() -> list[InterfaceAddress]:
     head = ctypes.POINTER(_Ifaddrs)()
     if _libc.getifaddrs(ctypes.byref(head)) != 0:
         err = ctypes.get_errno()
-        raise OSError(err, f"getifaddrs failed: {socket.errno.errorcode.get(err, err)}")
+        raise OSError(err, f"getifaddrs failed: {errno.errorcode.get(err, err)}")
     found: list[InterfaceAddress] = []
     try:
         node = head

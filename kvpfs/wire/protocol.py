@@ -293,7 +293,8 @@ class _Reader:
         raise ProtocolError(f"{self.what} {message}", op=self.op, pool=self.pool)
 
     def u32(self, offset: int) -> int:
-        return _U32.unpack_from(self.data, offset)[0]
+        value: int = _U32.unpack_from(self.data, offset)[0]
+        return value
 
     def cstring(self, offset: int, field: int, name: str) -> bytes:
         """Bytes before the first NUL; a field without NUL would make C read past it."""
