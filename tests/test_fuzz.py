@@ -411,8 +411,7 @@ def test_device_messages_hypothesis(tmp_path_factory, request) -> None:
             shutil.rmtree(pool_dir, ignore_errors=True)
 
     run()
-    record_figures("fuzz: device messages (hypothesis)", seed=seed, **totals,
-                   pools_corrupted=0)
+    record_figures("fuzz: device messages (hypothesis)", seed=seed, **totals)
 
 
 async def test_device_messages_mutation(tmp_path: Path, request) -> None:
@@ -444,7 +443,7 @@ async def test_device_messages_mutation(tmp_path: Path, request) -> None:
         figures = dict(rig.figures)
         assert rig.server.registrations == 1 + figures["device_errors"]
     record_figures("fuzz: device messages (mutation)", seed=seed, **figures,
-                   records_checked=records_checked, pools_corrupted=0)
+                   records_checked=records_checked)
 
 
 class ScriptedDevice:
@@ -543,8 +542,8 @@ async def test_handshake_out_of_order(tmp_path: Path, caplog) -> None:
     assert [k for k, _ in (slot_pair(s) for s in split_slots(
         pool_file(tmp_path / "pools", 0).read_bytes()))] == [b"k%d" % r for r in range(1, 6)]
     assert "expected the registration reply" in caplog.text
-    record_figures("fuzz: handshake", seed=seed, handshakes=5, junk_messages_ignored=junk_total,
-                   re_registrations=4)
+    record_figures("fuzz: handshake", seed=seed, handshakes=server.registrations,
+                   device_opens=device.opens, junk_messages_ignored=junk_total)
 
 
 # --------------------------------------------------------------------------- pool file fuzzing
@@ -611,7 +610,7 @@ async def test_pool_files_with_bad_records(tmp_path: Path, caplog) -> None:
     corpora = {pool: corpus(rng) for pool in STORED}
     for pool, c in corpora.items():
         pool_file(pools, pool).write_bytes(b"".join(c.slots) + c.partial)
-    checked = 0
+    checked = untouched_compared = 0
     async with serving(pools) as rig:
         for pool, c in corpora.items():
             assert await rig.host.list(pool) == c.shown, f"pool {pool}"
@@ -645,6 +644,7 @@ async def test_pool_files_with_bad_records(tmp_path: Path, caplog) -> None:
                 key, _ = slot_pair(raw)
                 if key not in (b"plain", b"dup"):
                     assert slots_now[i] == raw, f"pool {pool}: untouched record {i} changed"
+                    untouched_compared += 1
             dup_slots = [i for i, s in enumerate(slots_now) if slot_pair(s)[0] == b"dup"]
             assert slots_now[dup_slots[0]] == raw_record(b"dup", b"first")
             assert slots_now[dup_slots[1]] == slot(b"dup", b"third")
@@ -662,7 +662,7 @@ async def test_pool_files_with_bad_records(tmp_path: Path, caplog) -> None:
             checked += len(split_slots(pool_file(pools, pool).read_bytes()))
     record_figures("fuzz: bad pool records", seed=seed, pools=len(STORED),
                    bad_records_skipped=sum(c.invalid for c in corpora.values()),
-                   records_checked=checked, untouched_records_altered=0)
+                   records_checked=checked, untouched_records_compared=untouched_compared)
 
 
 async def test_zero_length_and_huge_pool_files(tmp_path: Path) -> None:
