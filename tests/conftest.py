@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -30,6 +32,63 @@ def fuse_missing() -> str | None:
 
 def pytest_addoption(parser):
     parser.addoption("--soak", action="store_true", help="run the long soak variants")
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "log_errors(*patterns): kvpfs may log errors (or tracebacks) matching these "
+        "regular expressions in this test; any other error it logs fails the test")
+
+
+# --------------------------------------------------------------------------- the log check
+# As s3ql's suite does: a test passes only if kvpfs logged no error and no traceback that the
+# test did not announce. Warnings are kvpfs's normal way of refusing bad input and stay allowed.
+
+class _ErrorRecords(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno >= logging.ERROR or record.exc_info:
+            text = f"{record.levelname} {record.name}: {record.getMessage()}"
+            if record.exc_info:
+                text += " (with a traceback)"
+            self.lines.append(text)
+
+
+_LOG_ERROR = re.compile(r"^kvpfs: (?:ERROR|CRITICAL)\b.*$|^Traceback \(most recent call last\):$",
+                        re.MULTILINE)
+_processes: list[KvpfsProcess] = []
+
+
+def unexpected_log_errors(lines: list[str], patterns: tuple[str, ...]) -> list[str]:
+    return [line for line in lines if not any(re.search(p, line) for p in patterns)]
+
+
+@pytest.fixture(autouse=True)
+def kvpfs_log_check(request):
+    """Fail the test if kvpfs, in this process or in a kvpfs subprocess it started, logged an
+    error or a traceback that no `log_errors` marker expects."""
+    marker = request.node.get_closest_marker("log_errors")
+    patterns = tuple(marker.args) if marker else ()
+    handler = _ErrorRecords()
+    logger = logging.getLogger("kvpfs")
+    logger.addHandler(handler)
+    first = len(_processes)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        started = _processes[first:]
+        del _processes[first:]
+    lines = list(handler.lines)
+    for proc in started:
+        lines += [f"{proc.log}: {m.group(0)}" for m in _LOG_ERROR.finditer(proc.output())]
+    unexpected = unexpected_log_errors(lines, patterns)
+    if unexpected:
+        pytest.fail("kvpfs logged errors this test did not expect:\n" + "\n".join(unexpected),
+                    pytrace=False)
 
 
 def pytest_sessionstart(session):
@@ -62,6 +121,7 @@ class KvpfsProcess:
         self.log = base / "kvpfs.log"
         self.extra = extra
         self.proc: subprocess.Popen | None = None
+        _processes.append(self)  # its log is checked when the test ends (kvpfs_log_check)
 
     def start(self, *, timeout: float = 15.0) -> KvpfsProcess:
         self.mnt.mkdir(parents=True, exist_ok=True)

@@ -83,6 +83,7 @@ async def test_create_write_commit_and_read_back(ops):
     assert attr.st_ino == ino and attr.st_size == 5
 
 
+@pytest.mark.log_errors('unexpected error in lookup')
 async def test_unexpected_error_becomes_eio(ops, monkeypatch):
     def boom(*args):
         raise RuntimeError("a bug")

@@ -578,6 +578,7 @@ def test_set_networkmanager(fake: FakeSystem) -> None:
     assert f"uuid={uuid}\n" in path.read_text()
 
 
+@pytest.mark.log_errors('nmcli connection load')
 def test_set_networkmanager_failures(fake: FakeSystem) -> None:
     request = set_request(GUIDS["hv0"], "192.0.2.10", "24")
     fake.fake_program("nmcli", status=4)
@@ -609,6 +610,7 @@ def test_set_networkd(fake: FakeSystem) -> None:
     assert fake.recorded() == [["networkctl", "reload"], ["networkctl", "reconfigure", "hv1"]]
 
 
+@pytest.mark.log_errors('would keep precedence')
 def test_set_networkd_refuses_when_another_file_wins(fake: FakeSystem) -> None:
     fake.fake_program("networkctl")
     state = fake.root / "run/systemd/netif/links/102"
@@ -618,6 +620,7 @@ def test_set_networkd_refuses_when_another_file_wins(fake: FakeSystem) -> None:
     assert fake.written() == [] and fake.recorded() == []
 
 
+@pytest.mark.log_errors('SET_IP_INFO for hv2', 'hv_set_ifconfig')
 def test_set_script_compatibility(fake: FakeSystem) -> None:
     request = set_request(GUIDS["hv2"], "192.0.2.30;2001:db8::30", "255.255.255.0;64",
                           "192.0.2.1", "192.0.2.53")
@@ -636,6 +639,7 @@ def test_set_script_compatibility(fake: FakeSystem) -> None:
     assert netconfig.set_ip_info(fake.settings(), request) == Status.E_FAIL
 
 
+@pytest.mark.log_errors('cannot be configured safely')
 def test_set_refuses_an_unsafe_interface_name(fake: FakeSystem) -> None:
     net = fake.sysfs / "class/net/odd*name"
     write(net / "address", "00:15:5d:00:20:09\n")
