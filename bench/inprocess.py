@@ -23,13 +23,13 @@ from kvpfs.host.intrinsic import KEYS as INTRINSIC_KEYS
 from kvpfs.host.intrinsic import FqdnCache, Intrinsics
 from kvpfs.host.server import DeviceServer
 from kvpfs.storage.store import Store
-from kvpfs.wire.protocol import (
-    Status,
+from kvpfs.wire.kernelside import (
     encode_delete_request,
     encode_enumerate_request,
     encode_get_request,
     encode_set_request,
 )
+from kvpfs.wire.protocol import Status
 
 
 def _status(reply: bytes) -> int:

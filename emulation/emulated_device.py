@@ -64,7 +64,8 @@ import trio
 
 from emulation import emuwire
 from emulation.emuwire import ReplySource
-from kvpfs.wire.protocol import LEGACY_REGISTER, MESSAGE_SIZE, Op, Status, encode_register_reply
+from kvpfs.wire.kernelside import encode_register_reply
+from kvpfs.wire.protocol import LEGACY_REGISTER, MESSAGE_SIZE, Op, Status
 
 log = logging.getLogger("kvpemu")
 

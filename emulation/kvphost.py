@@ -49,11 +49,7 @@ from kvpfs.wire.kernelconv import (
     guest_to_host,
     host_to_guest,
 )
-from kvpfs.wire.protocol import (
-    MESSAGE_SIZE,
-    Op,
-    Status,
-    ValueType,
+from kvpfs.wire.kernelside import (
     encode_delete_request,
     encode_enumerate_request,
     encode_get_request,
@@ -61,6 +57,7 @@ from kvpfs.wire.protocol import (
     encode_set_request,
     reply_key_value,
 )
+from kvpfs.wire.protocol import MESSAGE_SIZE, Op, Status, ValueType
 
 __all__ = [
     "DEVICE_FILE",

@@ -26,7 +26,8 @@ import pytest
 
 from emulation.emuwire import ReplySource
 from emulation.kvphost import EmulatedHost, run_emulated_device
-from kvpfs.wire.protocol import Status, encode_set_request
+from kvpfs.wire.kernelside import encode_set_request
+from kvpfs.wire.protocol import Status
 from tests.conftest import REPO, KvpfsDeviceProcess, fuse_missing
 from tests.support.figures import record_figure
 

@@ -53,11 +53,7 @@ from kvpfs.wire.kernelconv import (
     guest_to_host,
     host_to_guest,
 )
-from kvpfs.wire.protocol import (
-    SET_KEY_SIZE_OFFSET,
-    Op,
-    Status,
-    ValueType,
+from kvpfs.wire.kernelside import (
     encode_enumerate_request,
     encode_get_request,
     encode_ip_info_request,
@@ -65,6 +61,7 @@ from kvpfs.wire.protocol import (
     encode_set_request,
     reply_key_value,
 )
+from kvpfs.wire.protocol import SET_KEY_SIZE_OFFSET, Op, Status, ValueType
 from tests.conftest import REPO, KvpfsDeviceProcess, fuse_missing
 from tests.support.figures import record_figure
 

@@ -31,6 +31,7 @@ from emulation.kvphost import (
     run_emulated_device,
 )
 from emulation.refdaemon import REFERENCE_DAEMON, run_reference_daemon
+from kvpfs.wire.kernelside import encode_set_request
 from kvpfs.wire.protocol import (
     MESSAGE_SIZE,
     Op,
@@ -38,7 +39,6 @@ from kvpfs.wire.protocol import (
     Status,
     encode_enumerate_reply,
     encode_register,
-    encode_set_request,
     encode_status,
 )
 

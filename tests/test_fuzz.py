@@ -45,7 +45,7 @@ from kvpfs.host.intrinsic import FqdnCache, Intrinsics, OsInfo
 from kvpfs.host.server import DeviceServer
 from kvpfs.host.simulator import SimulatedHost
 from kvpfs.storage.store import Store
-from kvpfs.wire import protocol
+from kvpfs.wire import kernelside, protocol
 
 from .support.safety import (
     KEY_FIELD,
@@ -431,7 +431,7 @@ async def test_device_messages_mutation(tmp_path: Path, request) -> None:
                                 b"z" * rng.randrange(2049)])
             msg = build(op, pool, key, value, rng.choice([0, 1, 3, 50, 0xFFFFFFFF]))
             if op == REGISTER1:
-                msg = bytearray(protocol.encode_register_reply(REGISTER1, "3.1"))
+                msg = bytearray(kernelside.encode_register_reply(REGISTER1, "3.1"))
             if rng.random() < 0.6:
                 for _ in range(rng.randint(1, 3)):
                     msg = mutate(msg, rng.choice(MUTATIONS), rng.randrange(2**16),
@@ -484,9 +484,9 @@ async def _handshake_with_junk(sock: trio.socket.SocketType, rng: random.Random)
     junk = [
         bytes(build(SET, 0, b"early", b"x")),  # a request before the reply
         bytes(build(ENUMERATE, 1, b"", b"")),
-        bytes(protocol.encode_register_reply(REGISTER1, "3.1")[:4] + b"L" * 512
+        bytes(kernelside.encode_register_reply(REGISTER1, "3.1")[:4] + b"L" * 512
               + bytes(SIZE - 516)),  # version without NUL in its 512-byte field
-        bytes(mutate(bytearray(protocol.encode_register_reply(REGISTER1, "3.1")),
+        bytes(mutate(bytearray(kernelside.encode_register_reply(REGISTER1, "3.1")),
                      "bad_utf8", 3, rng.randrange(99))),  # version not UTF-8
         # an unknown op; never REGISTER1, which with a NUL-terminated version is a real reply
         bytes(build(rng.choice([op for op in range(6, 256) if op != REGISTER1]),
@@ -495,7 +495,7 @@ async def _handshake_with_junk(sock: trio.socket.SocketType, rng: random.Random)
     rng.shuffle(junk)
     for message in junk:
         await sock.send(message)
-    await sock.send(protocol.encode_register_reply(REGISTER1, "3.1"))
+    await sock.send(kernelside.encode_register_reply(REGISTER1, "3.1"))
     return len(junk)
 
 
@@ -529,10 +529,10 @@ async def test_handshake_out_of_order(tmp_path: Path, caplog) -> None:
             assert server.version == "3.1"
             assert await _request(sock, bytes(build(SET, 0, b"k%d" % round_, b"v"))) == S_OK
             # outside the handshake: op 100 (with a version) and the legacy op 4 are requests
-            assert await _request(sock, protocol.encode_register_reply(REGISTER1, "9.9")) \
+            assert await _request(sock, kernelside.encode_register_reply(REGISTER1, "9.9")) \
                 == NOT_SUPPORTED
             assert await _request(sock, protocol.encode_register(REGISTER1)) == NOT_SUPPORTED
-            assert await _request(sock, protocol.encode_register_reply(4, "3.1")) in (
+            assert await _request(sock, kernelside.encode_register_reply(4, "3.1")) in (
                 E_FAIL, NOT_SUPPORTED)
             assert server.registrations == round_ and device.opens == round_
             # a short message: a device error, so kvpfs reopens and registers again

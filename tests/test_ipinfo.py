@@ -30,7 +30,7 @@ from kvpfs.host.netconfig import IpInfoService, NetSettings
 from kvpfs.host.server import DeviceServer
 from kvpfs.host.simulator import SimulatedHost
 from kvpfs.storage.store import Store
-from kvpfs.wire import ipinfo, protocol
+from kvpfs.wire import ipinfo, kernelside, protocol
 from kvpfs.wire.ipinfo import InvalidArgument, LinkInfo, StaticConfig, parse_set
 from kvpfs.wire.protocol import Op, Status
 
@@ -151,8 +151,8 @@ def test_reply_fields_never_overflow_and_stay_aligned() -> None:
 
 def test_get_reply_bytes_round_trip() -> None:
     buf = ipinfo.build_get_reply("00:15:5D:00:20:01", FULL)
-    reply = protocol.decode_ip_info_reply(buf)
-    assert reply == protocol.IpInfoReply(
+    reply = kernelside.decode_ip_info_reply(buf)
+    assert reply == kernelside.IpInfoReply(
         status=0, adapter_id=b"00:15:5D:00:20:01", addr_family=3, dhcp_enabled=1,
         ip_addr=b"192.0.2.10;198.51.100.7;2001:db8::10;fe80::215:5dff:fe00:2001",
         sub_net=b"255.255.255.0;255.255.255.128;/64;/64",
@@ -160,7 +160,7 @@ def test_get_reply_bytes_round_trip() -> None:
 
 
 def test_decode_ip_info_reply_of_a_status() -> None:
-    reply = protocol.decode_ip_info_reply(protocol.encode_status(Status.E_FAIL))
+    reply = kernelside.decode_ip_info_reply(protocol.encode_status(Status.E_FAIL))
     assert reply.status == Status.E_FAIL and reply.ip_addr == b""
 
 

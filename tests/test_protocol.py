@@ -23,6 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kvpfs.wire import kernelconv as kc
+from kvpfs.wire import kernelside
 from kvpfs.wire import protocol as p
 from kvpfs.wire.protocol import (
     DeleteRequest,
@@ -383,36 +384,38 @@ def test_ip_info_field_errors(offset: int, field: int, name: str) -> None:
 
 
 def test_encode_set_request_bytes() -> None:
-    buf = p.encode_set_request(1, b"key", b"value")
+    buf = kernelside.encode_set_request(1, b"key", b"value")
     want = set_msg(1, b"key", b"value")
     assert buf == bytes(want)  # value_type at 4 stays 0: the kernel never copies it
 
 
 def test_encode_set_request_value_types() -> None:
-    assert p.encode_set_request(0, b"k", b"42", ValueType.REG_U32) == bytes(
+    assert kernelside.encode_set_request(0, b"k", b"42", ValueType.REG_U32) == bytes(
         set_msg(0, b"k", b"42"))
-    assert p.encode_set_request(0, b"k", b"18446744073709551615", ValueType.REG_U64) == bytes(
-        set_msg(0, b"k", b"18446744073709551615"))
-    assert p.encode_set_request(0, b"k", b"", 3) == bytes(set_msg(0, b"k", b"", value_size=0))
+    big = b"18446744073709551615"
+    assert kernelside.encode_set_request(0, b"k", big, ValueType.REG_U64) == bytes(
+        set_msg(0, b"k", big))
+    assert kernelside.encode_set_request(0, b"k", b"", 3) == bytes(
+        set_msg(0, b"k", b"", value_size=0))
     with pytest.raises(ValueError, match="decimal"):
-        p.encode_set_request(0, b"k", b"4294967296", ValueType.REG_U32)
+        kernelside.encode_set_request(0, b"k", b"4294967296", ValueType.REG_U32)
     with pytest.raises(ValueError, match="decimal"):
-        p.encode_set_request(0, b"k", b"x", ValueType.REG_U64)
+        kernelside.encode_set_request(0, b"k", b"x", ValueType.REG_U64)
     with pytest.raises(ValueError, match="unsupported"):
-        p.encode_set_request(0, b"k", b"x", 2)
+        kernelside.encode_set_request(0, b"k", b"x", 2)
 
 
 def test_encode_get_delete_enumerate_requests() -> None:
-    assert p.encode_get_request(2, b"HostName") == bytes(get_msg(2, b"HostName"))
-    assert struct.unpack_from("<I", p.encode_get_request(2, b"k"), 12)[0] == 0
-    assert p.encode_delete_request(1, b"gone") == bytes(delete_msg(1, b"gone"))
+    assert kernelside.encode_get_request(2, b"HostName") == bytes(get_msg(2, b"HostName"))
+    assert struct.unpack_from("<I", kernelside.encode_get_request(2, b"k"), 12)[0] == 0
+    assert kernelside.encode_delete_request(1, b"gone") == bytes(delete_msg(1, b"gone"))
     want = blank(3, 4)
     struct.pack_into("<I", want, 4, 123456)
-    assert p.encode_enumerate_request(4, 123456) == bytes(want)
+    assert kernelside.encode_enumerate_request(4, 123456) == bytes(want)
 
 
 def test_encode_ip_info_request_bytes() -> None:
-    buf = p.encode_ip_info_request(Op.SET_IP_INFO, "{G}", 1, 1, "1.2.3.4", "255.0.0.0",
+    buf = kernelside.encode_ip_info_request(Op.SET_IP_INFO, "{G}", 1, 1, "1.2.3.4", "255.0.0.0",
                                    "1.2.3.1", "8.8.8.8")
     assert buf[:2] == b"\x05\x00"
     assert cstr_at(buf, 4) == b"{G}"
@@ -420,34 +423,34 @@ def test_encode_ip_info_request_bytes() -> None:
     assert (cstr_at(buf, 262), cstr_at(buf, 2310), cstr_at(buf, 4358), cstr_at(buf, 5382)) == (
         b"1.2.3.4", b"255.0.0.0", b"1.2.3.1", b"8.8.8.8")
     with pytest.raises(ValueError):
-        p.encode_ip_info_request(Op.SET, "x")
+        kernelside.encode_ip_info_request(Op.SET, "x")
 
 
 def test_encode_register_reply_bytes() -> None:
     want = blank(100)
     want[4:7] = b"3.1"
-    assert p.encode_register_reply() == bytes(want)
-    assert p.encode_register_reply(4, "x")[:6] == b"\x04\x00\x00\x00x\x00"
+    assert kernelside.encode_register_reply() == bytes(want)
+    assert kernelside.encode_register_reply(4, "x")[:6] == b"\x04\x00\x00\x00x\x00"
 
 
 def test_encode_raw_is_mutable_and_zeroed() -> None:
-    raw = p.encode_raw(7, 3)
+    raw = kernelside.encode_raw(7, 3)
     assert isinstance(raw, bytearray)
     assert raw == blank(7, 3)
 
 
 @pytest.mark.parametrize(("func", "args"), [
-    (p.encode_set_request, (0, b"k" * 512, b"v")),
-    (p.encode_set_request, (0, b"k", b"v" * 2048)),
-    (p.encode_set_request, (0, b"a\0b", b"v")),
-    (p.encode_set_request, (256, b"k", b"v")),
-    (p.encode_get_request, (0, b"k" * 512)),
-    (p.encode_delete_request, (0, b"k" * 512)),
-    (p.encode_enumerate_request, (0, -1)),
-    (p.encode_enumerate_request, (0, 1 << 32)),
-    (p.encode_register_reply, (100, "v" * 512)),
-    (p.encode_ip_info_request, (4, "a" * 256)),
-    (p.encode_ip_info_request, (5, "a", 256)),
+    (kernelside.encode_set_request, (0, b"k" * 512, b"v")),
+    (kernelside.encode_set_request, (0, b"k", b"v" * 2048)),
+    (kernelside.encode_set_request, (0, b"a\0b", b"v")),
+    (kernelside.encode_set_request, (256, b"k", b"v")),
+    (kernelside.encode_get_request, (0, b"k" * 512)),
+    (kernelside.encode_delete_request, (0, b"k" * 512)),
+    (kernelside.encode_enumerate_request, (0, -1)),
+    (kernelside.encode_enumerate_request, (0, 1 << 32)),
+    (kernelside.encode_register_reply, (100, "v" * 512)),
+    (kernelside.encode_ip_info_request, (4, "a" * 256)),
+    (kernelside.encode_ip_info_request, (5, "a", 256)),
 ])
 def test_kernel_encoders_reject_what_cannot_be_sent(func, args) -> None:
     with pytest.raises(ValueError):
@@ -460,17 +463,17 @@ def test_kernel_encoders_reject_what_cannot_be_sent(func, args) -> None:
 @pytest.mark.parametrize("pool", list(Pool))
 def test_round_trips(pool: Pool) -> None:
     key, value = "ключ/🔑".encode(), "wert ✓".encode()
-    assert decode_request(p.encode_set_request(pool, key, value)) == SetRequest(
+    assert decode_request(kernelside.encode_set_request(pool, key, value)) == SetRequest(
         pool, key, value, 0)
-    assert decode_request(p.encode_get_request(pool, key)) == GetRequest(pool, key)
-    assert decode_request(p.encode_delete_request(pool, key)) == DeleteRequest(pool, key)
-    assert decode_request(p.encode_enumerate_request(pool, 9)) == EnumerateRequest(pool, 9)
+    assert decode_request(kernelside.encode_get_request(pool, key)) == GetRequest(pool, key)
+    assert decode_request(kernelside.encode_delete_request(pool, key)) == DeleteRequest(pool, key)
+    assert decode_request(kernelside.encode_enumerate_request(pool, 9)) == EnumerateRequest(pool, 9)
 
 
 def test_round_trip_ip_info_and_register() -> None:
-    msg = p.encode_ip_info_request(Op.GET_IP_INFO, "00:15:5D:AA:BB:CC", addr_family=2)
+    msg = kernelside.encode_ip_info_request(Op.GET_IP_INFO, "00:15:5D:AA:BB:CC", addr_family=2)
     assert decode_request(msg) == IpInfoRequest(4, 0, "00:15:5D:AA:BB:CC", 2, 0, "", "", "", "")
-    assert decode_request(p.encode_register_reply(), in_handshake=True) == RegisterReply(
+    assert decode_request(kernelside.encode_register_reply(), in_handshake=True) == RegisterReply(
         100, "3.1")
 
 
@@ -481,9 +484,9 @@ utf8_text = st.text(st.characters(blacklist_categories=("Cs",), blacklist_charac
        key=utf8_text.map(str.encode).filter(lambda b: 0 < len(b) <= 511),
        value=utf8_text.map(str.encode).filter(lambda b: len(b) <= 2047))
 def test_round_trip_property(pool: Pool, key: bytes, value: bytes) -> None:
-    assert decode_request(p.encode_set_request(pool, key, value)) == SetRequest(
+    assert decode_request(kernelside.encode_set_request(pool, key, value)) == SetRequest(
         pool, key, value, 0)
-    assert decode_request(p.encode_delete_request(pool, key)) == DeleteRequest(pool, key)
+    assert decode_request(kernelside.encode_delete_request(pool, key)) == DeleteRequest(pool, key)
 
 
 # --------------------------------------------------------------------------- daemon encoders
@@ -533,7 +536,7 @@ def test_encode_enumerate_reply_status_and_limits() -> None:
 
 def test_enumerate_four_byte_shift() -> None:
     # The same key/value land 4 bytes later in an ENUMERATE reply than in a SET message.
-    set_buf = p.encode_set_request(0, b"KEY", b"VALUE")
+    set_buf = kernelside.encode_set_request(0, b"KEY", b"VALUE")
     enum_buf = p.encode_enumerate_reply(b"KEY", b"VALUE")
     assert set_buf[16:19] == b"KEY" and set_buf[528:533] == b"VALUE"
     assert enum_buf[20:23] == b"KEY" and enum_buf[532:537] == b"VALUE"
@@ -551,7 +554,7 @@ def test_get_reply_value_at_532_and_kernel_reads_it() -> None:
     assert buf[528:532] == bytes(4)  # the reference daemon's spot stays empty
     assert cstr_at(buf, 16) == b"HostName"
     assert struct.unpack_from("<III", buf, 4) == (1, 9, 13)
-    _, value = p.reply_key_value(buf)
+    _, value = kernelside.reply_key_value(buf)
     assert value == b"host.example"
 
 
@@ -559,10 +562,10 @@ def test_get_reply_at_528_is_what_the_kernel_misses() -> None:
     # What the reference daemon does: value at 528.  The kernel reads from 532.
     buf = bytearray(SIZE)
     buf[528:528 + 12] = b"host.example"
-    assert p.reply_key_value(buf)[1] == b".example"  # "host" is lost
+    assert kernelside.reply_key_value(buf)[1] == b".example"  # "host" is lost
     buf = bytearray(SIZE)
     buf[528:531] = b"abc"
-    assert p.reply_key_value(buf)[1] == b""
+    assert kernelside.reply_key_value(buf)[1] == b""
 
 
 def test_get_reply_limits_do_not_overlap() -> None:
@@ -608,7 +611,7 @@ def test_encode_ip_info_reply_limits(args: tuple, name: str) -> None:
 
 def test_replies_are_fresh_zero_buffers() -> None:
     # A garbage-filled request must not influence any reply: replies are built from scratch.
-    garbage = bytearray(p.encode_set_request(1, b"k" * 511, b"v" * 2047))
+    garbage = bytearray(kernelside.encode_set_request(1, b"k" * 511, b"v" * 2047))
     assert decode_request(garbage) == SetRequest(1, b"k" * 511, b"v" * 2047, 0)
     small = p.encode_enumerate_reply(b"k", b"v")
     big = p.encode_enumerate_reply(b"K" * 100, b"V" * 100)
@@ -625,28 +628,28 @@ def test_replies_are_fresh_zero_buffers() -> None:
 
 
 def test_decode_daemon_message() -> None:
-    msg = p.decode_daemon_message(p.encode_status(Status.S_CONT))
+    msg = kernelside.decode_daemon_message(p.encode_status(Status.S_CONT))
     assert (msg.op, msg.pool, msg.status) == (0x03, 0x01, 0x80070103)
     assert msg.raw == p.encode_status(Status.S_CONT)
-    reg = p.decode_daemon_message(p.encode_register())
+    reg = kernelside.decode_daemon_message(p.encode_register())
     assert (reg.op, reg.pool, reg.status) == (100, 0, 100)
-    neg = p.decode_daemon_message(p.encode_status(-22))
+    neg = kernelside.decode_daemon_message(p.encode_status(-22))
     assert neg.status == 0xFFFFFFEA
 
 
 def test_decode_daemon_message_lengths() -> None:
     with pytest.raises(ProtocolError, match="7431 bytes") as exc:
-        p.decode_daemon_message(bytes([100]) + bytes(7430))
+        kernelside.decode_daemon_message(bytes([100]) + bytes(7430))
     assert exc.value.op == 100
     long = p.encode_register() + b"\xff" * 10
-    msg = p.decode_daemon_message(long)
+    msg = kernelside.decode_daemon_message(long)
     assert msg.raw == p.encode_register()  # bytes beyond 7432 are ignored, as by the kernel
 
 
 def test_reply_key_value_unterminated_key_runs_into_value() -> None:
     buf = bytearray(p.encode_enumerate_reply(b"", b"value"))
     buf[20:532] = b"k" * 512
-    key, value = p.reply_key_value(buf)
+    key, value = kernelside.reply_key_value(buf)
     assert key == b"k" * 512 + b"value"
     assert value == b"value"
 
@@ -655,13 +658,13 @@ def test_reply_key_value_unterminated_value_runs_to_end_of_message() -> None:
     buf = bytearray(SIZE)
     buf[20] = ord("k")
     buf[532:] = b"v" * (SIZE - 532)
-    key, value = p.reply_key_value(buf)
+    key, value = kernelside.reply_key_value(buf)
     assert key == b"k"
     assert value == b"v" * (SIZE - 532)
 
 
 def test_reply_key_value_round_trip() -> None:
-    assert p.reply_key_value(p.encode_enumerate_reply("ключ".encode(), b"v")) == (
+    assert kernelside.reply_key_value(p.encode_enumerate_reply("ключ".encode(), b"v")) == (
         "ключ".encode(), b"v")
 
 
@@ -681,12 +684,12 @@ _interesting_offsets = st.sampled_from(
 _edits = st.lists(st.tuples(st.one_of(_interesting_offsets, st.integers(0, SIZE - 1)),
                             st.integers(0, 255)), max_size=12)
 _bases = st.sampled_from([
-    p.encode_set_request(1, b"key", b"value"),
-    p.encode_get_request(0, b"key"),
-    p.encode_delete_request(2, b"key"),
-    p.encode_enumerate_request(3, 0),
-    p.encode_ip_info_request(5, "id", 1, 1, "a", "b", "c", "d"),
-    p.encode_register_reply(),
+    kernelside.encode_set_request(1, b"key", b"value"),
+    kernelside.encode_get_request(0, b"key"),
+    kernelside.encode_delete_request(2, b"key"),
+    kernelside.encode_enumerate_request(3, 0),
+    kernelside.encode_ip_info_request(5, "id", 1, 1, "a", "b", "c", "d"),
+    kernelside.encode_register_reply(),
 ])
 
 
@@ -715,7 +718,7 @@ def test_fuzz_mutated_valid_messages(base: bytes, edits, in_handshake: bool) -> 
 
 @given(st.integers(0, 3), st.integers(0, 255), st.binary(max_size=2048), st.booleans())
 def test_fuzz_field_contents(op: int, pool: int, blob: bytes, in_handshake: bool) -> None:
-    buf = p.encode_raw(op, pool)
+    buf = kernelside.encode_raw(op, pool)
     buf[8:8 + min(len(blob), 16)] = blob[:16]  # sizes
     buf[16:16 + min(len(blob), 512)] = blob[:512]
     buf[528:528 + len(blob)] = blob
@@ -734,9 +737,9 @@ def test_fuzz_arbitrary_lengths(buf: bytes, in_handshake: bool) -> None:
 @settings(suppress_health_check=_BIG)
 @given(st.binary(min_size=SIZE, max_size=SIZE))
 def test_fuzz_kernel_side_readers(buf: bytes) -> None:
-    msg = p.decode_daemon_message(buf)
+    msg = kernelside.decode_daemon_message(buf)
     assert msg.status == int.from_bytes(buf[:4], "little")
-    key, value = p.reply_key_value(buf)
+    key, value = kernelside.reply_key_value(buf)
     assert b"\0" not in key and b"\0" not in value
 
 

@@ -26,7 +26,7 @@ from kvpfs.host.intrinsic import KEYS, FqdnCache, Intrinsics, OsInfo
 from kvpfs.host.server import DeviceServer
 from kvpfs.host.simulator import SYNTHETIC_POOL3, SimulatedHost
 from kvpfs.storage.store import Origin, Store
-from kvpfs.wire import protocol
+from kvpfs.wire import kernelside, protocol
 from kvpfs.wire.protocol import Op, Status
 from tests.support.lockholder import start_locker, stop_locker
 
@@ -56,7 +56,7 @@ class Rig:
         return {n: self.path(n).read_bytes() for n in range(5)}
 
     async def status(self, raw: bytes) -> int:
-        return protocol.decode_daemon_message(await self.host.transact(raw)).status
+        return kernelside.decode_daemon_message(await self.host.transact(raw)).status
 
 
 def failing_resolver(hostname: str) -> str:
@@ -186,21 +186,21 @@ async def test_exact_key_match_only(rig: Rig) -> None:
 
     # key "gamma" in the buffer but key_size 2: the reference daemon would memcmp 2 bytes
     # ("ga") and delete gamma; a key_size that disagrees with the string is refused.
-    lying = bytearray(protocol.encode_delete_request(0, b"gamma"))
+    lying = bytearray(kernelside.encode_delete_request(0, b"gamma"))
     struct.pack_into("<I", lying, 4, 2)
     assert await rig.status(bytes(lying)) == Status.E_FAIL
     # key "g" with key_size 1 (the observed prefix-match case) is refused the same way.
-    short = bytearray(protocol.encode_delete_request(0, b"g"))
+    short = bytearray(kernelside.encode_delete_request(0, b"g"))
     struct.pack_into("<I", short, 4, 1)
     assert await rig.status(bytes(short)) == Status.E_FAIL
     # A consistent key_size of 2 for key "g" is just a key that does not exist.
-    assert await rig.status(protocol.encode_delete_request(0, b"g")) == Status.S_CONT
+    assert await rig.status(kernelside.encode_delete_request(0, b"g")) == Status.S_CONT
     assert (await host.delete(0, "gam")).status == Status.S_CONT
     assert (await host.delete(0, "Gamma")).status == Status.S_CONT
     assert (await host.delete(0, "gamma2")).status == Status.S_CONT
     assert (await host.get(0, "gam")).status == Status.S_CONT
     # A SET with a short key_size must not modify gamma either.
-    set_short = bytearray(protocol.encode_set_request(0, b"gamma", b"hijacked"))
+    set_short = bytearray(kernelside.encode_set_request(0, b"gamma", b"hijacked"))
     struct.pack_into("<I", set_short, 8, 2)
     assert await rig.status(bytes(set_short)) == Status.E_FAIL
 
@@ -340,8 +340,8 @@ async def test_pool_2_set_and_delete_not_supported(rig: Rig) -> None:
 
 
 async def test_ip_info_and_unknown_ops_not_supported(rig: Rig) -> None:
-    get_ip = protocol.encode_ip_info_request(Op.GET_IP_INFO, "00:15:5D:00:00:01", 1)
-    set_ip = protocol.encode_ip_info_request(
+    get_ip = kernelside.encode_ip_info_request(Op.GET_IP_INFO, "00:15:5D:00:00:01", 1)
+    set_ip = kernelside.encode_ip_info_request(
         Op.SET_IP_INFO,
         "{5B0C7C0E-2F4A-4D4B-9B8E-3C1D2E0F4A11}",
         1,
@@ -353,8 +353,8 @@ async def test_ip_info_and_unknown_ops_not_supported(rig: Rig) -> None:
     )
     assert await rig.status(get_ip) == Status.ERROR_NOT_SUPPORTED
     assert await rig.status(set_ip) == Status.ERROR_NOT_SUPPORTED
-    assert await rig.status(bytes(protocol.encode_raw(7, 0))) == Status.ERROR_NOT_SUPPORTED
-    assert await rig.status(bytes(protocol.encode_raw(6, 1))) == Status.ERROR_NOT_SUPPORTED
+    assert await rig.status(bytes(kernelside.encode_raw(7, 0))) == Status.ERROR_NOT_SUPPORTED
+    assert await rig.status(bytes(kernelside.encode_raw(6, 1))) == Status.ERROR_NOT_SUPPORTED
     # op 100 after the handshake is not a registration.
     assert await rig.status(protocol.encode_register()) == Status.ERROR_NOT_SUPPORTED
     assert rig.host.registrations == 1
@@ -366,46 +366,46 @@ async def test_ip_info_and_unknown_ops_not_supported(rig: Rig) -> None:
 
 def malformed_messages() -> dict[str, bytes]:
     msgs: dict[str, bytes] = {}
-    msgs["set pool 9"] = protocol.encode_set_request(9, b"k", b"v")
-    msgs["delete pool 9"] = protocol.encode_delete_request(9, b"k")
-    msgs["get pool 9"] = protocol.encode_get_request(9, b"k")
-    msgs["enumerate pool 9"] = protocol.encode_enumerate_request(9, 0)
+    msgs["set pool 9"] = kernelside.encode_set_request(9, b"k", b"v")
+    msgs["delete pool 9"] = kernelside.encode_delete_request(9, b"k")
+    msgs["get pool 9"] = kernelside.encode_get_request(9, b"k")
+    msgs["enumerate pool 9"] = kernelside.encode_enumerate_request(9, 0)
 
-    lying = bytearray(protocol.encode_set_request(1, b"abc", b"v"))
+    lying = bytearray(kernelside.encode_set_request(1, b"abc", b"v"))
     struct.pack_into("<I", lying, 8, 10)  # key_size 10 for a 3-byte key
     msgs["set lying key_size"] = bytes(lying)
-    lying = bytearray(protocol.encode_set_request(1, b"abc", b"value"))
+    lying = bytearray(kernelside.encode_set_request(1, b"abc", b"value"))
     struct.pack_into("<I", lying, 12, 3)  # value_size 3 for a 5-byte value
     msgs["set lying value_size"] = bytes(lying)
-    lying = bytearray(protocol.encode_set_request(1, b"abc", b"v"))
+    lying = bytearray(kernelside.encode_set_request(1, b"abc", b"v"))
     struct.pack_into("<I", lying, 8, 600)  # beyond the 512-byte key field
     msgs["set key_size > 512"] = bytes(lying)
-    lying = bytearray(protocol.encode_delete_request(1, b"abc"))
+    lying = bytearray(kernelside.encode_delete_request(1, b"abc"))
     struct.pack_into("<I", lying, 4, 0)
     msgs["delete key_size 0"] = bytes(lying)
-    empty = bytearray(protocol.encode_raw(Op.SET, 1))
+    empty = bytearray(kernelside.encode_raw(Op.SET, 1))
     struct.pack_into("<I", empty, 8, 1)  # empty key with key_size 1
     struct.pack_into("<I", empty, 12, 2)
     empty[528] = ord("v")
     msgs["set empty key"] = bytes(empty)
 
-    no_nul = bytearray(protocol.encode_raw(Op.SET, 1))
+    no_nul = bytearray(kernelside.encode_raw(Op.SET, 1))
     no_nul[16:528] = b"k" * KEY_FIELD
     struct.pack_into("<I", no_nul, 8, KEY_FIELD)
     msgs["set key without NUL"] = bytes(no_nul)
-    no_nul = bytearray(protocol.encode_set_request(1, b"k", b""))
+    no_nul = bytearray(kernelside.encode_set_request(1, b"k", b""))
     no_nul[528 : 528 + VALUE_FIELD] = b"v" * VALUE_FIELD
     struct.pack_into("<I", no_nul, 12, VALUE_FIELD)
     msgs["set value without NUL"] = bytes(no_nul)
-    no_nul = bytearray(protocol.encode_raw(Op.DELETE, 1))
+    no_nul = bytearray(kernelside.encode_raw(Op.DELETE, 1))
     no_nul[8:520] = b"k" * KEY_FIELD
     struct.pack_into("<I", no_nul, 4, KEY_FIELD)
     msgs["delete key without NUL"] = bytes(no_nul)
 
-    msgs["set invalid UTF-8 key"] = protocol.encode_set_request(1, b"k\xff\xfe", b"v")
-    msgs["set invalid UTF-8 value"] = protocol.encode_set_request(1, b"k", b"\xc3(")
-    msgs["delete invalid UTF-8 key"] = protocol.encode_delete_request(1, b"\xed\xa0\x80")
-    msgs["get overlong UTF-8 key"] = protocol.encode_get_request(1, b"\xc0\xaf")
+    msgs["set invalid UTF-8 key"] = kernelside.encode_set_request(1, b"k\xff\xfe", b"v")
+    msgs["set invalid UTF-8 value"] = kernelside.encode_set_request(1, b"k", b"\xc3(")
+    msgs["delete invalid UTF-8 key"] = kernelside.encode_delete_request(1, b"\xed\xa0\x80")
+    msgs["get overlong UTF-8 key"] = kernelside.encode_get_request(1, b"\xc0\xaf")
     return msgs
 
 
@@ -552,7 +552,7 @@ class ThreadKernel:
         assert self.kernel is not None
         self.kernel.settimeout(5)
         assert self.kernel.recv(protocol.MESSAGE_SIZE + 1)[0] == Op.REGISTER1
-        self.kernel.send(protocol.encode_register_reply(Op.REGISTER1, "3.1"))
+        self.kernel.send(kernelside.encode_register_reply(Op.REGISTER1, "3.1"))
 
     def transact(self, request: bytes) -> tuple[int, bytes, bytes, float]:
         """Status, key and value as the kernel reads them, and when the reply came."""
@@ -561,8 +561,8 @@ class ThreadKernel:
         reply = self.kernel.recv(protocol.MESSAGE_SIZE + 1)
         answered = time.monotonic()
         assert len(reply) == protocol.MESSAGE_SIZE
-        status = protocol.decode_daemon_message(reply).status
-        return (status, *protocol.reply_key_value(reply), answered)
+        status = kernelside.decode_daemon_message(reply).status
+        return (status, *kernelside.reply_key_value(reply), answered)
 
 
 async def start_thread_kernel(nursery: trio.Nursery, store: Store) -> tuple[ThreadKernel,
@@ -602,10 +602,10 @@ async def test_reads_are_answered_while_the_trio_loop_is_busy(tmp_path: Path) ->
         def host() -> None:
             blocked.wait(5)
             for n in range(4):
-                results.append(kernel.transact(protocol.encode_enumerate_request(0, n)))
-            results.append(kernel.transact(protocol.encode_get_request(0, b"k1")))
-            results.append(kernel.transact(protocol.encode_get_request(2, b"OSMajorVersion")))
-            results.append(kernel.transact(protocol.encode_set_request(0, b"new", b"n")))
+                results.append(kernel.transact(kernelside.encode_enumerate_request(0, n)))
+            results.append(kernel.transact(kernelside.encode_get_request(0, b"k1")))
+            results.append(kernel.transact(kernelside.encode_get_request(2, b"OSMajorVersion")))
+            results.append(kernel.transact(kernelside.encode_set_request(0, b"new", b"n")))
 
         thread = threading.Thread(target=host)
         thread.start()
@@ -643,7 +643,7 @@ async def test_host_reads_stay_consistent_while_the_loop_changes_the_pool(
             index = 0
             while not stop.is_set():
                 status, key, value, _ = kernel.transact(
-                    protocol.encode_enumerate_request(0, index))
+                    kernelside.encode_enumerate_request(0, index))
                 seen.append((status, key, value))
                 index = 0 if status != Status.S_OK else index + 1
 
@@ -687,7 +687,7 @@ async def test_cancelling_the_server_stops_the_device_thread(tmp_path: Path) -> 
                     proc = start_locker(tmp_path / "pools" / ".kvp_pool_0")
                     try:
                         assert kernel.kernel is not None
-                        kernel.kernel.send(protocol.encode_set_request(0, b"k", b"v"))
+                        kernel.kernel.send(kernelside.encode_set_request(0, b"k", b"v"))
                         await trio.sleep(0.2)  # handed over, waiting for the lock
                         scope.cancel()
                     finally:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import trio
 
 from kvpfs.host.device import Channel
-from kvpfs.wire import kernelconv, protocol
+from kvpfs.wire import kernelconv, kernelside, protocol
 from kvpfs.wire.protocol import Op, Status
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ class IpInfoResult:
 
 def ip_info_as_host_sees(raw: bytes) -> IpInfoResult:
     """A GET_IP_INFO reply after the kernel's conversions (process_ob_ipinfo's limits)."""
-    reply = protocol.decode_ip_info_reply(raw)
+    reply = kernelside.decode_ip_info_reply(raw)
     if reply.status != Status.S_OK:
         return IpInfoResult(reply.status)
     try:
@@ -201,7 +201,7 @@ class SimulatedHost:
                         message[:1].hex(), len(message))
             self._reset()
             return False
-        await sock.send(protocol.encode_register_reply(message[0], self.version))
+        await sock.send(kernelside.encode_register_reply(message[0], self.version))
         self.registrations += 1
         self._registered.set()
         return True
@@ -232,25 +232,25 @@ class SimulatedHost:
             return protocol.encode_status(Status.E_FAIL)
 
     async def _simple(self, request: bytes) -> HostResult:
-        reply = protocol.decode_daemon_message(await self.transact(request))
+        reply = kernelside.decode_daemon_message(await self.transact(request))
         return HostResult(reply.status)
 
     async def set(self, pool: int, key: str, value: str) -> HostResult:
         guest_key = kernelconv.host_to_guest(key, kernelconv.HOST_KEY_MAX_BYTES)
         guest_value = kernelconv.host_to_guest(value, kernelconv.HOST_VALUE_MAX_BYTES)
-        return await self._simple(protocol.encode_set_request(pool, guest_key, guest_value))
+        return await self._simple(kernelside.encode_set_request(pool, guest_key, guest_value))
 
     async def delete(self, pool: int, key: str) -> HostResult:
         guest_key = kernelconv.host_to_guest(key, kernelconv.HOST_KEY_MAX_BYTES)
-        return await self._simple(protocol.encode_delete_request(pool, guest_key))
+        return await self._simple(kernelside.encode_delete_request(pool, guest_key))
 
     async def get(self, pool: int, key: str) -> HostResult:
         guest_key = kernelconv.host_to_guest(key, kernelconv.HOST_KEY_MAX_BYTES)
-        raw = await self.transact(protocol.encode_get_request(pool, guest_key))
+        raw = await self.transact(kernelside.encode_get_request(pool, guest_key))
         return self._with_key_value(raw, key_from_reply=False, key=key)
 
     async def enumerate(self, pool: int, index: int) -> HostResult:
-        raw = await self.transact(protocol.encode_enumerate_request(pool, index))
+        raw = await self.transact(kernelside.encode_enumerate_request(pool, index))
         return self._with_key_value(raw, key_from_reply=True)
 
     async def list(self, pool: int) -> list[tuple[str, str]]:
@@ -266,7 +266,7 @@ class SimulatedHost:
 
     async def ip_get(self, mac: str, addr_family: int = 0) -> IpInfoResult:
         """GET_IP_INFO for the adapter with this MAC, converted as the kernel does."""
-        request = protocol.encode_ip_info_request(
+        request = kernelside.encode_ip_info_request(
             Op.GET_IP_INFO, _ip_text(mac, _IP_ADAPTER_MAX), addr_family)
         return ip_info_as_host_sees(await self.transact(request))
 
@@ -274,7 +274,7 @@ class SimulatedHost:
                      gate_way: str = "", dns_addr: str = "", *, dhcp: bool = False,
                      addr_family: int = 0) -> HostResult:
         """SET_IP_INFO for the adapter with this VMBus GUID (`;`-separated lists)."""
-        request = protocol.encode_ip_info_request(
+        request = kernelside.encode_ip_info_request(
             Op.SET_IP_INFO, _ip_text(guid, _IP_ADAPTER_MAX), addr_family, int(dhcp),
             _ip_text(ip_addr, _IP_ADDR_MAX), _ip_text(sub_net, _IP_ADDR_MAX),
             _ip_text(gate_way, _IP_GATEWAY_MAX), _ip_text(dns_addr, _IP_ADDR_MAX))
@@ -282,10 +282,10 @@ class SimulatedHost:
 
     @staticmethod
     def _with_key_value(raw: bytes, *, key_from_reply: bool, key: str = "") -> HostResult:
-        reply = protocol.decode_daemon_message(raw)
+        reply = kernelside.decode_daemon_message(raw)
         if reply.status != Status.S_OK:
             return HostResult(reply.status)
-        raw_key, raw_value = protocol.reply_key_value(raw)
+        raw_key, raw_value = kernelside.reply_key_value(raw)
         try:
             value = kernelconv.guest_to_host(raw_value, kernelconv.GUEST_VALUE_MAX_UNITS)
             if key_from_reply:

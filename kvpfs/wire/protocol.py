@@ -1,10 +1,9 @@
 """Sans-I/O codec for ``struct hv_kvp_msg``, the 7432-byte message on ``/dev/vmbus/hv_kvp``.
 
-Bytes in, typed values out; nothing here touches a file descriptor.  The daemon side decodes
-what the kernel sends (:func:`decode_request`) and encodes replies (``encode_*_reply``,
-:func:`encode_status`, :func:`encode_register`).  The kernel side (``encode_*_request``,
-:func:`decode_daemon_message`, :func:`reply_key_value`) lets a simulated kernel/host and the
-tests produce exactly what ``drivers/hv/hv_kvp.c`` produces and read replies the way it does.
+Bytes in, typed values out; nothing here touches a file descriptor or imports the rest of
+kvpfs.  This is the daemon's side: it decodes what the kernel sends (:func:`decode_request`)
+and encodes replies (``encode_*_reply``, :func:`encode_status`, :func:`encode_register`).  The
+kernel's side, for the simulated host and the tests, is `kvpfs.wire.kernelside`.
 
 Layout (packed, little-endian).  The offsets below were computed with gcc 12.2 against
 ``/usr/include/linux/hyperv.h`` from Debian linux-libc-dev 6.1.192-2 (``offsetof`` on
@@ -32,11 +31,9 @@ __all__ = [
     "LEGACY_REGISTER",
     "MESSAGE_SIZE",
     "VALUE_FIELD",
-    "DaemonMessage",
     "DeleteRequest",
     "EnumerateRequest",
     "GetRequest",
-    "IpInfoReply",
     "IpInfoRequest",
     "Op",
     "Pool",
@@ -47,22 +44,12 @@ __all__ = [
     "Status",
     "UnknownRequest",
     "ValueType",
-    "decode_daemon_message",
-    "decode_ip_info_reply",
     "decode_request",
-    "encode_delete_request",
     "encode_enumerate_reply",
-    "encode_enumerate_request",
     "encode_get_reply",
-    "encode_get_request",
     "encode_ip_info_reply",
-    "encode_ip_info_request",
-    "encode_raw",
     "encode_register",
-    "encode_register_reply",
-    "encode_set_request",
     "encode_status",
-    "reply_key_value",
 ]
 
 # --------------------------------------------------------------------------- sizes & offsets
@@ -124,7 +111,7 @@ IP_DNS_ADDR_FIELD = 2048
 
 LEGACY_REGISTER = 4  # KVP_OP_REGISTER; collides with GET_IP_INFO, only meaningful in handshake
 
-_U32 = struct.Struct("<I")
+U32 = struct.Struct("<I")
 
 
 class Op(enum.IntEnum):
@@ -256,19 +243,9 @@ Request: TypeAlias = (
 )
 
 
-@dataclass(frozen=True, slots=True)
-class DaemonMessage:
-    """Kernel-side view of a daemon write: the header bytes and the same 4 bytes as ``error``."""
-
-    op: int
-    pool: int
-    status: int
-    raw: bytes
-
-
 # --------------------------------------------------------------------------- decoding helpers
 
-_Buffer: TypeAlias = bytes | bytearray | memoryview
+Buffer: TypeAlias = bytes | bytearray | memoryview
 
 
 def _op_name(op: int) -> str:
@@ -293,7 +270,7 @@ class _Reader:
         raise ProtocolError(f"{self.what} {message}", op=self.op, pool=self.pool)
 
     def u32(self, offset: int) -> int:
-        value: int = _U32.unpack_from(self.data, offset)[0]
+        value: int = U32.unpack_from(self.data, offset)[0]
         return value
 
     def cstring(self, offset: int, field: int, name: str) -> bytes:
@@ -348,7 +325,7 @@ class _Reader:
         return self.utf8(self.cstring(offset, field, name), name)
 
 
-def decode_request(buf: _Buffer, *, in_handshake: bool = False) -> Request | RegisterReply:
+def decode_request(buf: Buffer, *, in_handshake: bool = False) -> Request | RegisterReply:
     """Decode one message read from the device.
 
     ``in_handshake`` is the daemon's "I have written REGISTER and not yet read the answer"
@@ -407,27 +384,27 @@ def decode_request(buf: _Buffer, *, in_handshake: bool = False) -> Request | Reg
 # --------------------------------------------------------------------------- encoding helpers
 
 
-def _check_u8(value: int, name: str) -> int:
+def check_u8(value: int, name: str) -> int:
     if not 0 <= value <= 0xFF:
         raise ValueError(f"{name} {value} does not fit in a u8")
     return value
 
 
-def _check_u32(value: int, name: str) -> int:
+def check_u32(value: int, name: str) -> int:
     if not 0 <= value <= 0xFFFF_FFFF:
         raise ValueError(f"{name} {value} does not fit in a u32")
     return value
 
 
-def _new_message(op: int, pool: int = 0) -> bytearray:
+def new_message(op: int, pool: int = 0) -> bytearray:
     """A zero-filled message, like the kernel's kzalloc, so nothing stale can leak out."""
     buf = bytearray(MESSAGE_SIZE)
-    buf[OP_OFFSET] = _check_u8(op, "op")
-    buf[POOL_OFFSET] = _check_u8(pool, "pool")
+    buf[OP_OFFSET] = check_u8(op, "op")
+    buf[POOL_OFFSET] = check_u8(pool, "pool")
     return buf
 
 
-def _put_cstring(buf: bytearray, offset: int, field: int, data: bytes, name: str) -> int:
+def put_cstring(buf: bytearray, offset: int, field: int, data: bytes, name: str) -> int:
     """Write NUL-terminated ``data`` into a field; returns strlen+1 for the size fields."""
     data = bytes(data)
     if len(data) > field - 1:
@@ -441,8 +418,8 @@ def _put_cstring(buf: bytearray, offset: int, field: int, data: bytes, name: str
     return len(data) + 1
 
 
-def _put_text(buf: bytearray, offset: int, field: int, text: str, name: str) -> None:
-    _put_cstring(buf, offset, field, text.encode("utf-8"), name)
+def put_text(buf: bytearray, offset: int, field: int, text: str, name: str) -> None:
+    put_cstring(buf, offset, field, text.encode("utf-8"), name)
 
 
 # --------------------------------------------------------------------------- daemon → kernel
@@ -450,7 +427,7 @@ def _put_text(buf: bytearray, offset: int, field: int, text: str, name: str) -> 
 
 def encode_register(op: int = Op.REGISTER1) -> bytes:
     """The daemon's opening write: op 100 (or legacy 4), everything else zero."""
-    return bytes(_new_message(op))
+    return bytes(new_message(op))
 
 
 def encode_status(status: int) -> bytes:
@@ -462,7 +439,7 @@ def encode_status(status: int) -> bytes:
     if not -0x8000_0000 <= status <= 0xFFFF_FFFF:
         raise ValueError(f"status {status} does not fit in 32 bits")
     buf = bytearray(MESSAGE_SIZE)
-    _U32.pack_into(buf, ERROR_OFFSET, status & 0xFFFF_FFFF)
+    U32.pack_into(buf, ERROR_OFFSET, status & 0xFFFF_FFFF)
     return bytes(buf)
 
 
@@ -473,11 +450,11 @@ def encode_enumerate_reply(key: bytes, value: bytes, status: int = Status.S_OK) 
     hv_kvp_msg_enumerate for any other reader.  ValueError if key > 511 or value > 2047 bytes.
     """
     buf = bytearray(encode_status(status))
-    key_size = _put_cstring(buf, ENUM_KEY_OFFSET, KEY_FIELD, key, "key")
-    value_size = _put_cstring(buf, ENUM_VALUE_OFFSET, VALUE_FIELD, value, "value")
-    _U32.pack_into(buf, ENUM_VALUE_TYPE_OFFSET, ValueType.REG_SZ)
-    _U32.pack_into(buf, ENUM_KEY_SIZE_OFFSET, key_size)
-    _U32.pack_into(buf, ENUM_VALUE_SIZE_OFFSET, value_size)
+    key_size = put_cstring(buf, ENUM_KEY_OFFSET, KEY_FIELD, key, "key")
+    value_size = put_cstring(buf, ENUM_VALUE_OFFSET, VALUE_FIELD, value, "value")
+    U32.pack_into(buf, ENUM_VALUE_TYPE_OFFSET, ValueType.REG_SZ)
+    U32.pack_into(buf, ENUM_KEY_SIZE_OFFSET, key_size)
+    U32.pack_into(buf, ENUM_VALUE_SIZE_OFFSET, value_size)
     return bytes(buf)
 
 
@@ -496,12 +473,12 @@ def encode_get_reply(key: bytes, value: bytes) -> bytes:
     528 sees an empty string instead of a value missing its first four bytes.  The key
     (<= 511 bytes, ends by 527) and the value (<= 2047 bytes, 532..2579) never collide.
     """
-    buf = _new_message(0)  # status S_OK: the header bytes are the error field
-    key_size = _put_cstring(buf, SET_KEY_OFFSET, KEY_FIELD, key, "key")
-    value_size = _put_cstring(buf, ENUM_VALUE_OFFSET, VALUE_FIELD, value, "value")
-    _U32.pack_into(buf, SET_VALUE_TYPE_OFFSET, ValueType.REG_SZ)
-    _U32.pack_into(buf, SET_KEY_SIZE_OFFSET, key_size)
-    _U32.pack_into(buf, SET_VALUE_SIZE_OFFSET, value_size)
+    buf = new_message(0)  # status S_OK: the header bytes are the error field
+    key_size = put_cstring(buf, SET_KEY_OFFSET, KEY_FIELD, key, "key")
+    value_size = put_cstring(buf, ENUM_VALUE_OFFSET, VALUE_FIELD, value, "value")
+    U32.pack_into(buf, SET_VALUE_TYPE_OFFSET, ValueType.REG_SZ)
+    U32.pack_into(buf, SET_KEY_SIZE_OFFSET, key_size)
+    U32.pack_into(buf, SET_VALUE_SIZE_OFFSET, value_size)
     return bytes(buf)
 
 
@@ -521,179 +498,11 @@ def encode_ip_info_reply(
     tighter UTF-16 unit limits when it converts for the host are not applied here.
     """
     buf = bytearray(encode_status(status))
-    _put_text(buf, IP_ADAPTER_ID_OFFSET, IP_ADAPTER_ID_FIELD, adapter_id, "adapter_id")
-    buf[IP_ADDR_FAMILY_OFFSET] = _check_u8(addr_family, "addr_family")
-    buf[IP_DHCP_ENABLED_OFFSET] = _check_u8(dhcp_enabled, "dhcp_enabled")
-    _put_text(buf, IP_ADDR_OFFSET, IP_ADDR_FIELD, ip_addr, "ip_addr")
-    _put_text(buf, IP_SUB_NET_OFFSET, IP_SUB_NET_FIELD, sub_net, "sub_net")
-    _put_text(buf, IP_GATE_WAY_OFFSET, IP_GATE_WAY_FIELD, gate_way, "gate_way")
-    _put_text(buf, IP_DNS_ADDR_OFFSET, IP_DNS_ADDR_FIELD, dns_addr, "dns_addr")
+    put_text(buf, IP_ADAPTER_ID_OFFSET, IP_ADAPTER_ID_FIELD, adapter_id, "adapter_id")
+    buf[IP_ADDR_FAMILY_OFFSET] = check_u8(addr_family, "addr_family")
+    buf[IP_DHCP_ENABLED_OFFSET] = check_u8(dhcp_enabled, "dhcp_enabled")
+    put_text(buf, IP_ADDR_OFFSET, IP_ADDR_FIELD, ip_addr, "ip_addr")
+    put_text(buf, IP_SUB_NET_OFFSET, IP_SUB_NET_FIELD, sub_net, "sub_net")
+    put_text(buf, IP_GATE_WAY_OFFSET, IP_GATE_WAY_FIELD, gate_way, "gate_way")
+    put_text(buf, IP_DNS_ADDR_OFFSET, IP_DNS_ADDR_FIELD, dns_addr, "dns_addr")
     return bytes(buf)
-
-
-# --------------------------------------------------------------------------- kernel → daemon
-
-
-def encode_raw(op: int, pool: int) -> bytearray:
-    """A zeroed, mutable message with only the header set (for tests and fuzzing)."""
-    return _new_message(op, pool)
-
-
-def encode_set_request(
-    pool: int, key: bytes, value: bytes, value_type: int = ValueType.REG_SZ
-) -> bytes:
-    """What ``kvp_send_key`` hands the daemon for a host SET.
-
-    Like the kernel, ``value_type`` is *not* copied into the message (offset 4 stays 0); it
-    only decides the value: REG_SZ is the converted string, REG_U32/REG_U64 the decimal
-    ``sprintf`` text (pass it as ``value``), and any other type leaves value empty with
-    value_size 0.  ``pool`` is any u8 because the kernel does not validate the host's pool.
-    """
-    buf = _new_message(Op.SET, pool)
-    key_size = _put_cstring(buf, SET_KEY_OFFSET, KEY_FIELD, key, "key")
-    _check_u32(value_type, "value_type")
-    if value_type in (ValueType.REG_U32, ValueType.REG_U64):
-        limit = 0xFFFF_FFFF if value_type == ValueType.REG_U32 else 0xFFFF_FFFF_FFFF_FFFF
-        if not (value.isdigit() and value.isascii() and int(value) <= limit):
-            raise ValueError(f"{ValueType(value_type).name} value must be decimal <= {limit}")
-    elif value_type != ValueType.REG_SZ:
-        if value:
-            raise ValueError(f"value_type {value_type} is unsupported; the kernel sends no value")
-        _U32.pack_into(buf, SET_KEY_SIZE_OFFSET, key_size)
-        return bytes(buf)
-    value_size = _put_cstring(buf, SET_VALUE_OFFSET, VALUE_FIELD, value, "value")
-    _U32.pack_into(buf, SET_KEY_SIZE_OFFSET, key_size)
-    _U32.pack_into(buf, SET_VALUE_SIZE_OFFSET, value_size)
-    return bytes(buf)
-
-
-def encode_get_request(pool: int, key: bytes) -> bytes:
-    """Host GET as the kernel passes it: key and key_size only, value_size left 0."""
-    buf = _new_message(Op.GET, pool)
-    key_size = _put_cstring(buf, SET_KEY_OFFSET, KEY_FIELD, key, "key")
-    _U32.pack_into(buf, SET_KEY_SIZE_OFFSET, key_size)
-    return bytes(buf)
-
-
-def encode_delete_request(pool: int, key: bytes) -> bytes:
-    buf = _new_message(Op.DELETE, pool)
-    key_size = _put_cstring(buf, DELETE_KEY_OFFSET, KEY_FIELD, key, "key")
-    _U32.pack_into(buf, DELETE_KEY_SIZE_OFFSET, key_size)
-    return bytes(buf)
-
-
-def encode_enumerate_request(pool: int, index: int) -> bytes:
-    buf = _new_message(Op.ENUMERATE, pool)
-    _U32.pack_into(buf, ENUM_INDEX_OFFSET, _check_u32(index, "index"))
-    return bytes(buf)
-
-
-def encode_ip_info_request(
-    op: int,
-    adapter_id: str,
-    addr_family: int = 0,
-    dhcp_enabled: int = 0,
-    ip_addr: str = "",
-    sub_net: str = "",
-    gate_way: str = "",
-    dns_addr: str = "",
-    *,
-    pool: int = 0,
-) -> bytes:
-    """GET_IP_INFO / SET_IP_INFO as the kernel passes them (GET fills adapter_id/family only)."""
-    if op not in (Op.GET_IP_INFO, Op.SET_IP_INFO):
-        raise ValueError(f"op {op} is not GET_IP_INFO (4) or SET_IP_INFO (5)")
-    buf = _new_message(op, pool)
-    _put_text(buf, IP_ADAPTER_ID_OFFSET, IP_ADAPTER_ID_FIELD, adapter_id, "adapter_id")
-    buf[IP_ADDR_FAMILY_OFFSET] = _check_u8(addr_family, "addr_family")
-    buf[IP_DHCP_ENABLED_OFFSET] = _check_u8(dhcp_enabled, "dhcp_enabled")
-    _put_text(buf, IP_ADDR_OFFSET, IP_ADDR_FIELD, ip_addr, "ip_addr")
-    _put_text(buf, IP_SUB_NET_OFFSET, IP_SUB_NET_FIELD, sub_net, "sub_net")
-    _put_text(buf, IP_GATE_WAY_OFFSET, IP_GATE_WAY_FIELD, gate_way, "gate_way")
-    _put_text(buf, IP_DNS_ADDR_OFFSET, IP_DNS_ADDR_FIELD, dns_addr, "dns_addr")
-    return bytes(buf)
-
-
-def encode_register_reply(op: int = Op.REGISTER1, version: str = "3.1") -> bytes:
-    """The kernel's handshake answer (``kvp_register``): op echo plus HV_DRV_VERSION."""
-    buf = _new_message(op)
-    _put_text(buf, REGISTER_VERSION_OFFSET, REGISTER_VERSION_FIELD, version, "version")
-    return bytes(buf)
-
-
-def _check_written(buf: _Buffer) -> bytes:
-    """The kernel rejects writes < 7432 bytes (EINVAL) and ignores bytes beyond 7432."""
-    data = bytes(buf)
-    if len(data) < MESSAGE_SIZE:
-        raise ProtocolError(
-            f"daemon wrote {len(data)} bytes; the kernel needs {MESSAGE_SIZE} (EINVAL)",
-            op=data[0] if data else None,
-            pool=data[1] if len(data) > 1 else None,
-        )
-    return data[:MESSAGE_SIZE]
-
-
-def decode_daemon_message(buf: _Buffer) -> DaemonMessage:
-    """Read a daemon write the way the kernel does: header bytes, and the same bytes as u32.
-
-    ``status`` is unsigned (a daemon's ``-EINVAL`` reads as 0xFFFFFFEA), matching how the
-    kernel copies it into the 32-bit ``icmsg_hdr.status``.
-    """
-    data = _check_written(buf)
-    return DaemonMessage(
-        op=data[OP_OFFSET],
-        pool=data[POOL_OFFSET],
-        status=_U32.unpack_from(data, ERROR_OFFSET)[0],
-        raw=data,
-    )
-
-
-def _strlen_at(data: bytes, offset: int) -> bytes:
-    end = data.find(b"\0", offset)
-    return data[offset:end if end >= 0 else len(data)]
-
-
-def reply_key_value(buf: _Buffer) -> tuple[bytes, bytes]:
-    """The key (offset 20) and value (offset 532) the kernel converts for ENUMERATE and GET.
-
-    The kernel measures both with an unbounded ``strlen``: an unterminated key runs on into
-    the value area and beyond.  That is emulated by scanning on to the next NUL; where the
-    kernel would read past the 7432-byte message into neighbouring heap memory, this stops
-    at the end of the message.  (For GET the kernel only uses the value.)
-    """
-    data = _check_written(buf)
-    return _strlen_at(data, ENUM_KEY_OFFSET), _strlen_at(data, ENUM_VALUE_OFFSET)
-
-
-@dataclass(frozen=True, slots=True)
-class IpInfoReply:
-    """A GET_IP_INFO answer as the kernel reads it: raw UTF-8 fields, not yet converted."""
-
-    status: int
-    adapter_id: bytes
-    addr_family: int
-    dhcp_enabled: int
-    ip_addr: bytes
-    sub_net: bytes
-    gate_way: bytes
-    dns_addr: bytes
-
-
-def decode_ip_info_reply(buf: _Buffer) -> IpInfoReply:
-    """Read a GET_IP_INFO answer the way ``process_ob_ipinfo`` does.
-
-    Each string is measured with ``strlen`` from its offset, so an unterminated field runs
-    on into the next (stopped here at the end of the message); the fields are only
-    meaningful when ``status`` is S_OK.
-    """
-    data = _check_written(buf)
-    return IpInfoReply(
-        status=_U32.unpack_from(data, ERROR_OFFSET)[0],
-        adapter_id=_strlen_at(data, IP_ADAPTER_ID_OFFSET),
-        addr_family=data[IP_ADDR_FAMILY_OFFSET],
-        dhcp_enabled=data[IP_DHCP_ENABLED_OFFSET],
-        ip_addr=_strlen_at(data, IP_ADDR_OFFSET),
-        sub_net=_strlen_at(data, IP_SUB_NET_OFFSET),
-        gate_way=_strlen_at(data, IP_GATE_WAY_OFFSET),
-        dns_addr=_strlen_at(data, IP_DNS_ADDR_OFFSET),
-    )
