@@ -25,10 +25,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 TESTS = (
-    "tests/test_crash.py",
-    "tests/test_sharing.py",
-    "tests/test_fuzz.py",
-    "tests/test_security.py",
+    "tests/process/test_crash.py",
+    "tests/process/test_sharing.py",
+    "tests/mount/test_fuzz.py",
+    "tests/process/test_security.py",
 )
 
 

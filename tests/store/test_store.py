@@ -21,7 +21,7 @@ from kvpfs.storage.poolfile import LockTimeout
 from kvpfs.storage.store import Change, Origin, Store
 from tests.support.lockholder import start_locker, stop_locker
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures" / "reference-daemon"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "reference-daemon"
 RECORD = 2560
 KEY_FIELD = 512
 VALUE_FIELD = 2048

@@ -14,8 +14,7 @@ import time
 import pytest
 
 from kvpfs.storage.poolfile import encode_record, pool_path
-
-from .conftest import KvpfsProcess, requires_fuse
+from tests.conftest import KvpfsProcess, requires_fuse
 
 pytestmark = requires_fuse
 

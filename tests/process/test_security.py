@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import REPO, KvpfsProcess, requires_fuse
-from .support.safety import pool_file, record_figures, slot
+from tests.conftest import REPO, KvpfsProcess, requires_fuse
+from tests.support.safety import pool_file, record_figures, slot
 
 pytestmark = requires_fuse
 

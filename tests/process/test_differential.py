@@ -70,7 +70,7 @@ pytestmark = pytest.mark.skipif(
     reason=f"needs root, /dev/fuse and {REFERENCE_DAEMON} (Debian package hyperv-daemons)",
 )
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures" / "reference-daemon"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "reference-daemon"
 SEED_ENV = "KVPFS_SEED"
 
 RECORD = 2560

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parent.parent / "kvpfs"
+PACKAGE = Path(__file__).resolve().parents[2] / "kvpfs"
 MAX_LINES = 600
 
 # layer -> the layers it must never import

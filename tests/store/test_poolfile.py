@@ -40,7 +40,7 @@ from kvpfs.storage.poolfile import (
 )
 from tests.support.lockholder import LOCKER, start_locker, stop_locker
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures" / "reference-daemon"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "reference-daemon"
 
 
 def slot(key: bytes, value: bytes, key_tail: bytes = b"", value_tail: bytes = b"") -> bytes:

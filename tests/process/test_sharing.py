@@ -36,9 +36,8 @@ import pytest
 
 from kvpfs import control
 from kvpfs.wire.protocol import Status
-
-from .conftest import REPO, KvpfsProcess, requires_fuse
-from .support.safety import (
+from tests.conftest import REPO, KvpfsProcess, requires_fuse
+from tests.support.safety import (
     checked_value,
     pool_file,
     record_figures,

@@ -17,9 +17,8 @@ from pathlib import Path
 import pytest
 
 from kvpfs.storage.poolfile import RECORD_SIZE, encode_record, parse_pool, pool_path
-
-from .conftest import KvpfsProcess, requires_fuse
-from .support.waiting import wait_for
+from tests.conftest import KvpfsProcess, requires_fuse
+from tests.support.waiting import wait_for
 
 pytestmark = requires_fuse
 

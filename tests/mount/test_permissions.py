@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import KvpfsProcess, requires_fuse
+from tests.conftest import KvpfsProcess, requires_fuse
 
 pytestmark = requires_fuse
 

@@ -48,9 +48,8 @@ from kvpfs import control
 from kvpfs.host.simulator import SYNTHETIC_POOL3
 from kvpfs.storage.poolfile import PoolFile
 from kvpfs.wire.protocol import Status
-
-from .conftest import REPO, KvpfsProcess, _dead_mount, requires_fuse, skip_unless_ci
-from .support.safety import (
+from tests.conftest import REPO, KvpfsProcess, _dead_mount, requires_fuse, skip_unless_ci
+from tests.support.safety import (
     RECORD,
     checked_value,
     pool_file,

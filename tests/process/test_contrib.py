@@ -37,9 +37,15 @@ import pytest
 from kvpfs.cli import main as cli
 from kvpfs.cli import mounthelper
 from kvpfs.wire.pools import POOL_NAMES
-
-from .conftest import REPO, KvpfsProcess, _dead_mount, fuse_missing, requires_fuse, skip_unless_ci
-from .support.waiting import wait_for
+from tests.conftest import (
+    REPO,
+    KvpfsProcess,
+    _dead_mount,
+    fuse_missing,
+    requires_fuse,
+    skip_unless_ci,
+)
+from tests.support.waiting import wait_for
 
 CONTRIB = REPO / "contrib"
 UNIT = CONTRIB / "kvpfs.service"

@@ -358,7 +358,7 @@ def test_blocked_reader_can_be_killed(emu, tmp_path) -> None:
         "os.read(fd, 7432)\n"
         "os.read(fd, 7432)\n"
     )
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=repo)
     try:
         host.wait_for(timeout=4, registered=True)

@@ -44,10 +44,9 @@ import pytest
 from kvpfs import control
 from kvpfs.wire import ipinfo
 from kvpfs.wire.protocol import Status
+from tests.conftest import skip_unless_ci
 
-from .conftest import skip_unless_ci
-
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 NS_PREFIX = "kvpfs-ip"
 NETWORKD = "/lib/systemd/systemd-networkd"
 SYSTEM_PYTHON = "/usr/bin/python3"

@@ -46,8 +46,7 @@ from kvpfs.host.server import DeviceServer
 from kvpfs.host.simulator import SimulatedHost
 from kvpfs.storage.store import Store
 from kvpfs.wire import kernelside, protocol
-
-from .support.safety import (
+from tests.support.safety import (
     KEY_FIELD,
     RECORD,
     VALUE_FIELD,

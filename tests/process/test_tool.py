@@ -31,11 +31,10 @@ from kvpfs.storage.poolfile import (
     pool_path,
 )
 from kvpfs.wire import limits
+from tests.conftest import REPO, KvpfsProcess
+from tests.support.waiting import wait_for
 
-from .conftest import REPO, KvpfsProcess
-from .support.waiting import wait_for
-
-FIXTURES = Path(__file__).resolve().parent / "fixtures" / "reference-daemon"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "reference-daemon"
 needs_fixtures = pytest.mark.skipif(not FIXTURES.is_dir(), reason="reference fixtures missing")
 
 

@@ -35,7 +35,7 @@ from kvpfs.wire.ipinfo import InvalidArgument, LinkInfo, StaticConfig, parse_set
 from kvpfs.wire.protocol import Op, Status
 
 SYSTEM_PYTHON = "/usr/bin/python3"
-NMKEYFILE = Path(__file__).with_name("nmkeyfile.py")
+NMKEYFILE = Path(__file__).resolve().parents[1] / "nmkeyfile.py"
 MAC = "00:15:5d:00:20:01"
 
 

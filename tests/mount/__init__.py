@@ -1,0 +1,1 @@
+"""A real FUSE mount driven by real programs (shells, inotify, other users)."""

@@ -1,0 +1,1 @@
+"""The pyfuse3 operations called directly, without a mount (the s3ql way)."""
