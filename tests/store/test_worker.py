@@ -7,6 +7,7 @@ import time
 
 import pytest
 import trio
+import trio.testing
 
 from kvpfs.storage.worker import Worker
 
@@ -49,18 +50,31 @@ async def test_calls_run_one_at_a_time_in_order() -> None:
 async def test_a_started_call_is_waited_for_when_cancelled() -> None:
     """Like to_thread.run_sync without abandon_on_cancel: the caller learns the effects."""
     worker = Worker("test worker")
-    done = threading.Event()
+    started, release, done = threading.Event(), threading.Event(), threading.Event()
+    returned = trio.Event()
+    scope = trio.CancelScope()
 
     def slow() -> None:
-        time.sleep(0.3)
+        started.set()
+        release.wait(10)
         done.set()
 
-    try:
-        with trio.move_on_after(0.05) as scope:
+    async def caller() -> None:
+        with scope:
             await worker.run(slow)
             assert done.is_set(), "the cancelled caller went on before the call ended"
             await trio.lowlevel.checkpoint()  # where the cancellation lands
-        assert scope.cancelled_caught
+        returned.set()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(caller)
+            await trio.to_thread.run_sync(started.wait)
+            scope.cancel()
+            await trio.testing.wait_all_tasks_blocked()
+            assert not returned.is_set(), "cancellation abandoned a call that had started"
+            release.set()
+        assert scope.cancelled_caught and done.is_set()
         with trio.CancelScope() as cancelled:
             cancelled.cancel()
             with pytest.raises(trio.Cancelled):
