@@ -1082,7 +1082,7 @@ def test_huge_enumeration_index(tmp_path: Path) -> None:
 FQDN_DRIVER = """
 import json, socket, sys
 from pathlib import Path
-from tests.test_differential import AUTO, Step, daemon_pair
+from tests.process.test_differential import AUTO, Step, daemon_pair
 socket.sethostname(sys.argv[2])
 with daemon_pair(Path(sys.argv[1])) as sides:
     answers = [side.ask(Step("LIST", AUTO))[0] for side in sides]

@@ -253,7 +253,7 @@ def _helper_diff(argv: list[str]) -> object:
 
 
 def in_namespace(ns: Namespace, mode: str, *args: str, timeout: float = 60) -> object:
-    done = run(*ns.exec_argv(sys.executable, "-m", "tests.test_ipinfo_netns", mode, *args),
+    done = run(*ns.exec_argv(sys.executable, "-m", "tests.process.test_ipinfo_netns", mode, *args),
                check=False, timeout=timeout, cwd=REPO)
     assert done.returncode == 0, f"{mode} helper failed:\n{done.stdout}\n{done.stderr}"
     return json.loads(done.stdout.strip().splitlines()[-1])
