@@ -23,7 +23,7 @@ from pathlib import Path
 from kvpfs.poolfile import encode_record, pool_path
 from kvpfs.protocol import Status
 
-from .conftest import KvpfsProcess, requires_fuse
+from .conftest import REPO, KvpfsProcess, requires_fuse
 from .support.figures import record_figure
 from .support.waiting import wait_for
 
@@ -108,4 +108,54 @@ def test_queued_writers_each_wait_at_most_one_lock_timeout(tmp_path: Path) -> No
         if holder is not None and holder.poll() is None:
             holder.kill()
             holder.wait()
+        kv.cleanup()
+
+
+# ---------------------------------------------------------------- item 13: `kvpfs host` options
+
+def kvpfs_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "kvpfs", *args], capture_output=True,
+                          text=True, timeout=60, cwd=REPO)
+
+
+def test_host_takes_mount_and_control_before_or_after_its_subcommand(tmp_path: Path) -> None:
+    kv = KvpfsProcess(tmp_path).start()
+    try:
+        mnt, ctl = str(kv.mnt), str(kv.control)
+        for i, argv in enumerate([
+            ["host", "--mount", mnt, "set", "guest", "k0", "v0"],
+            ["host", "set", "guest", "k1", "v1", "--mount", mnt],
+            ["host", "set", "--control", ctl, "guest", "k2", "v2"],
+            ["host", "set", "guest", "k3", "v3", "--control", ctl],
+        ]):
+            result = kvpfs_cli(*argv)
+            assert result.returncode == 0, (argv, result.stderr)
+            assert kv.path("guest", f"k{i}").read_text() == f"v{i}"
+        result = kvpfs_cli("host", "get", "guest", "k1", "--mount", mnt)
+        assert (result.returncode, result.stdout) == (0, "v1\n"), result.stderr
+        result = kvpfs_cli("host", "list", "guest", "--json", "--control", ctl)
+        assert result.returncode == 0, result.stderr
+        assert '"k3"' in result.stdout
+        result = kvpfs_cli("host", "delete", "guest", "k0", "--mount", mnt)
+        assert result.returncode == 0, result.stderr
+        assert not kv.path("guest", "k0").exists()
+        # ip get/set: the simulated kernel answers (an unknown adapter), not argparse (exit 2).
+        for argv in (["host", "ip", "set", "{00000000-0000-0000-0000-000000000000}",
+                      "--ip", "192.0.2.1", "--mask", "24", "--mount", mnt],
+                     ["host", "ip", "--mount", mnt, "set",
+                      "{00000000-0000-0000-0000-000000000000}", "--ip", "192.0.2.1",
+                      "--mask", "24"],
+                     ["host", "--mount", mnt, "ip", "set",
+                      "{00000000-0000-0000-0000-000000000000}"]):
+            result = kvpfs_cli(*argv)
+            assert result.returncode == 1 and "GUID_NOTFOUND" in result.stderr, (
+                argv, result.returncode, result.stderr)
+        result = kvpfs_cli("host", "ip", "get", "00:00:5E:00:53:01", "--control", ctl)
+        assert result.returncode == 1, (result.returncode, result.stderr)  # no such adapter
+        assert "unrecognized" not in result.stderr
+        # The last one given wins, wherever it is.
+        result = kvpfs_cli("host", "--mount", str(tmp_path / "nowhere"), "get", "guest", "k1",
+                           "--mount", mnt)
+        assert (result.returncode, result.stdout) == (0, "v1\n"), result.stderr
+    finally:
         kv.cleanup()
