@@ -14,12 +14,15 @@ All through real kvpfs processes, real mounts and the simulated host's real byte
 from __future__ import annotations
 
 import errno
+import os
+import socket
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
+from kvpfs import control
 from kvpfs.poolfile import encode_record, pool_path
 from kvpfs.protocol import Status
 
@@ -159,3 +162,150 @@ def test_host_takes_mount_and_control_before_or_after_its_subcommand(tmp_path: P
         assert (result.returncode, result.stdout) == (0, "v1\n"), result.stderr
     finally:
         kv.cleanup()
+
+
+# ---------------------------------------------------------------- item 9: the right instance
+
+def test_control_socket_names_are_unambiguous_readable_and_fit_sun_path() -> None:
+    a = control.control_socket_name(Path("/a/x-y/mnt"))
+    b = control.control_socket_name(Path("/a/x/y-mnt"))
+    assert a != b
+    assert (a, b) == ("a-x%2Dy-mnt.sock", "a-x-y%2Dmnt.sock")
+    assert control.control_socket_name(Path("/run/kvp")) == "run-kvp.sock"
+    assert control.control_socket_name(Path("/")) == "-.sock"
+    assert control.control_socket_name(Path("/-")) == "%2D.sock"
+    assert control.control_socket_name(Path("/root")) != control.control_socket_name(Path("/"))
+    names = {control.control_socket_name(Path(p)) for p in (
+        "/a/b%2Fc", "/a/b/c", "/a/b-c", "/a/b%2Dc", "/a/b~c", "/a b/c", "/a/bé")}
+    assert len(names) == 7, names
+    long_a = Path("/srv/" + "d" * 200 + "/mnt-1")
+    long_b = Path("/srv/" + "d" * 200 + "/mnt-2")
+    paths = [control.default_control_path(p) for p in (long_a, long_b)]
+    assert paths[0] != paths[1]
+    for path in paths:
+        assert len(os.fsencode(path)) <= 107, path
+        assert path.name.startswith("srv-ddd") and "~" in path.name, path
+
+
+def start_default_control(base: Path, mnt: Path) -> subprocess.Popen[bytes]:
+    """A simulated kvpfs that derives its control socket from its mount point."""
+    mnt.mkdir(parents=True)
+    log = open(base / f"{mnt.parent.name}-{mnt.name}.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kvpfs", "mount", str(mnt), "--simulate",
+         "--pool-dir", str(base / f"pools-{mnt.parent.name}")],
+        stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    log.close()
+
+    def ready() -> bool:
+        assert proc.poll() is None, (base / f"{mnt.parent.name}-{mnt.name}.log").read_text()
+        try:
+            return bool(os.getxattr(mnt, control.CONTROL_XATTR))
+        except OSError:
+            return False
+
+    wait_for(ready, 15, what=f"kvpfs on {mnt}")
+    return proc
+
+
+def stop(proc: subprocess.Popen[bytes], mnt: Path) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+    if os.path.ismount(mnt):
+        subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False, capture_output=True)
+
+
+def test_mount_points_that_differ_by_dash_and_slash_get_their_own_instance(
+        tmp_path: Path) -> None:
+    mnt_a = tmp_path / "a" / "x-y" / "mnt"
+    mnt_b = tmp_path / "a" / "x" / "y-mnt"
+    procs = []
+    try:
+        procs.append((start_default_control(tmp_path, mnt_a), mnt_a))
+        procs.append((start_default_control(tmp_path, mnt_b), mnt_b))
+        sockets = [os.getxattr(m, control.CONTROL_XATTR).decode() for m in (mnt_a, mnt_b)]
+        assert sockets[0] != sockets[1], sockets
+        for value, mnt in (("for-a", mnt_a), ("for-b", mnt_b)):
+            result = kvpfs_cli("host", "set", "external", "which", value, "--mount", str(mnt))
+            assert result.returncode == 0, result.stderr
+        assert (mnt_a / "external" / "which").read_text() == "for-a"
+        assert (mnt_b / "external" / "which").read_text() == "for-b"
+    finally:
+        for proc, mnt in procs:
+            stop(proc, mnt)
+    assert not any(Path(s).exists() for s in sockets)  # each removed its own
+
+
+def test_a_live_control_socket_is_never_taken_over(tmp_path: Path) -> None:
+    first = KvpfsProcess(tmp_path / "first").start()
+    try:
+        other = tmp_path / "second"
+        (other / "mnt").mkdir(parents=True)
+        result = subprocess.run(
+            [sys.executable, "-m", "kvpfs", "mount", str(other / "mnt"), "--simulate",
+             "--pool-dir", str(other / "pools"), "--control", str(first.control)],
+            capture_output=True, text=True, timeout=30, cwd=REPO)
+        assert result.returncode == 3, result.stderr
+        assert "belongs to another running kvpfs" in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+        assert not (other / "pools").exists()  # refused before creating anything
+        assert not os.path.ismount(other / "mnt")
+        # The first instance still owns its socket and answers on it.
+        assert first.host("set", "external", "still", "first")["status"] == Status.S_OK
+        assert first.path("external", "still").read_text() == "first"
+    finally:
+        first.cleanup()
+
+
+def test_a_stale_control_socket_is_replaced(tmp_path: Path) -> None:
+    kv = KvpfsProcess(tmp_path)
+    kv.control.parent.mkdir(parents=True, exist_ok=True)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as dead:
+        dead.bind(str(kv.control))  # a socket left by a killed instance: nobody listens
+    # KvpfsProcess.start removes the socket first; start by hand to keep it.
+    kv.mnt.mkdir()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kvpfs", "mount", str(kv.mnt), "--simulate",
+         "--pool-dir", str(kv.pools), "--control", str(kv.control)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        def mounted() -> bool:
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            return os.path.ismount(kv.mnt)
+        wait_for(mounted, 15, what="the mount")
+        assert kv.host("set", "external", "k", "v")["status"] == Status.S_OK
+    finally:
+        stop(proc, kv.mnt)
+
+
+# ---------------------------------------------------------------- item 12: refuse first
+
+def test_refused_starts_create_no_pool_directory(tmp_path: Path) -> None:
+    first = KvpfsProcess(tmp_path / "first").start()
+    try:
+        pools = tmp_path / "never-made"
+        result = subprocess.run(
+            [sys.executable, "-m", "kvpfs", "mount", str(first.mnt), "--simulate",
+             "--pool-dir", str(pools), "--control", str(tmp_path / "c2")],
+            capture_output=True, text=True, timeout=30, cwd=REPO)
+        assert result.returncode == 3, result.stderr
+        assert "already mounted by a running kvpfs" in result.stderr
+        assert not pools.exists()
+        assert not (tmp_path / "c2").exists()
+    finally:
+        first.cleanup()
+    (tmp_path / "mnt2").mkdir()
+    result = subprocess.run(
+        [sys.executable, "-m", "kvpfs", "mount", str(tmp_path / "mnt2"),
+         "--device", str(tmp_path / "no-such-device"), "--pool-dir", str(pools),
+         "--control", str(tmp_path / "c3")],
+        capture_output=True, text=True, timeout=30, cwd=REPO)
+    assert result.returncode == 3, result.stderr
+    assert "not look like a Hyper-V guest" in result.stderr
+    assert not pools.exists()
+    assert not (tmp_path / "c3").exists()
