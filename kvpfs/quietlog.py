@@ -51,13 +51,15 @@ class QuietLog:
         self.logger.log(level, "%s", text)
         self._said[topic] = _Said(text, level, now)
 
-    def clear(self, topic: Hashable, msg: str | None = None, *args: object) -> bool:
-        """The topic's problem is over: summarise its unlogged repeats and log `msg`
-        (INFO) if it had said anything. True if it had."""
+    def clear(self, topic: Hashable, msg: str | None = None, *args: object,
+              summary: bool = True) -> bool:
+        """The topic's problem is over: summarise its unlogged repeats (unless `summary`
+        is False) and log `msg` (INFO) if it had said anything. True if it had."""
         said = self._said.pop(topic, None)
         if said is None:
             return False
-        self._summarise(said)
+        if summary:
+            self._summarise(said)
         if msg is not None:
             self.logger.info(msg, *args)
         return True

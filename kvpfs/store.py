@@ -235,7 +235,8 @@ class Store:
         self._listeners: list[Listener] = []
         # Who held each pool's lock at the last timeout, for requests that time out queued.
         self._holders: list[str] = [""] * POOL_COUNT
-        self._warned_invalid: set[tuple[int, bytes]] = set()
+        # Per pool, the invalid records (by their first bytes) already reported.
+        self._warned_invalid: list[set[bytes]] = [set() for _ in range(POOL_COUNT)]
         self._quiet = QuietLog(log)
         self.generation = 0  # bumped on every change, for cheap cache checks
         self.memory_lock = threading.Lock()
@@ -265,23 +266,35 @@ class Store:
         with self.memory_lock:
             self.states[pool] = state
         self.generation += 1
-        invalid = state.invalid_records() if state.visible is not None else ()
-        for slot in invalid:
-            raw = state.records[slot].raw or b""
-            marker = (pool, raw[:64])
-            if marker not in self._warned_invalid:
-                self._warned_invalid.add(marker)
-                log.warning(
-                    "pool %d (%s): record %d is not valid UTF-8 or has an empty key; it is kept"
-                    " on disk untouched but never shown or sent to the host",
-                    pool, self.files[pool].path, slot,
-                )
-        if state.trailing_bytes:
+        self._report_invalid(pool, state)
+
+    def _report_invalid(self, pool: int, state: PoolState) -> None:
+        """One line for the invalid records not reported yet, however many (a pool full
+        of garbage is one line, not one per record), and the partial record once."""
+        invalid = state.invalid_records() if state.visible is not None else []
+        seen = {(state.records[slot].raw or b"")[:64] for slot in invalid}
+        known = self._warned_invalid[pool]
+        new = [slot for slot in invalid if (state.records[slot].raw or b"")[:64] not in known]
+        self._warned_invalid[pool] = seen  # only what the pool holds now: memory stays bounded
+        if new:
+            shown = ", ".join(str(slot) for slot in new[:5])
+            if len(new) > 5:
+                shown += f" and {len(new) - 5} more"
             log.warning(
+                "pool %d (%s): %d record(s) not valid UTF-8 or with an empty key (slot %s;"
+                " %d such in all of %d records); they are kept on disk untouched but never"
+                " shown or sent to the host",
+                pool, self.files[pool].path, len(new), shown, len(invalid), len(state.records),
+            )
+        if state.trailing_bytes:
+            self._quiet.say(
+                ("partial", pool), logging.WARNING,
                 "pool %d (%s) ends with %d bytes of a partial record (records are 2560 bytes);"
                 " they are ignored and will be overwritten by the next new key",
                 pool, self.files[pool].path, state.trailing_bytes,
             )
+        else:
+            self._quiet.clear(("partial", pool), summary=False)  # repeats were re-reads
 
     # ------------------------------------------------------------------ reads
     def get(self, pool: int, key: bytes) -> bytes | None:

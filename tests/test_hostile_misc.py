@@ -260,6 +260,9 @@ def test_a_live_control_socket_is_never_taken_over(tmp_path: Path) -> None:
         assert first.path("external", "still").read_text() == "first"
     finally:
         first.cleanup()
+        # (Only if it started after all, as the old code did: leave no dead mount.)
+        subprocess.run(["fusermount3", "-u", "-z", str(tmp_path / "second" / "mnt")],
+                       check=False, capture_output=True)
 
 
 def test_a_stale_control_socket_is_replaced(tmp_path: Path) -> None:
@@ -309,3 +312,72 @@ def test_refused_starts_create_no_pool_directory(tmp_path: Path) -> None:
     assert "not look like a Hyper-V guest" in result.stderr
     assert not pools.exists()
     assert not (tmp_path / "c3").exists()
+
+
+# ---------------------------------------------------------------- item 11: no log floods
+
+def lines_about(kv: KvpfsProcess, needle: str) -> list[str]:
+    return [line for line in kv.output().splitlines() if needle in line]
+
+
+def test_a_pool_file_replaced_by_a_symlink_fifo_or_directory_is_said_once(
+        tmp_path: Path) -> None:
+    kv = KvpfsProcess(tmp_path).start()
+    try:
+        broken = {0: "symlink", 3: "fifo", 4: "directory"}
+        for pool, kind in broken.items():
+            path = pool_path(kv.pools, pool)
+            path.unlink()
+            if kind == "symlink":
+                path.symlink_to("/etc/hostname")
+            elif kind == "fifo":
+                os.mkfifo(path, 0o600)
+            else:
+                path.mkdir()
+        for pool in broken:
+            wait_for(lambda pool=pool: lines_about(kv, f"cannot reload pool {pool}"), 5,
+                     what=f"the warning about pool {pool}")
+        # The watcher polls four times a second: this spans several polls. (Waiting for
+        # nothing to happen has no condition to wait on.)
+        time.sleep(1.5)
+        counts = {broken[pool]: len(lines_about(kv, pool_path(kv.pools, pool).name))
+                  for pool in broken}
+        print("log lines per broken pool file after 1.5 s:", counts)
+        for kind, count in counts.items():
+            record_figure("log flood", f"lines about a pool file that is a {kind}", count)
+            assert count <= 2, (kind, count, kv.output()[-2000:])
+        # Repaired: said once, with how often it recurred unsaid.
+        for pool, kind in broken.items():
+            path = pool_path(kv.pools, pool)
+            if kind == "directory":
+                path.rmdir()
+            else:
+                path.unlink()
+        for pool in broken:
+            wait_for(lambda pool=pool: lines_about(kv, f"pool {pool} can be read again"), 5,
+                     what=f"pool {pool} repaired")
+            summary = [line for line in lines_about(kv, f"cannot reload pool {pool}")
+                       if "repeated" in line]
+            assert len(summary) == 1, summary
+        assert kv.host("set", 0, "after-repair", "ok")["status"] == Status.S_OK
+    finally:
+        kv.cleanup()
+
+
+def test_a_pool_full_of_garbage_is_summarised_in_a_few_lines(tmp_path: Path) -> None:
+    kv = KvpfsProcess(tmp_path)
+    kv.pools.mkdir(mode=0o700)
+    garbage = os.urandom(1 << 20)
+    pool_path(kv.pools, 1).write_bytes(garbage)
+    kv.start()
+    try:
+        (kv.path("guest", "fresh")).write_text("v")  # a change, and a reload after it
+        items = kv.host("list", 1)["items"]
+        assert ["fresh", "v"] in items
+        lines = lines_about(kv, ".kvp_pool_1")
+        print(f"{len(lines)} log lines about a 1 MB random pool:", *lines, sep="\n")
+        record_figure("log flood", "lines about a 1 MB random pool file", len(lines))
+        assert 1 <= len(lines) <= 3, lines
+        assert any(" record(s) not valid UTF-8" in line for line in lines), lines
+    finally:
+        kv.cleanup()
