@@ -238,6 +238,7 @@ class Store:
         # Per pool, the invalid records (by their first bytes) already reported.
         self._warned_invalid: list[set[bytes]] = [set() for _ in range(POOL_COUNT)]
         self._quiet = QuietLog(log)
+        self._reload_busy_since: list[float | None] = [None] * POOL_COUNT
         self.generation = 0  # bumped on every change, for cheap cache checks
         self.memory_lock = threading.Lock()
 
@@ -455,14 +456,23 @@ class Store:
                         self._reload, pool, before.signature,
                         min(self.lock_timeout, self.poll_interval))
                 except LockTimeout as exc:
-                    self._quiet.say(("reload", pool), logging.WARNING,
-                                    "pool %d changed on disk but stays locked (%s); will retry",
-                                    pool, exc.holders or "holder unknown")
+                    # Said once the lock has stayed busy for a lock timeout, as a request
+                    # would: other programs hold it briefly all the time.
+                    busy_since = self._reload_busy_since[pool]
+                    if busy_since is None:
+                        self._reload_busy_since[pool] = time.monotonic()
+                    elif time.monotonic() - busy_since >= self.lock_timeout:
+                        self._quiet.say(
+                            ("reload", pool), logging.WARNING,
+                            "pool %d changed on disk but has stayed locked for %gs or more"
+                            " (%s); will retry", pool, self.lock_timeout,
+                            exc.holders or "holder unknown")
                     continue
                 except PoolFileError as exc:
                     self._quiet.say(("reload", pool), logging.WARNING,
                                     "cannot reload pool %d: %s", pool, exc)
                     continue
+                self._reload_busy_since[pool] = None
                 self._quiet.clear(("reload", pool), "pool %d can be read again", pool)
                 self._holders[pool] = ""  # it was locked: not stuck any more
                 if state is None:

@@ -14,6 +14,7 @@ All through real kvpfs processes, real mounts and the simulated host's real byte
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import socket
 import subprocess
@@ -22,9 +23,12 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from kvpfs import control
 from kvpfs.poolfile import encode_record, pool_path
 from kvpfs.protocol import Status
+from kvpfs.quietlog import QuietLog
 
 from .conftest import REPO, KvpfsProcess, requires_fuse
 from .support.figures import record_figure
@@ -101,8 +105,13 @@ def test_queued_writers_each_wait_at_most_one_lock_timeout(tmp_path: Path) -> No
             assert took < 2 * timeout, (
                 f"{name} waited {took:.2f} s for a {timeout:g} s lock timeout: {results}")
 
+        # The watcher, unable to re-read the changed pool, says so once, not at every poll.
+        wait_for(lambda: "has stayed locked" in kv.output(), 5, what="the watcher's warning")
         holder.stdin.close()  # the lock goes with the holder
         assert holder.wait(5) == 0
+        wait_for(lambda: "pool 1 can be read again" in kv.output(), 5, what="the re-read")
+        said = [line for line in kv.output().splitlines() if "has stayed locked" in line]
+        assert len([line for line in said if "repeated" not in line]) == 1, said
         assert kv.host("set", 1, "after", "2")["status"] == Status.S_OK
         (kv.path("guest", "w0")).write_text("stored later")
         assert kv.path("guest", "w0").read_text() == "stored later"
@@ -381,3 +390,26 @@ def test_a_pool_full_of_garbage_is_summarised_in_a_few_lines(tmp_path: Path) -> 
         assert any(" record(s) not valid UTF-8" in line for line in lines), lines
     finally:
         kv.cleanup()
+
+
+def test_quietlog_says_once_reminds_and_summarises(caplog: pytest.LogCaptureFixture) -> None:
+    now = [0.0]
+    quiet = QuietLog(logging.getLogger("kvpfs.test.quiet"), reminder=60.0,
+                     clock=lambda: now[0])
+    with caplog.at_level(logging.INFO, logger="kvpfs.test.quiet"):
+        for _ in range(241):  # a minute of polls, four a second
+            now[0] += 0.25
+            quiet.say("topic", logging.WARNING, "pool %d is a %s", 0, "symlink")
+        assert [r.getMessage() for r in caplog.records] == [
+            "pool 0 is a symlink",
+            "pool 0 is a symlink (still so: 240 more time(s) in the last 60 s)"]
+        caplog.clear()
+        quiet.say("topic", logging.WARNING, "pool %d is a %s", 0, "fifo")  # it changed
+        quiet.say("topic", logging.WARNING, "pool %d is a %s", 0, "fifo")
+        quiet.say("other", logging.WARNING, "unrelated")
+        assert quiet.clear("topic", "pool %d can be read again", 0)
+        assert not quiet.clear("topic", "said nothing: no line")
+        assert [r.getMessage() for r in caplog.records] == [
+            "pool 0 is a fifo", "unrelated",
+            "pool 0 is a fifo (repeated 1 more time(s) over 0 s)",
+            "pool 0 can be read again"]
