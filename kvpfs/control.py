@@ -9,10 +9,13 @@ running instance names its socket in the extended attribute
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
 import json
 import logging
 import os
 import socket
+import stat
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -40,23 +43,114 @@ def canonical_mountpoint(mountpoint: Path) -> Path:
     return Path(os.path.realpath(mountpoint.parent)) / mountpoint.name
 
 
+# Bytes kept as they are in a socket's name; every other byte but `/` is escaped %XX.
+_NAME_SAFE = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._+,=@:")
+SUN_PATH_MAX = 107  # sockaddr_un.sun_path is 108 bytes, with the NUL
+_HASH_DIGITS = 16
+
+
+def control_socket_name(mountpoint: Path, room: int = 255) -> str:
+    """The socket's file name for a mount point: one name per mount point, and readable.
+
+    `/` becomes `-`, and `-`, `%`, `~` and every byte outside a small safe set are
+    escaped as `%XX`, so no two mount points share a name (the old `/`→`-` mapping gave
+    `/a/x-y/mnt` and `/a/x/y-mnt` the same one); `/` itself is `-`. A name longer than
+    `room` bytes keeps its start and ends in `~` and 16 hex digits of a hash of the
+    path: `~` never appears in a name that was not shortened.
+    """
+    path = os.fsencode(canonical_mountpoint(mountpoint))
+    body = "".join(
+        "-" if byte == 0x2F else chr(byte) if byte in _NAME_SAFE else f"%{byte:02X}"
+        for byte in path[1:]
+    ) or "-"
+    suffix = ".sock"
+    if len(body) + len(suffix) <= room:
+        return body + suffix
+    digest = hashlib.sha256(path).hexdigest()[:_HASH_DIGITS]
+    keep = max(0, room - len(suffix) - 1 - _HASH_DIGITS)
+    prefix = body[:keep]
+    if "%" in prefix[-2:]:  # not half an escape
+        prefix = prefix[: prefix.rindex("%")]
+    return f"{prefix}~{digest}{suffix}"
+
+
 def default_control_path(mountpoint: Path) -> Path:
+    """`/run/kvpfs/NAME.sock` (root) or `$XDG_RUNTIME_DIR/kvpfs/NAME.sock`, within the
+    108 bytes a Unix socket's path may have."""
     runtime = "/run" if os.geteuid() == 0 else os.environ.get("XDG_RUNTIME_DIR", "/tmp")
-    name = str(canonical_mountpoint(mountpoint)).strip("/").replace("/", "-") or "root"
-    return Path(runtime) / "kvpfs" / f"{name}.sock"
+    directory = Path(runtime) / "kvpfs"
+    room = SUN_PATH_MAX - len(os.fsencode(directory)) - 1
+    return directory / control_socket_name(mountpoint, min(255, room))
+
+
+class ControlSocketInUse(ControlError):
+    """Another live kvpfs (or other program) answers on the control socket's path."""
+
+
+def _probe(path: Path, timeout: float = 2.0) -> str:
+    """What is at `path`: "free" (nothing), "stale" (a socket nobody listens on),
+    "live" (a socket someone accepts on, or too busy to say) or "other" (not a socket)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return "free"
+    if not stat.S_ISSOCK(st.st_mode):
+        return "other"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(str(path))
+        except (ConnectionRefusedError, FileNotFoundError):
+            return "stale"
+        except OSError:
+            return "live"  # a full backlog or a timeout: someone is there
+    return "live"
+
+
+def check_control_path(path: Path) -> None:
+    """Refuse a control socket path another live instance owns; a stale one may go.
+
+    Called before anything is created, so a refused start leaves nothing behind.
+    """
+    state = _probe(path)
+    if state == "live":
+        raise ControlSocketInUse(
+            f"the control socket {path} belongs to another running kvpfs (it answers);"
+            " stop that one first, or give this one its own with --control PATH")
+    if state == "other":
+        raise ControlSocketInUse(
+            f"{path} exists and is not a socket; remove it or choose another --control PATH")
 
 
 async def serve(path: Path, handler: Handler, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Serve the control socket; never takes one over from a live instance."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    if path.is_socket():
-        path.unlink()
     listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old_umask = os.umask(0o177)
     try:
-        await listener.bind(str(path))
-    finally:
-        os.umask(old_umask)
+        for _attempt in range(3):
+            old_umask = os.umask(0o177)
+            try:
+                await listener.bind(str(path))
+                break
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    raise
+            finally:
+                os.umask(old_umask)
+            # Something is there: replace it only if nobody listens (a kvpfs killed
+            # before it could remove its socket).
+            await trio.to_thread.run_sync(check_control_path, path)
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            log.info("replaced the stale control socket %s", path)
+        else:
+            raise ControlSocketInUse(f"cannot bind the control socket {path}: it keeps"
+                                     " reappearing (another kvpfs starting at the same time?)")
+    except BaseException:
+        listener.close()
+        raise
     listener.listen(16)
+    ours = os.lstat(path)
     try:
         async with trio.open_nursery() as nursery:
             task_status.started()
@@ -65,8 +159,10 @@ async def serve(path: Path, handler: Handler, *, task_status=trio.TASK_STATUS_IG
                 nursery.start_soon(_serve_one, trio.SocketStream(conn), handler)
     finally:
         listener.close()
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+        with contextlib.suppress(OSError):
+            now = os.lstat(path)
+            if (now.st_dev, now.st_ino) == (ours.st_dev, ours.st_ino):  # still ours
+                path.unlink()
 
 
 async def _serve_one(stream: trio.SocketStream, handler: Handler) -> None:

@@ -27,7 +27,7 @@ import trio
 
 from kvpfs import __version__, control
 from kvpfs.fuse.operations import KvpOperations, Permissions
-from kvpfs.host.device import CharDevice, DeviceUnavailable
+from kvpfs.host.device import Channel, CharDevice, DeviceUnavailable
 from kvpfs.host.intrinsic import FqdnCache, Intrinsics
 from kvpfs.host.netconfig import IpInfoService, NetSettings
 from kvpfs.host.server import DeviceServer, RegistrationRefused
@@ -170,9 +170,63 @@ async def _host_ip(host: SimulatedHost, request: dict) -> dict:
     return {"status": result.status, "status_name": result.status_name}
 
 
+class _OpenedEarly:
+    """The device, opened once before anything is created, so that a missing or busy
+    one refuses the start cleanly; the server's first open takes that channel."""
+
+    def __init__(self, opener: CharDevice, channel: Channel) -> None:
+        self.name = opener.name
+        self._opener = opener
+        self._channel: Channel | None = channel
+
+    async def open(self) -> Channel:
+        channel, self._channel = self._channel, None
+        return channel if channel is not None else await self._opener.open()
+
+    def close(self) -> None:
+        """Close the early channel if the server never took it."""
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
+
+
+async def _refuse_early(config: MountConfig, where: Path, control_path: Path
+                        ) -> _OpenedEarly | None:
+    """Every refusal that can be known before anything is created (above all the pool
+    directory): a live mount point, a live control socket, a missing or busy device."""
+    # First, before the device: a previous kvpfs stuck on its way out still holds it.
+    await clear_stale_mount(config.mountpoint, where)
+    try:
+        await trio.to_thread.run_sync(control.check_control_path, control_path)
+    except control.ControlSocketInUse as exc:
+        raise StartupError(str(exc)) from None
+    if config.simulate:
+        return None
+    device = CharDevice(config.device)
+    try:
+        return _OpenedEarly(device, await device.open())
+    except DeviceUnavailable as exc:
+        raise StartupError(str(exc)) from None
+
+
 async def serve(config: MountConfig) -> None:
     mountpoint = config.mountpoint
     pool_dir = config.resolved_pool_dir()
+    control_path = config.control_path or control.default_control_path(mountpoint)
+    # Never touch the mount point's path from this thread once mounted: until
+    # pyfuse3.main() runs, nothing answers, and the kernel waits for us forever.
+    where = control.canonical_mountpoint(mountpoint)
+    device = await _refuse_early(config, where, control_path)
+    try:
+        await _serve(config, pool_dir, control_path, where, device)
+    finally:
+        if device is not None:
+            device.close()
+
+
+async def _serve(config: MountConfig, pool_dir: Path, control_path: Path, where: Path,
+                 device: _OpenedEarly | None) -> None:
+    mountpoint = config.mountpoint
     store = Store(pool_dir, lock_timeout=config.lock_timeout)
     try:
         await store.open()
@@ -181,12 +235,12 @@ async def serve(config: MountConfig) -> None:
     fqdn = FqdnCache()
     intrinsics = Intrinsics(fqdn)
     host = SimulatedHost() if config.simulate else None
-    opener = host if host is not None else CharDevice(config.device)
+    opener = host if host is not None else device
+    assert opener is not None
     # Under --simulate, SET_IP_INFO writes into a sandbox and runs nothing (netconfig).
     ip_info = IpInfoService(NetSettings.from_env(
         simulate=config.simulate, sandbox=pool_dir.parent / "simulated-network"))
     server = DeviceServer(opener, store, intrinsics, ip_info=ip_info)
-    control_path = config.control_path or control.default_control_path(mountpoint)
     operations = KvpOperations(
         store, intrinsics, raw=config.raw, control_path=str(control_path),
         permissions=Permissions(uid=os.getuid(), gid=os.getgid(), guest_gid=config.guest_gid,
@@ -196,11 +250,6 @@ async def serve(config: MountConfig) -> None:
     async def handle_control(request: dict) -> dict:
         return await _host_control(host, server, store, request)
 
-    # Never touch the mount point's path from this thread once mounted: until
-    # pyfuse3.main() runs, nothing answers, and the kernel waits for us forever.
-    where = control.canonical_mountpoint(mountpoint)
-    # First, before the device: a previous kvpfs stuck on its way out still holds it.
-    await clear_stale_mount(mountpoint, where)
     async with trio.open_nursery() as nursery:
         if host is not None:
             await nursery.start(host.run)
@@ -209,7 +258,13 @@ async def serve(config: MountConfig) -> None:
             await nursery.start(server.run)
         except (DeviceUnavailable, RegistrationRefused) as exc:
             raise StartupError(str(exc)) from None
-        await nursery.start(control.serve, control_path, handle_control)
+        try:
+            await nursery.start(control.serve, control_path, handle_control)
+        except control.ControlSocketInUse as exc:
+            raise StartupError(str(exc)) from None
+        except OSError as exc:
+            raise StartupError(f"cannot create the control socket {control_path}:"
+                               f" {exc.strerror or exc}") from None
         try:
             pyfuse3.init(operations, str(mountpoint), fuse_options(config))
         except RuntimeError as exc:

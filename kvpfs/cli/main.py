@@ -83,23 +83,30 @@ def build_parser() -> argparse.ArgumentParser:
                        help="extra FUSE mount options (comma-separated)")
 
     host = sub.add_parser("host", help="act as the Hyper-V host of a simulated kvpfs")
-    host.add_argument("--control", type=Path, help="control socket of the kvpfs to use")
-    host.add_argument("--mount", type=Path, help="mount point of the kvpfs to use")
+    _add_instance_options(host)
+    # The same options after the subcommand (`kvpfs host set ... --mount M`), as the
+    # scripting commands take theirs anywhere. SUPPRESS: a subcommand that was not given
+    # them leaves what was given before it.
+    anywhere = argparse.ArgumentParser(add_help=False)
+    _add_instance_options(anywhere, default=argparse.SUPPRESS)
     host_sub = host.add_subparsers(dest="host_command", required=True)
-    h_set = host_sub.add_parser("set", help="AddKvpItems/ModifyKvpItems: set a key in a pool")
+    h_set = host_sub.add_parser("set", parents=[anywhere],
+                                help="AddKvpItems/ModifyKvpItems: set a key in a pool")
     h_set.add_argument("pool", type=parse_pool)
     h_set.add_argument("key")
     h_set.add_argument("value")
-    h_del = host_sub.add_parser("delete", help="RemoveKvpItems: delete a key")
+    h_del = host_sub.add_parser("delete", parents=[anywhere], help="RemoveKvpItems: delete a key")
     h_del.add_argument("pool", type=parse_pool)
     h_del.add_argument("key")
-    h_get = host_sub.add_parser("get", help="what the host reads for one key (by enumeration)")
+    h_get = host_sub.add_parser("get", parents=[anywhere],
+                                help="what the host reads for one key (by enumeration)")
     h_get.add_argument("pool", type=parse_pool)
     h_get.add_argument("key")
-    h_list = host_sub.add_parser("list", help="enumerate a pool as the host does")
+    h_list = host_sub.add_parser("list", parents=[anywhere],
+                                 help="enumerate a pool as the host does")
     h_list.add_argument("pool", type=parse_pool)
     h_list.add_argument("--json", action="store_true")
-    _add_host_ip_parser(host_sub)
+    _add_host_ip_parser(host_sub, anywhere)
 
     wait = sub.add_parser("wait", help="wait until a key exists (or changes)")
     wait.add_argument("pool", type=parse_pool)
@@ -114,6 +121,14 @@ def build_parser() -> argparse.ArgumentParser:
     wait.add_argument("-q", "--quiet", action="store_true", help="do not print the value")
     _add_tool_parsers(sub)
     return parser
+
+
+def _add_instance_options(parser: argparse.ArgumentParser, **defaults: object) -> None:
+    """`--control`/`--mount`: which running kvpfs `kvpfs host` talks to."""
+    parser.add_argument("--control", type=Path, help="control socket of the kvpfs to use",
+                        **defaults)  # type: ignore[arg-type]
+    parser.add_argument("--mount", type=Path, help="mount point of the kvpfs to use",
+                        **defaults)  # type: ignore[arg-type]
 
 
 
@@ -259,15 +274,19 @@ IP_FIELDS = ("adapter_id", "addr_family", "dhcp_enabled", "ip_addr", "sub_net", 
              "dns_addr")
 
 
-def _add_host_ip_parser(host_sub: argparse._SubParsersAction) -> None:
+def _add_host_ip_parser(host_sub: argparse._SubParsersAction,
+                        anywhere: argparse.ArgumentParser) -> None:
     """`kvpfs host ip get|set`: the host's GET_IP_INFO / SET_IP_INFO."""
-    ip = host_sub.add_parser("ip", help="GET_IP_INFO / SET_IP_INFO: an adapter's network setup")
+    ip = host_sub.add_parser("ip", parents=[anywhere],
+                             help="GET_IP_INFO / SET_IP_INFO: an adapter's network setup")
     ip_sub = ip.add_subparsers(dest="ip_command", required=True)
-    get = ip_sub.add_parser("get", help="what the host shows for the adapter with this MAC")
+    get = ip_sub.add_parser("get", parents=[anywhere],
+                            help="what the host shows for the adapter with this MAC")
     get.add_argument("mac", help="adapter MAC address, e.g. 00:15:5D:01:02:03")
     get.add_argument("--json", action="store_true")
     set_ = ip_sub.add_parser(
-        "set", help="inject a configuration into the adapter with this VMBus GUID",
+        "set", parents=[anywhere],
+        help="inject a configuration into the adapter with this VMBus GUID",
         description="Each option may be repeated or hold a ;-separated list; the strings"
                     " reach the guest exactly as given (to try malformed input too).")
     set_.add_argument("guid", help="the adapter's VMBus instance id, e.g. {f8615163-...}")

@@ -206,7 +206,7 @@ class KvpOperations(pyfuse3.Operations):
         self._handles: dict[int, Handle] = {}
         self._dir_handles: dict[int, list[tuple[int, bytes, Node | None]]] = {}
         self._next_fh = 1
-        self._guest_lock = trio.Lock()
+        self._guest_lock = store.request_lock(GUEST)  # waiters give up at their deadline
         self._streams: dict[int, EventStream] = {}
         self.closing = False
         self._invalidations_send, self._invalidations = trio.open_memory_channel(float("inf"))

@@ -623,16 +623,23 @@ class PoolFile:
     # ---- locking
 
     @contextlib.contextmanager
-    def locked(self, timeout: float | None = None) -> Iterator[PoolFile]:
+    def locked(self, timeout: float | None = None, *,
+               deadline: float | None = None) -> Iterator[PoolFile]:
         """Hold the OFD write lock and flock(LOCK_EX) on the current pool file.
 
         Reopens first if the file was deleted or replaced, and re-checks after locking (a
         replacement while we waited would leave us locking an orphaned inode). Then finishes a
         delete that a crash interrupted (see `delete_record`). Re-entrant in the same thread.
         Raises LockTimeout naming the holders.
+
+        `deadline` (a `time.monotonic()` value) replaces `timeout` for a caller whose request
+        has been waiting already: it fails at the moment fixed when the request arrived, so
+        requests queued behind a stuck lock each wait one lock timeout in all, not one each.
+        At least one attempt is made even when it has passed.
         """
         limit = self.lock_timeout if timeout is None else timeout
-        deadline = _deadline(limit)
+        if deadline is None:
+            deadline = _deadline(limit)
         wait = -1.0 if limit == float("inf") else max(0.0, deadline - time.monotonic())
         if not self._mutex.acquire(timeout=wait):
             raise LockTimeout(

@@ -21,6 +21,7 @@ never across I/O.
 
 from __future__ import annotations
 
+import contextvars
 import enum
 import logging
 import os
@@ -32,6 +33,7 @@ from pathlib import Path
 
 import trio
 
+from kvpfs.quietlog import QuietLog
 from kvpfs.storage.poolfile import (
     POOL_COUNT,
     LockTimeout,
@@ -66,6 +68,77 @@ class Change:
 
 
 Listener = Callable[[list[Change]], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class Deadline:
+    """When a request stops waiting for pool locks, fixed when it arrives.
+
+    Every wait on its way (the filesystem's queue, the pool's queue, the pool file's
+    locks) ends at this one moment, so requests queued behind a stuck lock each fail
+    after one lock timeout, not after one timeout for each request ahead of them.
+    """
+
+    trio_at: float  # on trio's clock, for waits on the trio thread
+    monotonic_at: float  # on time.monotonic(), for the worker thread's lock polling
+    timeout: float  # the lock timeout it was made from, for messages
+
+    @classmethod
+    def after(cls, timeout: float) -> Deadline:
+        return cls(trio.current_time() + timeout, time.monotonic() + timeout, timeout)
+
+
+# The deadline of the request the current task is serving, while it holds a `RequestLock`.
+_request_deadline: contextvars.ContextVar[Deadline | None] = contextvars.ContextVar(
+    "kvpfs_request_deadline", default=None)
+
+
+async def _acquire_by(lock: trio.Lock, deadline: Deadline) -> bool:
+    """Take `lock`, giving up at the deadline; a free lock is taken even after it."""
+    try:
+        lock.acquire_nowait()
+        return True
+    except trio.WouldBlock:
+        pass
+    with trio.move_on_at(deadline.trio_at) as scope:
+        await lock.acquire()
+    return not scope.cancelled_caught
+
+
+class RequestLock:
+    """A trio lock for a sequence of changes to one pool (a filesystem request).
+
+    Its waiters give up with LockTimeout at their request's deadline, fixed on
+    entry, and the changes made while holding it keep that deadline: a rename's
+    set and delete together wait one lock timeout at most.
+    """
+
+    def __init__(self, store: Store, pool: int) -> None:
+        self._store = store
+        self._pool = pool
+        self._lock = trio.Lock()
+        self._token: contextvars.Token[Deadline | None] | None = None
+
+    async def __aenter__(self) -> None:
+        deadline = _request_deadline.get()
+        token = None
+        if deadline is None:
+            deadline = Deadline.after(self._store.lock_timeout)
+            token = _request_deadline.set(deadline)
+        try:
+            if not await _acquire_by(self._lock, deadline):
+                raise self._store.queued_timeout(self._pool, deadline)
+        except BaseException:
+            if token is not None:
+                _request_deadline.reset(token)
+            raise
+        self._token = token
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        token, self._token = self._token, None
+        self._lock.release()
+        if token is not None:
+            _request_deadline.reset(token)
 
 
 @dataclass
@@ -160,7 +233,12 @@ class Store:
         # Pool-file work runs in one thread per pool: its lock serializes it anyway.
         self._workers = [Worker(f"kvpfs pool {pool}") for pool in range(POOL_COUNT)]
         self._listeners: list[Listener] = []
-        self._warned_invalid: set[tuple[int, bytes]] = set()
+        # Who held each pool's lock at the last timeout, for requests that time out queued.
+        self._holders: list[str] = [""] * POOL_COUNT
+        # Per pool, the invalid records (by their first bytes) already reported.
+        self._warned_invalid: list[set[bytes]] = [set() for _ in range(POOL_COUNT)]
+        self._quiet = QuietLog(log)
+        self._reload_busy_since: list[float | None] = [None] * POOL_COUNT
         self.generation = 0  # bumped on every change, for cheap cache checks
         self.memory_lock = threading.Lock()
 
@@ -189,23 +267,35 @@ class Store:
         with self.memory_lock:
             self.states[pool] = state
         self.generation += 1
-        invalid = state.invalid_records() if state.visible is not None else ()
-        for slot in invalid:
-            raw = state.records[slot].raw or b""
-            marker = (pool, raw[:64])
-            if marker not in self._warned_invalid:
-                self._warned_invalid.add(marker)
-                log.warning(
-                    "pool %d (%s): record %d is not valid UTF-8 or has an empty key; it is kept"
-                    " on disk untouched but never shown or sent to the host",
-                    pool, self.files[pool].path, slot,
-                )
-        if state.trailing_bytes:
+        self._report_invalid(pool, state)
+
+    def _report_invalid(self, pool: int, state: PoolState) -> None:
+        """One line for the invalid records not reported yet, however many (a pool full
+        of garbage is one line, not one per record), and the partial record once."""
+        invalid = state.invalid_records() if state.visible is not None else []
+        seen = {(state.records[slot].raw or b"")[:64] for slot in invalid}
+        known = self._warned_invalid[pool]
+        new = [slot for slot in invalid if (state.records[slot].raw or b"")[:64] not in known]
+        self._warned_invalid[pool] = seen  # only what the pool holds now: memory stays bounded
+        if new:
+            shown = ", ".join(str(slot) for slot in new[:5])
+            if len(new) > 5:
+                shown += f" and {len(new) - 5} more"
             log.warning(
+                "pool %d (%s): %d record(s) not valid UTF-8 or with an empty key (slot %s;"
+                " %d such in all of %d records); they are kept on disk untouched but never"
+                " shown or sent to the host",
+                pool, self.files[pool].path, len(new), shown, len(invalid), len(state.records),
+            )
+        if state.trailing_bytes:
+            self._quiet.say(
+                ("partial", pool), logging.WARNING,
                 "pool %d (%s) ends with %d bytes of a partial record (records are 2560 bytes);"
                 " they are ignored and will be overwritten by the next new key",
                 pool, self.files[pool].path, state.trailing_bytes,
             )
+        else:
+            self._quiet.clear(("partial", pool), summary=False)  # repeats were re-reads
 
     # ------------------------------------------------------------------ reads
     def get(self, pool: int, key: bytes) -> bytes | None:
@@ -234,13 +324,47 @@ class Store:
         _check_writable(pool)
         return await self._change(pool, origin, "delete", key, b"")
 
+    def request_lock(self, pool: int) -> RequestLock:
+        """A lock for a caller's own queue of changes to `pool`, bounded like the store's."""
+        return RequestLock(self, pool)
+
+    def queued_timeout(self, pool: int, deadline: Deadline) -> LockTimeout:
+        """The error of a request whose deadline passed while it waited its turn."""
+        holders = self._holders[pool] or "unknown (no change has timed out yet)"
+        return LockTimeout(
+            f"timed out after {deadline.timeout:g}s waiting for the lock on "
+            f"{self.files[pool].path}, queued behind other changes of pool {pool} waiting "
+            f"for it; last seen: {holders}. Wait for or stop that process, or raise the lock "
+            "timeout",
+            self.files[pool].path,
+            self._holders[pool],
+        )
+
     async def _change(self, pool: int, origin: Origin, kind: str, key: bytes, value: bytes) -> bool:
-        async with self._locks[pool]:
+        # Fixed on arrival (or by the caller's RequestLock): queueing counts against it.
+        deadline = _request_deadline.get() or Deadline.after(self.lock_timeout)
+        if not await _acquire_by(self._locks[pool], deadline):
+            raise self.queued_timeout(pool, deadline)
+        try:
             before = self.states[pool]
+            # A lock found stuck by the change before gets one try, not a fresh wait: with
+            # a holder that never lets go, the next open-write-close or host request would
+            # otherwise wait again, one timeout per step. Any success ends this.
+            stuck = bool(self._holders[pool])
             try:
                 reloaded, action, signature = await self._workers[pool].run(
-                    self._locked_change, pool, before, kind, key, value
+                    self._locked_change, pool, before, kind, key, value,
+                    time.monotonic() if stuck else deadline.monotonic_at,
                 )
+            except LockTimeout as exc:
+                self._holders[pool] = exc.holders or "holder unknown"
+                if stuck:
+                    raise LockTimeout(
+                        f"the lock on {self.files[pool].path} is still held, as it was for"
+                        f" {self.lock_timeout:g}s by the change before; {exc.holders}. Not"
+                        " waiting again until it has been released once",
+                        self.files[pool].path, exc.holders) from None
+                raise  # nothing was changed: memory stays valid
             except BaseException:
                 before.signature = None  # the file may be half-changed: reload next time
                 raise
@@ -272,17 +396,21 @@ class Store:
                 changes.append(Change(kind, pool, key, origin))
             if state is not before:
                 self._install(pool, state)
+            self._holders[pool] = ""
+        finally:
+            self._locks[pool].release()
         await self._notify(changes)
         return done or (kind == "set")
 
-    def _locked_change(self, pool: int, state: PoolState, kind: str, key: bytes, value: bytes):
+    def _locked_change(self, pool: int, state: PoolState, kind: str, key: bytes, value: bytes,
+                       deadline: float):
         """Worker thread: lock, reload if someone else wrote, change the file.
 
         Reads `state` but never modifies it (the trio thread owns it); returns
         the reloaded state (or None), what was done, and the new signature.
         """
         pf = self.files[pool]
-        with pf.locked():
+        with pf.locked(deadline=deadline):
             reloaded = None
             # locked() reopens a deleted or replaced file: its signature then differs.
             if pf.fstat_signature() != state.signature:
@@ -323,13 +451,30 @@ class Store:
             async with self._locks[pool]:
                 before = self.states[pool]
                 try:
-                    state = await self._workers[pool].run(self._reload, pool, before.signature)
+                    # A short wait: requests queue behind this one, and it comes back soon.
+                    state = await self._workers[pool].run(
+                        self._reload, pool, before.signature,
+                        min(self.lock_timeout, self.poll_interval))
                 except LockTimeout as exc:
-                    log.warning("pool %d changed but stays locked: %s; will retry", pool, exc)
+                    # Said once the lock has stayed busy for a lock timeout, as a request
+                    # would: other programs hold it briefly all the time.
+                    busy_since = self._reload_busy_since[pool]
+                    if busy_since is None:
+                        self._reload_busy_since[pool] = time.monotonic()
+                    elif time.monotonic() - busy_since >= self.lock_timeout:
+                        self._quiet.say(
+                            ("reload", pool), logging.WARNING,
+                            "pool %d changed on disk but has stayed locked for %gs or more"
+                            " (%s); will retry", pool, self.lock_timeout,
+                            exc.holders or "holder unknown")
                     continue
                 except PoolFileError as exc:
-                    log.warning("cannot reload pool %d: %s", pool, exc)
+                    self._quiet.say(("reload", pool), logging.WARNING,
+                                    "cannot reload pool %d: %s", pool, exc)
                     continue
+                self._reload_busy_since[pool] = None
+                self._quiet.clear(("reload", pool), "pool %d can be read again", pool)
+                self._holders[pool] = ""  # it was locked: not stuck any more
                 if state is None:
                     continue  # it was our own write, finishing while we looked
                 if signature is None or state.records != before.records:
@@ -342,10 +487,10 @@ class Store:
                 log.info("pool %d changed on disk: %d key(s) affected", pool, len(changes))
                 await self._notify(changes)
 
-    def _reload(self, pool: int, known: Signature | None) -> PoolState | None:
+    def _reload(self, pool: int, known: Signature | None, timeout: float) -> PoolState | None:
         """Worker thread: the pool as on disk now, or None if it is still `known`."""
         pf = self.files[pool]
-        with pf.locked():
+        with pf.locked(timeout):
             if known is not None and pf.fstat_signature() == known:
                 return None
             return PoolState.from_snapshot(pf.read())

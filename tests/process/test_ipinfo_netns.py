@@ -198,7 +198,7 @@ def write(path: Path, text: str, mode: int = 0o644) -> Path:
 
 
 # --------------------------------------------------------------------------- helper mode
-# `ip netns exec NS python -m tests.test_ipinfo_netns ...` runs these inside a namespace.
+# `ip netns exec NS python -m tests.process.test_ipinfo_netns ...` runs these inside a namespace.
 
 
 def _helper_call(argv: list[str]) -> object:

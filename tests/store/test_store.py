@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+import trio
 
 from kvpfs.storage.poolfile import LockTimeout
 from kvpfs.storage.store import Change, Origin, Store
@@ -534,3 +535,51 @@ async def test_trailing_partial_record_is_ignored_then_overwritten(store: Store)
     assert path.stat().st_size == 2 * RECORD
     assert slots_of(path)[1] == canonical(b"b", b"2")
     assert pairs(store.states[1].records) == [(b"a", b"1"), (b"b", b"2")]
+
+
+async def test_queued_changes_share_one_lock_timeout(store: Store) -> None:
+    """Six changes queued behind a stuck lock (and the watcher) each fail after about one
+    lock timeout, not one timeout per change ahead of them; a RequestLock's changes
+    together wait one timeout; the next change after them tries once."""
+    path = pool_file(store.pool_dir, 1)
+    await store.set(1, b"before", b"1", Origin.MOUNT)
+    with open(path, "ab") as f:  # a foreign change the watcher wants to read
+        f.write(canonical(b"foreign", b"x"))
+    proc = start_locker(path)
+    waited: dict[str, float] = {}
+    try:
+        async def change(name: str) -> None:
+            started = time.monotonic()
+            with pytest.raises(LockTimeout):
+                await store.set(1, name.encode(), b"v", Origin.MOUNT)
+            waited[name] = time.monotonic() - started
+
+        async def request(lock) -> None:
+            started = time.monotonic()
+            with pytest.raises(LockTimeout):
+                async with lock:  # a filesystem rename: a set, then a delete
+                    try:
+                        await store.set(1, b"renamed", b"v", Origin.MOUNT)
+                    finally:
+                        await store.delete(1, b"before", Origin.MOUNT)
+            waited["request"] = time.monotonic() - started
+
+        lock = store.request_lock(1)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(store.check_external_changes)
+            for i in range(6):
+                nursery.start_soon(change, f"k{i}")
+            nursery.start_soon(request, lock)
+        started = time.monotonic()
+        with pytest.raises(LockTimeout, match="still held"):
+            await store.set(1, b"later", b"v", Origin.MOUNT)
+        waited["later, stuck"] = time.monotonic() - started
+        print({name: round(seconds, 2) for name, seconds in waited.items()})
+        assert len(waited) == 8
+        for name, seconds in waited.items():
+            assert seconds < 2 * store.lock_timeout, (name, waited)
+        assert waited["later, stuck"] < store.lock_timeout / 2, waited
+    finally:
+        stop_locker(proc)
+    await store.set(1, b"k0", b"v", Origin.MOUNT)  # released: no longer stuck
+    assert store.get(1, b"k0") == b"v" and store.get(1, b"before") == b"1"

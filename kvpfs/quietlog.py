@@ -1,0 +1,70 @@
+"""Saying a recurring problem once, not four times a second.
+
+The store's watcher polls the pool files a few times a second; a pool file
+replaced by a symlink, or kept locked by another program, would otherwise log
+the same warning at every poll, forever. `QuietLog` logs a topic's message the
+first time, then again only when its text changes or, for a problem that goes on,
+once per `reminder` seconds with the number of repeats; when the problem ends
+(`clear`), the repeats since the last line are counted in one summary line.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+
+
+@dataclass
+class _Said:
+    text: str
+    level: int
+    since: float  # when it was last logged
+    repeats: int = 0  # times it recurred since then, unlogged
+
+
+class QuietLog:
+    """Rate-limited warnings keyed by topic (e.g. `("reload", pool)`)."""
+
+    def __init__(self, logger: logging.Logger, *, reminder: float = 600.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.logger = logger
+        self.reminder = reminder
+        self.clock = clock
+        self._said: dict[Hashable, _Said] = {}
+
+    def say(self, topic: Hashable, level: int, msg: str, *args: object) -> None:
+        """Log `msg % args` unless it is what `topic` said last (then count it)."""
+        text = msg % args if args else msg
+        now = self.clock()
+        said = self._said.get(topic)
+        if said is not None and said.text == text:
+            said.repeats += 1
+            if now - said.since >= self.reminder:
+                self.logger.log(level, "%s (still so: %d more time(s) in the last %.0f s)",
+                                text, said.repeats, now - said.since)
+                said.since, said.repeats = now, 0
+            return
+        if said is not None:
+            self._summarise(said)
+        self.logger.log(level, "%s", text)
+        self._said[topic] = _Said(text, level, now)
+
+    def clear(self, topic: Hashable, msg: str | None = None, *args: object,
+              summary: bool = True) -> bool:
+        """The topic's problem is over: summarise its unlogged repeats (unless `summary`
+        is False) and log `msg` (INFO) if it had said anything. True if it had."""
+        said = self._said.pop(topic, None)
+        if said is None:
+            return False
+        if summary:
+            self._summarise(said)
+        if msg is not None:
+            self.logger.info(msg, *args)
+        return True
+
+    def _summarise(self, said: _Said) -> None:
+        if said.repeats:
+            self.logger.log(said.level, "%s (repeated %d more time(s) over %.0f s)",
+                            said.text, said.repeats, self.clock() - said.since)
