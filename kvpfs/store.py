@@ -234,6 +234,21 @@ class Store:
         _check_writable(pool)
         return await self._change(pool, origin, "delete", key, b"")
 
+    async def prepare_set(self, pool: int, new_records: int) -> None:
+        """Check now that a `set` made soon after can succeed: the pool's locks are free
+        within the lock timeout (taken and dropped at once, LockTimeout otherwise) and the
+        pool file has room for `new_records` more records (PoolFileError(ENOSPC) otherwise).
+        The filesystem calls this when a file is opened or first written, because the close
+        that stores the value cannot report an error to a shell."""
+        _check_writable(pool)
+        pf = self.files[pool]
+
+        def probe() -> None:
+            with pf.locked():
+                pf.reserve_room(new_records)
+
+        await self._workers[pool].run(probe)
+
     async def _change(self, pool: int, origin: Origin, kind: str, key: bytes, value: bytes) -> bool:
         async with self._locks[pool]:
             before = self.states[pool]
