@@ -913,7 +913,7 @@ class KvpOperations(pyfuse3.Operations):
     async def setattr(self, inode, attr, fields, fh, ctx):
         node = self._nodes.get(inode)
         if node is None:
-            if inode in (ROOT_INODE, *DIR_INODES, *LINK_INODES):
+            if inode in (ROOT_INODE, *DIR_INODES, *LINK_INODES, EVENTS_INODE):
                 raise pyfuse3.FUSEError(errno.EACCES)
             raise pyfuse3.FUSEError(errno.ENOENT)
         if node.pool != GUEST:

@@ -392,6 +392,9 @@ def test_root_refuses_changes_with_eacces(mount):
         (os.mkdir, root / "sub"),
         (os.rmdir, root / "guest"),
         (os.symlink, "guest", root / "link"),
+        (os.truncate, root / ".events", 0),
+        (os.utime, root / ".events"),
+        (os.chmod, root / "guest", 0o777),
     ]
     for func, *args in cases:
         with pytest.raises(OSError) as info:
