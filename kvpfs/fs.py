@@ -642,14 +642,16 @@ class KvpOperations(pyfuse3.Operations):
             return node.draft
         return handle.buffer
 
-    def _file_max(self) -> int:
+    def _file_max(self, node: Node) -> int:
         """The most bytes an open or scratch file may hold: a value, plus the newline
-        dropped at commit unless --raw."""
+        dropped at commit unless --raw (a scratch file is renamed into a key)."""
+        if node.key is None:
+            return limits.SCRATCH_FILE_MAX_BYTES
         return limits.VALUE_MAX_BYTES if self.raw else limits.FILE_MAX_BYTES
 
     def _check_size(self, handle: Handle, size: int, what: str, *, fail: bool = True) -> None:
         """EFBIG before anything is allocated if a file would grow past `_file_max`."""
-        limit = self._file_max()
+        limit = self._file_max(handle.node)
         if size > limit:
             if fail:
                 handle.failed = True
@@ -936,9 +938,9 @@ class KvpOperations(pyfuse3.Operations):
 
     async def _truncate(self, node: Node, size: int, fh) -> None:
         handle = self._handles.get(fh) if fh is not None else None
-        if size > self._file_max():
+        if size > self._file_max(node):
             self._refuse(node, f"truncate to {size} bytes; a value (and a scratch file, which"
-                         f" may become one) is at most {self._file_max()} bytes")
+                         f" may become one) is at most {self._file_max(node)} bytes")
             if handle is not None:
                 handle.failed = True
             raise pyfuse3.FUSEError(errno.EFBIG)
