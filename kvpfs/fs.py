@@ -590,13 +590,15 @@ class KvpOperations(pyfuse3.Operations):
         handle = self._handle(fh)
         if not handle.writable:
             raise pyfuse3.FUSEError(errno.EBADF)
-        if not handle.prepared:
-            await self._prepare(handle)
         if handle.append and not handle.private:
+            if not handle.prepared:
+                await self._prepare(handle)
             return self._append(handle, buf)
         size = len(handle.buffer) + len(buf) if handle.append else \
             max(len(handle.buffer), off + len(buf))
         self._check_size(handle, size, f"a write of {len(buf)} bytes at offset {off}")
+        if not handle.prepared:
+            await self._prepare(handle)
         data = self._make_private(handle, size)
         if handle.append:
             off = len(data)  # the kernel's offset comes from a possibly stale size
@@ -695,14 +697,11 @@ class KvpOperations(pyfuse3.Operations):
             node.draft_charged = self._account(node, node.draft_charged, 0)
 
     async def _prepare(self, handle: Handle) -> None:
-        """Fail this open or write, rather than the close, if the value cannot be stored."""
-        handle.prepared = True
+        """Fail this open or write, rather than the close, if the value cannot be stored.
+        A write refused here changed nothing; the next one checks again."""
         if handle.node.key is not None:
-            try:
-                await self._prepare_key(handle.node.key)
-            except BaseException:
-                handle.failed = True
-                raise
+            await self._prepare_key(handle.node.key)
+        handle.prepared = True
 
     async def _prepare_key(self, key: bytes) -> None:
         """Check that a guest key can be stored soon: the pool's locks are free within the

@@ -248,6 +248,31 @@ def test_held_pool_lock_fails_the_shell_command(public_base, mode):
         proc.cleanup()
 
 
+def test_a_write_refused_for_the_lock_changes_nothing_and_the_next_one_stores(public_base):
+    proc = start(public_base, "--lock-timeout", "0.3")
+    locker = None
+    try:
+        path = proc.path("guest", "Log")
+        path.write_bytes(b"first\n")
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+        try:
+            locker = start_locker(pool_path(proc.pools, 1), "lockf")
+            with pytest.raises(OSError) as info:
+                os.write(fd, b"lost\n")
+            assert info.value.errno == errno.EBUSY
+            stop_locker(locker)
+            locker = None
+            assert os.write(fd, b"second\n") == 7
+        finally:
+            os.close(fd)
+        assert path.read_bytes() == b"first\nsecond\n"
+        assert host_items(proc)["Log"] == "first\nsecond"
+    finally:
+        if locker is not None:
+            stop_locker(locker)
+        proc.cleanup()
+
+
 # ---------------------------------------------------------------- sizes and memory
 
 PROBE = r"""
