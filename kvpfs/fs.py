@@ -623,17 +623,22 @@ class KvpOperations(pyfuse3.Operations):
         node = handle.node
         base = node.draft if node.draft is not None else (self._value(node) or b"")
         size = len(base) + len(buf)
-        self._check_size(handle, size, f"an append of {len(buf)} bytes", fail=False)
+        # Refused before this handle appended anything: it stores nothing at all (not
+        # even the empty new key its open created), as a refused write does.
+        self._check_size(handle, size, f"an append of {len(buf)} bytes",
+                         fail=not handle.in_draft)
         new = bytearray(base)
         new += buf
         error = self._early_check(node, new)
         if error:
+            handle.failed = handle.failed or not handle.in_draft
             raise pyfuse3.FUSEError(error)
         node.draft_charged = self._account(node, node.draft_charged, size)
         node.draft = new
         if not handle.in_draft:
             handle.in_draft = True
             node.draft_writers += 1
+        handle.failed = False  # what it appends now is stored at its close
         handle.dirty = handle.written = True
         return len(buf)
 

@@ -130,6 +130,29 @@ def test_echo_appends_keep_line_separators(mount):
     assert host_items(mount)[path.name] == "a\nb\nc"  # the host: one trailing newline dropped
 
 
+def test_a_refused_append_stores_nothing_and_keeps_earlier_appends(mount):
+    new = mount.path("guest", unique("new"))
+    done = as_member([shell("bash"), "-c", 'printf "%02000d" 0 >> "$1"', "sh", str(new)])
+    assert done.returncode != 0 and "File too large" in done.stderr
+    assert not new.exists() and new.name not in host_items(mount)
+    log = mount.path("guest", unique("log"))
+    done = as_member([system_python(), "-c", """
+import os, sys
+fd = os.open(sys.argv[1], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+os.write(fd, b"one\\n")
+try:
+    os.write(fd, b"\\xff\\n")
+except OSError as exc:
+    print(exc.errno)
+os.write(fd, b"two\\n")
+os.close(fd)
+""", str(log)])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(errno.EILSEQ)
+    assert log.read_bytes() == b"one\ntwo\n"
+    assert host_items(mount)[log.name] == "one\ntwo"
+
+
 def test_read_what_you_wrote_until_the_value_changes(mount):
     """Config management compares what it wrote with what it reads (issue 11, item 2)."""
     path = mount.path("guest", unique("role"))
