@@ -850,7 +850,7 @@ class PoolFile:
             room.reserve(fd, end, new_records * RECORD_SIZE)
         except OSError as exc:
             raise _io_error("reserving room for a new record in", self.path, exc) from exc
-        journal = self._journal(create=True)
+        journal = self._journal(create=False)  # made by the first change, as before
         if journal is not None:
             try:
                 room.reserve(journal[0], 0, 2 * RECORD_SIZE + 512)
