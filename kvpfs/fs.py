@@ -7,9 +7,16 @@ are queued to `invalidator()`, a separate task that runs them in a worker
 thread.
 
 Writes are buffered per open file and committed when the file is closed
-(flush), so the host never sees half a value. Only `guest` (pool 1) is
-writable. Names starting with `.` in `guest` are scratch files kept in memory
-until renamed to a key, which is how editors, `sed -i` and rsync save.
+(flush), so the host never sees half a value; O_APPEND writes of all open
+files go into one shared draft per key, at its end as it is at that moment.
+A key reads back as written (trailing newline included) while the stored value
+is the one that write made. Because shells ignore the error of that close, the
+pool's lock and room are checked (and room reserved) at open and at the first
+write, so that those fail instead. Sizes and offsets past a value, and the
+total of unpublished bytes, are refused before anything is allocated. Only
+`guest` (pool 1) is writable. Names starting with `.` in `guest` are scratch
+files kept in memory until renamed to a key, which is how editors, `sed -i`
+and rsync save.
 
 Every handler is wrapped by `_handler`: anything but FUSEError becomes EIO and
 a log line, because any other exception would end pyfuse3's main loop and
@@ -76,7 +83,7 @@ def _handler(method):
             raise pyfuse3.FUSEError(errno.EBUSY) from None
         except PoolFileError as exc:
             log.error("%s: %s", method.__name__, exc)
-            code = errno.ENOSPC if exc.errno == errno.ENOSPC else errno.EIO
+            code = exc.errno if exc.errno in (errno.ENOSPC, errno.EDQUOT) else errno.EIO
             raise pyfuse3.FUSEError(code) from None
         except Exception:
             log.exception("unexpected error in %s; answered EIO", method.__name__)
