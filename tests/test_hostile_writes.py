@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from kvpfs import limits
+from kvpfs import limits, room
 from kvpfs.poolfile import parse_pool, pool_path
 
 from .conftest import KvpfsProcess, requires_fuse, skip_unless_ci
@@ -242,6 +242,33 @@ def test_full_pool_filesystem_fails_the_shell_command(public_base):
         assert host_items(proc)["NewKey"] == "hello"
     finally:
         proc.cleanup()
+
+
+@pytest.mark.parametrize("fallocate", [True, False], ids=["fallocate", "statvfs"])
+def test_room_reservation_on_a_full_filesystem(public_base, monkeypatch, fallocate):
+    if not fallocate:
+        monkeypatch.setattr(room, "_fallocate", None)  # a filesystem without fallocate
+    small = public_base / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "kvpfs-room", str(small)],
+                   check=True)
+    try:
+        fd = os.open(small / "pool", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            room.reserve(fd, 0, 4096)  # room now: reserved, size unchanged
+            assert os.fstat(fd).st_size == 0
+            filler = _fill(small)
+            if fallocate:  # the reserved block is still there for the pool
+                os.pwrite(fd, b"r" * 4096, 0)
+            with pytest.raises(OSError) as info:
+                room.reserve(fd, 4096, 2560)
+            assert info.value.errno == errno.ENOSPC
+            filler.unlink()
+            room.reserve(fd, 4096, 2560)
+        finally:
+            os.close(fd)
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
 
 
 @pytest.mark.parametrize("mode", ["lockf", "flock"])
