@@ -7,9 +7,16 @@ are queued to `invalidator()`, a separate task that runs them in a worker
 thread.
 
 Writes are buffered per open file and committed when the file is closed
-(flush), so the host never sees half a value. Only `guest` (pool 1) is
-writable. Names starting with `.` in `guest` are scratch files kept in memory
-until renamed to a key, which is how editors, `sed -i` and rsync save.
+(flush), so the host never sees half a value; O_APPEND writes of all open
+files go into one shared draft per key, at its end as it is at that moment.
+A key reads back as written (trailing newline included) while the stored value
+is the one that write made. Because shells ignore the error of that close, the
+pool's lock and room are checked (and room reserved) at open and at the first
+write, so that those fail instead. Sizes and offsets past a value, and the
+total of unpublished bytes, are refused before anything is allocated. Only
+`guest` (pool 1) is writable. Names starting with `.` in `guest` are scratch
+files kept in memory until renamed to a key, which is how editors, `sed -i`
+and rsync save.
 
 Every handler is wrapped by `_handler`: anything but FUSEError becomes EIO and
 a log line, because any other exception would end pyfuse3's main loop and
@@ -76,7 +83,7 @@ def _handler(method):
             raise pyfuse3.FUSEError(errno.EBUSY) from None
         except PoolFileError as exc:
             log.error("%s: %s", method.__name__, exc)
-            code = errno.ENOSPC if exc.errno == errno.ENOSPC else errno.EIO
+            code = exc.errno if exc.errno in (errno.ENOSPC, errno.EDQUOT) else errno.EIO
             raise pyfuse3.FUSEError(code) from None
         except Exception:
             log.exception("unexpected error in %s; answered EIO", method.__name__)
@@ -140,17 +147,33 @@ class Node:
     mode: int | None = None  # chmod/chown are accepted and remembered, not stored in pools
     uid: int | None = None
     gid: int | None = None
+    # (stored value, bytes as written): what was written through the mount, shown while
+    # the stored value is still the one it became (read what you wrote, trailing newline
+    # included). Kept in memory only.
+    shown: tuple[bytes, bytes] | None = None
+    # O_APPEND writes go here, at the end of the value as it is at that moment, shared
+    # by every appending handle until the last of them commits.
+    draft: bytearray | None = None
+    draft_writers: int = 0  # appending handles whose bytes are in `draft`, not yet committed
+    charged: int = 0  # bytes of `content` counted as unpublished
+    draft_charged: int = 0  # bytes of `draft` counted as unpublished
 
 
 @dataclass(eq=False)
 class Handle:
     node: Node
-    buffer: bytearray
+    # Read-only and untouched handles share the value they opened (no copy); the first
+    # change through a handle that does not append makes it a private bytearray.
+    buffer: bytes | bytearray
     writable: bool
     append: bool
     dirty: bool = False  # differs from what is published
     written: bool = False  # a write or truncate since the last commit
     failed: bool = False
+    private: bool = False  # `buffer` is this handle's own copy (counted as unpublished)
+    in_draft: bool = False  # has appended to node.draft since its last commit
+    prepared: bool = False  # the pool's lock and room were checked for this handle
+    charged: int = 0  # bytes of `buffer` counted as unpublished
 
 
 @dataclass(eq=False)
@@ -207,6 +230,7 @@ class KvpOperations(pyfuse3.Operations):
         self._dir_handles: dict[int, list[tuple[int, bytes, Node | None]]] = {}
         self._next_fh = 1
         self._guest_lock = store.request_lock(GUEST)  # waiters give up at their deadline
+        self._unpublished = 0  # bytes in private write buffers, drafts and scratch files
         self._streams: dict[int, EventStream] = {}
         self.closing = False
         self._invalidations_send, self._invalidations = trio.open_memory_channel(float("inf"))
@@ -229,6 +253,9 @@ class KvpOperations(pyfuse3.Operations):
 
     def _unlink_node(self, node: Node) -> None:
         node.linked = False
+        if node.key is None:  # a scratch file's bytes go with its name
+            node.content = b""
+            node.charged = self._account(node, node.charged, 0)
         if node.key is not None and self._by_key.get((node.pool, node.key)) is node:
             del self._by_key[(node.pool, node.key)]
         if self._guest_extra.get(node.name) is node:
@@ -240,14 +267,25 @@ class KvpOperations(pyfuse3.Operations):
             self._nodes.pop(node.ino, None)
 
     def _value(self, node: Node) -> bytes | None:
-        """The current value of a key node, None if it no longer exists."""
+        """The current value of a key node as a reader sees it, None if it no longer exists:
+        the bytes written through the mount while the stored value is still what they
+        became, else the stored value."""
         if node.inflight is not None:
             return node.inflight
         if node.key is None or node.pending:
             return node.content
         if node.pool == AUTO_POOL:
             return None  # computed by _auto_value
-        return self.store.get(node.pool, node.key)
+        value = self.store.get(node.pool, node.key)
+        if node.shown is not None and value is not None and node.shown[0] == value:
+            return node.shown[1]
+        return value
+
+    def _stored(self, node: Node) -> bytes:
+        """What the pool holds for a guest key node (b"" for a pending one)."""
+        if node.key is None or node.pending:
+            return b""
+        return self.store.get(node.pool, node.key) or b""
 
     async def _auto_value(self, node: Node) -> bytes:
         index = INTRINSIC_KEYS.index(node.key.decode())
@@ -461,12 +499,22 @@ class KvpOperations(pyfuse3.Operations):
             log.info("refused write to %s/%s: only guest is writable",
                      POOL_NAMES[node.pool], node.name.decode(errors="replace"))
             raise pyfuse3.FUSEError(errno.EACCES)
+        self._check_open_files()
         value = await self._current(node)
         if value is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
-        handle = Handle(node, bytearray() if truncate else bytearray(value), writable,
-                        bool(flags & os.O_APPEND), dirty=truncate)
+        handle = Handle(node, bytearray() if truncate else value, writable,
+                        bool(flags & os.O_APPEND), dirty=truncate, private=truncate)
+        if truncate:
+            # `: > key` stores at release, where nobody hears of a failure: check now.
+            await self._prepare(handle)
         return self._new_handle(handle)
+
+    def _check_open_files(self) -> None:
+        if len(self._handles) >= limits.OPEN_FILES_MAX:
+            log.warning("refused an open: %d value files are open, the most kvpfs keeps"
+                        " (all users together); close some", len(self._handles))
+            raise pyfuse3.FUSEError(errno.ENFILE)
 
     def _new_handle(self, handle: Handle):
         fh = self._next_fh
@@ -491,7 +539,7 @@ class KvpOperations(pyfuse3.Operations):
         stream = self._streams.get(fh)
         if stream is not None:
             return await self._read_events(stream, size)
-        return bytes(self._handle(fh).buffer[off : off + size])
+        return bytes(self._view(self._handle(fh))[off : off + size])
 
     # ================================================================ the change feed
     def _open_events(self, flags, ctx):
@@ -549,40 +597,162 @@ class KvpOperations(pyfuse3.Operations):
         handle = self._handle(fh)
         if not handle.writable:
             raise pyfuse3.FUSEError(errno.EBADF)
-        data = handle.buffer
+        if handle.append and not handle.private:
+            if not handle.prepared:
+                await self._prepare(handle)
+            return self._append(handle, buf)
+        size = len(handle.buffer) + len(buf) if handle.append else \
+            max(len(handle.buffer), off + len(buf))
+        self._check_size(handle, size, f"a write of {len(buf)} bytes at offset {off}")
+        if not handle.prepared:
+            await self._prepare(handle)
+        data = self._make_private(handle, size)
         if handle.append:
             off = len(data)  # the kernel's offset comes from a possibly stale size
         if off > len(data):
             data.extend(b"\0" * (off - len(data)))
         data[off : off + len(buf)] = buf
         handle.dirty = handle.written = True
-        error = self._early_check(handle)
+        error = self._early_check(handle.node, data)
         if error:
             handle.failed = True
             raise pyfuse3.FUSEError(error)
         return len(buf)
 
-    def _early_check(self, handle: Handle) -> int:
+    def _append(self, handle: Handle, buf: bytes) -> int:
+        """An O_APPEND write: at the end of the value as it is now, whoever else appends.
+
+        Every appending handle of a node writes into one shared draft, based on the value
+        readers see (the written form, trailing newline included); the draft is published
+        whole when each of them commits, and dropped after the last. A refused write adds
+        nothing and leaves what the others appended alone.
+        """
+        node = handle.node
+        base = node.draft if node.draft is not None else (self._value(node) or b"")
+        size = len(base) + len(buf)
+        # Refused before this handle appended anything: it stores nothing at all (not
+        # even the empty new key its open created), as a refused write does.
+        self._check_size(handle, size, f"an append of {len(buf)} bytes",
+                         fail=not handle.in_draft)
+        new = bytearray(base)
+        new += buf
+        error = self._early_check(node, new)
+        if error:
+            handle.failed = handle.failed or not handle.in_draft
+            raise pyfuse3.FUSEError(error)
+        node.draft_charged = self._account(node, node.draft_charged, size)
+        node.draft = new
+        if not handle.in_draft:
+            handle.in_draft = True
+            node.draft_writers += 1
+        handle.failed = False  # what it appends now is stored at its close
+        handle.dirty = handle.written = True
+        return len(buf)
+
+    def _view(self, handle: Handle) -> bytes | bytearray:
+        """What a read through this handle returns."""
+        node = handle.node
+        if handle.append and not handle.private and node.draft is not None:
+            return node.draft
+        return handle.buffer
+
+    def _file_max(self, node: Node) -> int:
+        """The most bytes an open or scratch file may hold: a value, plus the newline
+        dropped at commit unless --raw (a scratch file is renamed into a key)."""
+        if node.key is None:
+            return limits.SCRATCH_FILE_MAX_BYTES
+        return limits.VALUE_MAX_BYTES if self.raw else limits.FILE_MAX_BYTES
+
+    def _check_size(self, handle: Handle, size: int, what: str, *, fail: bool = True) -> None:
+        """EFBIG before anything is allocated if a file would grow past `_file_max`."""
+        limit = self._file_max(handle.node)
+        if size > limit:
+            if fail:
+                handle.failed = True
+            self._refuse(handle.node, f"{what} would make the file {size} bytes; a value (and a"
+                         f" scratch file, which may become one) is at most {limit} bytes"
+                         f"{'' if self.raw else ' with its trailing newline'}")
+            raise pyfuse3.FUSEError(errno.EFBIG)
+
+    def _account(self, node: Node, old: int, new: int) -> int:
+        """Move one buffer's share of the unpublished total from `old` to `new` bytes and
+        return `new`; ENOSPC with a log line, changing nothing, past the bound."""
+        if new > old and self._unpublished + new - old > limits.UNPUBLISHED_MAX_BYTES:
+            log.warning("refused to grow %s/%s: unpublished data (open write buffers, appends"
+                        " and scratch files of all users) would exceed %d bytes; nothing"
+                        " stored", POOL_NAMES[node.pool], node.name.decode(errors="replace"),
+                        limits.UNPUBLISHED_MAX_BYTES)
+            raise pyfuse3.FUSEError(errno.ENOSPC)
+        self._unpublished += new - old
+        return new
+
+    def _make_private(self, handle: Handle, size: int) -> bytearray:
+        """The handle's own buffer, counted for at least `size` bytes (ENOSPC past the
+        unpublished bound); copied from what it shows at its first change."""
+        base = handle.buffer if handle.private else self._view(handle)
+        handle.charged = self._account(handle.node, handle.charged, max(size, len(base)))
+        if not handle.private:
+            if handle.in_draft:
+                self._leave_draft(handle)
+            handle.buffer = bytearray(base)
+            handle.private = True
+        assert isinstance(handle.buffer, bytearray)
+        return handle.buffer
+
+    def _leave_draft(self, handle: Handle) -> None:
+        node = handle.node
+        handle.in_draft = False
+        node.draft_writers -= 1
+        if node.draft_writers <= 0:
+            node.draft_writers = 0
+            node.draft = None
+            node.draft_charged = self._account(node, node.draft_charged, 0)
+
+    async def _prepare(self, handle: Handle) -> None:
+        """Fail this open or write, rather than the close, if the value cannot be stored.
+        A write refused here changed nothing; the next one checks again."""
+        if handle.node.key is not None:
+            await self._prepare_key(handle.node.key)
+        handle.prepared = True
+
+    async def _prepare_key(self, key: bytes) -> None:
+        """Check that a guest key can be stored soon: the pool's locks are free within the
+        lock timeout (EBUSY) and the pool file has room for its record (ENOSPC). Shells
+        ignore the error of the close that stores a value, so write(2) must fail instead.
+        The lock is only taken and dropped: it is never held across the caller's time."""
+        new = 0
+        if self.store.get(GUEST, key) is None:
+            new = 1 + sum(1 for node in self._guest_extra.values() if node.pending)
+        await self.store.prepare_set(GUEST, new)
+
+    def _check_scratch_room(self, name: bytes) -> None:
+        if len(self._guest_extra) >= limits.SCRATCH_MAX_FILES:
+            log.warning("refused to create guest/%s: %d scratch files and unstored new keys"
+                        " exist, the most kvpfs keeps; rename or remove some",
+                        name.decode(errors="replace"), len(self._guest_extra))
+            raise pyfuse3.FUSEError(errno.ENOSPC)
+
+    def _early_check(self, node: Node, buffer: bytes | bytearray) -> int:
         """Refuse a write as soon as the value can no longer become valid."""
-        if handle.node.key is None:
-            return 0  # scratch files take anything until renamed to a key
-        data = bytes(handle.buffer)
+        if node.key is None:
+            return 0  # scratch files take any bytes (up to the size limit) until renamed
+        data = bytes(buffer)
         limit = VALUE_MAX_BYTES + (0 if self.raw else 1)
         if len(data) > limit:
-            self._refuse(handle.node, "value longer than 2047 bytes (and 1022 UTF-16 units)")
+            self._refuse(node, "value longer than 2047 bytes (and 1022 UTF-16 units)")
             return errno.EFBIG
         if b"\0" in data:
-            self._refuse(handle.node, "value contains a NUL byte")
+            self._refuse(node, "value contains a NUL byte")
             return errno.EINVAL
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError as exc:
             if exc.reason != "unexpected end of data":
-                self._refuse(handle.node, f"value is not UTF-8 (byte {exc.start})")
+                self._refuse(node, f"value is not UTF-8 (byte {exc.start})")
                 return errno.EILSEQ
             text = data[: exc.start].decode("utf-8")  # a character still being written
         if len(text.encode("utf-16-le")) // 2 > VALUE_MAX_UNITS + (0 if self.raw else 1):
-            self._refuse(handle.node, f"value longer than {VALUE_MAX_UNITS} UTF-16 units")
+            self._refuse(node, f"value longer than {VALUE_MAX_UNITS} UTF-16 units")
             return errno.EFBIG
         return 0
 
@@ -616,38 +786,58 @@ class KvpOperations(pyfuse3.Operations):
 
     async def _commit(self, handle: Handle) -> None:
         """Publish what the handle holds (at flush, fsync, release)."""
-        if not handle.dirty or handle.failed:
+        if handle.failed:
             return
         node = handle.node
-        handle.dirty = handle.written = False
+        if handle.in_draft:
+            assert node.draft is not None
+            data = bytes(node.draft)
+            handle.dirty = handle.written = False
+            self._leave_draft(handle)
+        elif not handle.dirty:
+            return
+        elif handle.append and not handle.private:
+            # An appending open of a new key that wrote nothing: it creates the key empty,
+            # unless someone has stored it (or is appending to it) meanwhile.
+            handle.dirty = handle.written = False
+            if not node.pending or node.draft is not None:
+                return
+            data = b""
+        else:
+            data = bytes(handle.buffer)
+            handle.dirty = handle.written = False
         if node.key is None:  # scratch: keep exact bytes until renamed
-            node.content = bytes(handle.buffer)
+            if node.linked:
+                node.charged = self._account(node, node.charged, len(data))
+                node.content = data
             node.mtime_ns = time.time_ns()
             node.cached = False
             return
-        value = self._final_value(node, bytes(handle.buffer))
+        value = self._final_value(node, data)
         # Visible to every reader from now on, before the first await: a `cat`
         # right after `close()` must not see the old value while we publish.
-        node.inflight = value
+        node.inflight = data
         node.cached = False
         try:
             async with self._guest_lock:
                 if node.linked:
-                    await self._publish(node, value)
+                    await self._publish(node, value, data)
         finally:
-            if node.inflight is value:
+            if node.inflight is data:
                 node.inflight = None
 
-    async def _publish(self, node: Node, value: bytes) -> None:
-        """Store a guest key's value; the caller holds _guest_lock."""
+    async def _publish(self, node: Node, value: bytes, written: bytes | None = None) -> None:
+        """Store a guest key's value; the caller holds _guest_lock. `written` is what the
+        user wrote, shown by reads while the stored value stays `value`."""
         assert node.key is not None
         await self.store.set(GUEST, node.key, value, Origin.MOUNT)
+        node.shown = (value, written) if written is not None and written != value else None
         if node.pending:
             node.pending = False
             node.content = b""
             if self._guest_extra.get(node.name) is node:
                 del self._guest_extra[node.name]
-        node.last_size = len(value)
+        node.last_size = len(written if node.shown is not None else value)
         node.cached = False
         node.mtime_ns = node.ctime_ns = time.time_ns()
 
@@ -682,6 +872,10 @@ class KvpOperations(pyfuse3.Operations):
         try:
             await self._commit(handle)
         finally:
+            handle.charged = self._account(node, handle.charged, 0)
+            handle.buffer = b""
+            if handle.in_draft:
+                self._leave_draft(handle)
             if node.pending and node.handles <= 0 and node.linked:
                 # Created through the mount but its value was refused: nothing was
                 # stored, so no file may stay behind that the pool does not have.
@@ -692,16 +886,23 @@ class KvpOperations(pyfuse3.Operations):
 
     @_handler
     async def create(self, parent_inode, name, mode, flags, ctx):
+        if parent_inode == ROOT_INODE:
+            raise pyfuse3.FUSEError(errno.EACCES)  # the root holds only the pools
         pool = self._pool_of_dir(parent_inode)
         if pool != GUEST:
             raise pyfuse3.FUSEError(errno.EACCES)
+        self._check_open_files()
+        key = None
+        if not name.startswith(b"."):
+            key = self._checked_key(name)
+            await self._prepare_key(key)  # the value is stored at close: check now
         async with self._guest_lock:
             node = self._find(pool, name)
             if node is None:
-                if name.startswith(b"."):
+                self._check_scratch_room(name)
+                if key is None:
                     node = Node(self._new_ino(), GUEST, None, name)
                 else:
-                    key = self._checked_key(name)
                     # Listed as any key is (a name over NAME_MAX shows shortened).
                     node = Node(self._new_ino(), GUEST, key, names.key_to_name(key),
                                 pending=True)
@@ -711,9 +912,11 @@ class KvpOperations(pyfuse3.Operations):
             elif flags & os.O_EXCL:
                 raise pyfuse3.FUSEError(errno.EEXIST)
         value = await self._current(node)
+        append = bool(flags & os.O_APPEND)
         truncate = bool(flags & os.O_TRUNC) or node.pending
-        handle = Handle(node, bytearray() if truncate else bytearray(value or b""), True,
-                        bool(flags & os.O_APPEND), dirty=True)
+        private = bool(flags & os.O_TRUNC) or (node.pending and not append)
+        handle = Handle(node, bytearray() if private else (value or b""), True, append,
+                        dirty=truncate, private=private, prepared=key is not None)
         info = self._new_handle(handle)
         attr = await self._node_attr(node)
         node.lookups += 1
@@ -723,7 +926,7 @@ class KvpOperations(pyfuse3.Operations):
     async def setattr(self, inode, attr, fields, fh, ctx):
         node = self._nodes.get(inode)
         if node is None:
-            if inode in (ROOT_INODE, *DIR_INODES, *LINK_INODES):
+            if inode in (ROOT_INODE, *DIR_INODES, *LINK_INODES, EVENTS_INODE):
                 raise pyfuse3.FUSEError(errno.EACCES)
             raise pyfuse3.FUSEError(errno.ENOENT)
         if node.pool != GUEST:
@@ -746,11 +949,21 @@ class KvpOperations(pyfuse3.Operations):
 
     async def _truncate(self, node: Node, size: int, fh) -> None:
         handle = self._handles.get(fh) if fh is not None else None
+        if size > self._file_max(node):
+            self._refuse(node, f"truncate to {size} bytes; a value (and a scratch file, which"
+                         f" may become one) is at most {self._file_max(node)} bytes")
+            if handle is not None:
+                handle.failed = True
+            raise pyfuse3.FUSEError(errno.EFBIG)
         if handle is not None:
-            del handle.buffer[size:]
-            handle.buffer.extend(b"\0" * (size - len(handle.buffer)))
+            if not handle.prepared:
+                await self._prepare(handle)
+            data = self._make_private(handle, size)
+            del data[size:]
+            data.extend(b"\0" * (size - len(data)))
+            handle.charged = self._account(node, handle.charged, len(data))
             handle.dirty = handle.written = True
-            error = self._early_check(handle)
+            error = self._early_check(node, data)
             if error:
                 handle.failed = True
                 raise pyfuse3.FUSEError(error)
@@ -758,21 +971,24 @@ class KvpOperations(pyfuse3.Operations):
         current = await self._current(node) or b""
         data = current[:size] + b"\0" * max(0, size - len(current))
         if node.key is None:
+            node.charged = self._account(node, node.charged, len(data))
             node.content = data
             node.cached = False
             return
-        # truncate(2) by path: there is no close to wait for, publish now
-        # (never strip a newline here: nothing was written).
-        value = data
+        if data == current:
+            return  # nothing changes (e.g. `truncate -s` to the size it has)
+        # truncate(2) by path: there is no close to wait for, publish now, with the rule
+        # of a write: the file's bytes read back, one trailing newline is not stored.
+        value = self._final_value(node, data)
         node.cached = False
-        if b"\0" in value:
-            raise pyfuse3.FUSEError(errno.EINVAL)
         async with self._guest_lock:
             if node.linked:
-                await self._publish(node, value)
+                await self._publish(node, value, data)
 
     @_handler
     async def unlink(self, parent_inode, name, ctx):
+        if parent_inode == ROOT_INODE:
+            raise pyfuse3.FUSEError(errno.EACCES)
         pool = self._pool_of_dir(parent_inode)
         if pool != GUEST:
             raise pyfuse3.FUSEError(errno.EACCES)
@@ -786,6 +1002,8 @@ class KvpOperations(pyfuse3.Operations):
 
     @_handler
     async def rename(self, parent_old, name_old, parent_new, name_new, flags, ctx):
+        if ROOT_INODE in (parent_old, parent_new):
+            raise pyfuse3.FUSEError(errno.EACCES)  # the root holds only the pools
         pool_old = self._pool_of_dir(parent_old)
         pool_new = self._pool_of_dir(parent_new)
         if pool_old != GUEST or pool_new != GUEST:
@@ -802,13 +1020,25 @@ class KvpOperations(pyfuse3.Operations):
             if target is not None and flags & pyfuse3.RENAME_NOREPLACE:
                 raise pyfuse3.FUSEError(errno.EEXIST)
             new_key = None if name_new.startswith(b".") else self._checked_key(name_new)
-            value = await self._current(node) or b""
-            if new_key is not None:
-                if node.key is None:
-                    value = self._final_value(node, value)  # scratch bytes become a value
-                await self.store.set(GUEST, new_key, value, Origin.MOUNT)
-            if node.key is not None and not node.pending:
-                await self.store.delete(GUEST, node.key, Origin.MOUNT)
+            # The file's bytes (a key's written form, newline included) and what is stored.
+            data = await self._current(node) or b""
+            if node.key is None:
+                value = self._final_value(node, data) if new_key is not None else data
+            else:
+                value = self._stored(node)
+            charged = node.charged
+            if new_key is None:
+                if node.key is not None and target is None:
+                    self._check_scratch_room(name_new)
+                charged = self._account(node, node.charged, len(data))
+            try:
+                if new_key is not None:
+                    await self.store.set(GUEST, new_key, value, Origin.MOUNT)
+                if node.key is not None and not node.pending:
+                    await self.store.delete(GUEST, node.key, Origin.MOUNT)
+            except BaseException:
+                self._account(node, charged, node.charged)
+                raise
             if target is not None and target is not node:
                 self._unlink_node(target)
             # The same inode lives on under its new name.
@@ -822,11 +1052,15 @@ class KvpOperations(pyfuse3.Operations):
             node.cached = False
             node.ctime_ns = time.time_ns()
             if new_key is None:
-                node.content = value
+                node.content = data
+                node.charged = charged
+                node.shown = None
                 self._guest_extra[name_new] = node
             else:
                 node.content = b""
-                node.last_size = len(value)
+                node.charged = self._account(node, node.charged, 0)
+                node.shown = (value, data) if data != value else None
+                node.last_size = len(data)
                 self._by_key[(GUEST, new_key)] = node
 
     @_handler

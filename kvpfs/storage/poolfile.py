@@ -57,7 +57,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvpfs.storage import writeplan
+from kvpfs.storage import room, writeplan
 from kvpfs.storage.records import (
     KEY_FIELD,
     RECORD_SIZE,
@@ -763,6 +763,24 @@ class PoolFile:
         self._change(fd, fst, offset, encode_record(key, value), offset + RECORD_SIZE,
                      "appending a record to")
         return index
+
+    def reserve_room(self, new_records: int) -> None:
+        """Reserve room for `new_records` more records and one journal entry (caller holds
+        the lock), so that a change made soon after cannot fail for want of room; the size
+        is unchanged. PoolFileError(ENOSPC) if the pool cannot grow. The journal is best
+        effort, as in `_change`."""
+        fd = self._require_fd()
+        end = self._size(fd) // RECORD_SIZE * RECORD_SIZE
+        try:
+            room.reserve(fd, end, new_records * RECORD_SIZE)
+        except OSError as exc:
+            raise _io_error("reserving room for a new record in", self.path, exc) from exc
+        journal = self._journal(create=False)  # made by the first change, as before
+        if journal is not None:
+            try:
+                room.reserve(journal[0], 0, 2 * RECORD_SIZE + 512)
+            except OSError as exc:
+                log.debug("cannot reserve room in %s: %s", self._journal_path, exc)
 
     def delete_record(self, index: int, records: Sequence[Record]) -> None:
         """Remove slot `index`, keeping the order of the others (as the reference daemon does).

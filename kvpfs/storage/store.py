@@ -340,6 +340,28 @@ class Store:
             self._holders[pool],
         )
 
+    async def prepare_set(self, pool: int, new_records: int) -> None:
+        """Check now that a `set` made soon after can succeed: the pool's locks are free
+        within the lock timeout (taken and dropped at once, LockTimeout otherwise) and the
+        pool file has room for `new_records` more records (PoolFileError(ENOSPC) otherwise).
+        The filesystem calls this when a file is opened or first written, because the close
+        that stores the value cannot report an error to a shell."""
+        _check_writable(pool)
+        pf = self.files[pool]
+        deadline = _request_deadline.get() or Deadline.after(self.lock_timeout)
+        # As in _change: a lock found stuck gets one try, not a fresh wait per writer.
+        wait_until = time.monotonic() if self._holders[pool] else deadline.monotonic_at
+
+        def probe() -> None:
+            with pf.locked(deadline=wait_until):
+                pf.reserve_room(new_records)
+
+        try:
+            await self._workers[pool].run(probe)
+        except LockTimeout as exc:
+            self._holders[pool] = exc.holders or "holder unknown"
+            raise
+
     async def _change(self, pool: int, origin: Origin, kind: str, key: bytes, value: bytes) -> bool:
         # Fixed on arrival (or by the caller's RequestLock): queueing counts against it.
         deadline = _request_deadline.get() or Deadline.after(self.lock_timeout)

@@ -55,3 +55,15 @@ def check_value(value: bytes) -> None:
             f"the value is {units} UTF-16 units / {len(value)} bytes; the host takes at most "
             f"{VALUE_MAX_UNITS} units (and a pool file {VALUE_MAX_BYTES} bytes). Split it "
             "into several keys", errno.EFBIG)
+
+# What the mount holds in memory before publishing. An open file or a scratch file never
+# holds more than a value plus the one trailing newline kvpfs drops: offsets and sizes
+# beyond it are refused (EFBIG) before anything is allocated. The sum over all open write
+# buffers, append drafts and scratch files is bounded too (ENOSPC), as is their number.
+FILE_MAX_BYTES = VALUE_MAX_BYTES + 1  # 2048
+# A scratch file is renamed into a key, so the same limit applies. (Vim's swap file, in
+# 4 KiB blocks, is refused: vim says E297 and leaves it behind; see the README.)
+SCRATCH_FILE_MAX_BYTES = FILE_MAX_BYTES
+UNPUBLISHED_MAX_BYTES = 8 << 20  # 8 MiB: some 4,000 values at their largest
+SCRATCH_MAX_FILES = 1024  # scratch files and created-but-unstored keys in guest/
+OPEN_FILES_MAX = 65536  # open value files, all users together (ENFILE beyond)

@@ -92,8 +92,9 @@ def test_echo_publishes_without_newline(shared_kvpfs):
     key = unique("Status")
     path = shared_kvpfs.path("guest", key)
     sh(f"echo Ready > {path}")
-    assert path.read_bytes() == b"Ready"
-    assert path.stat().st_size == 5
+    # Read what you wrote: the mount shows the newline, the host and the pool do not.
+    assert path.read_bytes() == b"Ready\n"
+    assert path.stat().st_size == 6
     assert host_items(shared_kvpfs, "guest")[key] == "Ready"
     assert (key.encode(), b"Ready") in pool_records(shared_kvpfs, 1)
 
@@ -102,11 +103,12 @@ def test_append_offsets_truncate_and_o_trunc(shared_kvpfs):
     path = shared_kvpfs.path("guest", unique())
     sh(f"printf abc > {path}")
     sh(f"echo def >> {path}")
-    assert path.read_bytes() == b"abcdef"
+    assert path.read_bytes() == b"abcdef\n"
+    assert host_items(shared_kvpfs, "guest")[path.name] == "abcdef"
     with open(path, "r+b") as f:
         f.seek(1)
         f.write(b"X")
-    assert path.read_bytes() == b"aXcdef"
+    assert path.read_bytes() == b"aXcdef\n"
     os.truncate(path, 2)
     assert path.read_bytes() == b"aX"
     with open(path, "wb") as f:  # O_TRUNC
@@ -163,10 +165,11 @@ def test_editor_style_save_publishes_only_the_final_value(shared_kvpfs):
     assert f".{key}.swp" not in host_items(shared_kvpfs, "guest")
     assert not any(k.startswith(b".") for k, _ in pool_records(shared_kvpfs, 1))
     os.rename(scratch, guest / key)
-    assert (guest / key).read_bytes() == b"v2"
+    assert (guest / key).read_bytes() == b"v2\n"
+    assert host_items(shared_kvpfs, "guest")[key] == "v2"
     # sed -i writes a temporary file next to it and renames it into place
     sh(f"sed -i s/v2/v3/ {guest / key}")
-    assert (guest / key).read_bytes() == b"v3"
+    assert (guest / key).read_bytes() == b"v3\n"
     items = host_items(shared_kvpfs, "guest")
     assert items[key] == "v3"
     assert not [k for k in items if k.startswith("sed")]
@@ -177,7 +180,8 @@ def test_metadata_calls_succeed(shared_kvpfs):
     guest = shared_kvpfs.path("guest")
     key = unique("meta")
     sh(f"cp -p /etc/hostname {guest / key}")
-    assert (guest / key).read_bytes() == Path("/etc/hostname").read_bytes().rstrip(b"\n")
+    assert (guest / key).read_bytes() == Path("/etc/hostname").read_bytes()
+    assert host_items(shared_kvpfs, "guest")[key] == Path("/etc/hostname").read_text().rstrip("\n")
     sh(f"chmod 600 {guest / key} && chown 0:0 {guest / key} && touch {guest / key}")
     assert stat.S_IMODE(os.stat(guest / key).st_mode) == 0o600
     fd = os.open(guest / key, os.O_WRONLY | os.O_TRUNC)
@@ -442,7 +446,7 @@ def test_names_the_kernel_still_caches_after_a_host_delete(shared_kvpfs):
     assert guest.read_text() == "from the host"
     shared_kvpfs.host("delete", "guest", guest.name)
     sh(f"echo from the guest > {guest}")
-    assert guest.read_text() == "from the guest"
+    assert guest.read_text() == "from the guest\n"
     assert host_items(shared_kvpfs, "guest")[guest.name] == "from the guest"
 
 

@@ -333,7 +333,7 @@ def test_unit_under_real_systemd(systemd):
     # The mount is there for every process, not only inside the service.
     assert systemd.run("findmnt", "-n", "-o", "FSTYPE", "/run/kvp").stdout.strip() == "fuse.kvpfs"
     systemd.run("sh", "-c", "echo Ready > /run/kvp/guest/Status")
-    assert systemd.run("cat", "/run/kvp/guest/Status").stdout == "Ready"
+    assert systemd.run("cat", "/run/kvp/guest/Status").stdout == "Ready\n"  # as written
     as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
     assert systemd.run(*as_nobody, "ls", "/run/kvp/auto").returncode == 0  # --allow-other
     assert systemd.run(*as_nobody, "ls", "/run/kvp/external", check=False).returncode != 0
@@ -350,6 +350,7 @@ def test_unit_under_real_systemd(systemd):
     wait_for(lambda: systemd.main_pid() not in (0, old_pid)
              and systemd.state("kvpfs.service") == "active", timeout=30,
              what="kvpfs.service to restart")
+    # After a restart the mount shows what the pool holds: the newline is not stored.
     assert systemd.run("cat", "/run/kvp/guest/Status").stdout == "Ready"
 
     # Conflicts= both ways with hv-kvp-daemon.service (a stand-in here).
