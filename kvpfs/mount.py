@@ -25,7 +25,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from kvpfs import __version__, control
+from kvpfs import __version__, control, events
 from kvpfs.device import CharDevice, DeviceUnavailable
 from kvpfs.fs import KvpOperations, Permissions
 from kvpfs.intrinsic import FqdnCache, Intrinsics
@@ -220,6 +220,7 @@ async def serve(config: MountConfig) -> None:
         try:
             nursery.start_soon(store.watch)
             nursery.start_soon(operations.invalidator)
+            nursery.start_soon(operations.events.watch_interrupts)
             # Handlers in place before READY=1: a stop right after it must unmount cleanly,
             # not kill us with SIGTERM's default action and leave a dead mount.
             await nursery.start(_terminate_on_signals, operations)
@@ -232,7 +233,8 @@ async def serve(config: MountConfig) -> None:
             sd_notify("READY=1")
             if config.on_ready:
                 config.on_ready()
-            await pyfuse3.main()
+            # Blocked reads of /.events hold handler tasks: room for them (events.py).
+            await pyfuse3.main(max_tasks=events.HANDLER_TASKS)
         except BaseException:
             pyfuse3.close(unmount=True)
             raise
