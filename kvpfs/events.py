@@ -51,7 +51,6 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pyfuse3
 import trio
@@ -73,7 +72,7 @@ HANDLER_TASKS = WAITING_MAX + FREE_HANDLERS  # pyfuse3.main(max_tasks=...)
 STREAMS_PER_USER = 128  # open feeds per non-root user (each may queue EVENT_QUEUE_MAX lines)
 STREAMS_OTHERS = 1024  # open feeds of all non-root users together
 
-INTERRUPT_CHECK = 0.1  # seconds between looks for interrupted readers, while reads wait
+INTERRUPT_CHECK = 0.1  # seconds between looks for interrupted readers, while reads wait (at least)
 DESCENDANT_CHECK = 1.0  # seconds between looks at the openers' descendants
 REFUSAL_LOG_INTERVAL = 60.0
 
@@ -292,64 +291,61 @@ class EventFeed:
                 if descendants:
                     next_descendants = now + DESCENDANT_CHECK
                 openers = {(s.opener, s.opener_start) for s in waiting}
+                started = time.monotonic()
                 starts, hits = await worker.run(procs.interrupted, openers, descendants)
+                took = time.monotonic() - started
                 for stream in waiting:
                     if stream.opener_start is None:
                         stream.opener_start = starts.get(stream.opener)
                     if (stream.opener, stream.opener_start) in hits:
                         stream.wake(interrupted=True)
-                await trio.sleep(INTERRUPT_CHECK)
+                # Many waiting readers make a look longer: keep it under a tenth of a CPU.
+                await trio.sleep(max(INTERRUPT_CHECK, 9 * took))
         finally:
             worker.close()
 
 
 class ProcView:
-    """What /proc says about the threads that read the feed (run in a worker thread)."""
+    """What /proc says about the threads that read the feed (run in a worker thread).
+
+    Cheap on purpose, as it runs often while reads wait: for a single-threaded
+    opener, two small reads (its stat and wchan), a third only once it is in D.
+    """
 
     def __init__(self, root: str = "/proc") -> None:
-        self.root = Path(root)
+        self.root = root
 
-    def _read(self, *parts: str | int) -> str | None:
+    def _read(self, path: str) -> str | None:
         try:
-            return self.root.joinpath(*map(str, parts)).read_text()
+            with open(f"{self.root}/{path}", "rb") as f:
+                return f.read().decode(errors="replace")
         except OSError:  # gone, or not ours to see
             return None
 
-    def _stat(self, pid: int) -> tuple[str, int, str] | None:
-        """(state, parent pid, start time) of a process or thread."""
-        text = self._read(pid, "stat")
+    def _stat(self, path: str) -> tuple[str, int, int, str] | None:
+        """(state, parent pid, number of threads, start time) from a stat file."""
+        text = self._read(f"{path}/stat")
         if text is None:
             return None
         fields = text[text.rfind(")") + 2:].split()
-        return fields[0], int(fields[1]), fields[19]
-
-    def _tgid(self, tid: int) -> int | None:
-        text = self._read(tid, "status")
-        for line in (text or "").splitlines():
-            if line.startswith("Tgid:"):
-                return int(line.split()[1])
-        return None
-
-    def _threads(self, pid: int) -> list[int]:
         try:
-            return [int(name) for name in os.listdir(self.root / str(pid) / "task")]
-        except (OSError, ValueError):
-            return []
+            return fields[0], int(fields[1]), int(fields[17]), fields[19]
+        except (IndexError, ValueError):
+            return None
 
-    def _thread_state(self, pid: int, tid: int) -> tuple[bool, bool]:
-        """(in one of our reads, interrupted there) for one thread."""
-        channel = self._read(pid, "task", tid, "wchan")
+    def _thread(self, path: str, state: str) -> tuple[bool, bool]:
+        """(in one of our reads, interrupted there) for the thread at `path`."""
+        if state not in ("S", "D"):
+            return False, False
+        channel = self._read(f"{path}/wchan")
         if channel is None or channel.strip() != _WAIT_CHANNEL:
             return False, False
-        status = self._read(pid, "task", tid, "status")
-        if status is None:
-            return True, False
+        if state != "D":
+            return True, False  # still in the interruptible wait: no signal yet
         values = {}
-        for line in status.splitlines():
+        for line in (self._read(f"{path}/status") or "").splitlines():
             key, _, value = line.partition(":")
             values[key] = value.strip()
-        if not values.get("State", "").startswith("D"):
-            return True, False  # still in the interruptible wait: no signal yet
         try:
             pending = int(values["SigPnd"], 16) | int(values["ShdPnd"], 16)
             blocked = int(values["SigBlk"], 16)
@@ -357,62 +353,83 @@ class ProcView:
             return True, False
         return True, bool(pending & ~blocked & ~_STOP_SIGNALS)
 
-    def _process(self, pid: int) -> tuple[bool, bool]:
+    def _tgid(self, tid: int) -> int | None:
+        for line in (self._read(f"{tid}/status") or "").splitlines():
+            if line.startswith("Tgid:"):
+                return int(line.split()[1])
+        return None
+
+    def _all_threads(self, pid: int) -> tuple[bool, bool]:
         found = hit = False
-        for tid in self._threads(pid):
-            reading, interrupted = self._thread_state(pid, tid)
-            found = found or reading
-            hit = hit or interrupted
+        try:
+            tids = os.listdir(f"{self.root}/{pid}/task")
+        except OSError:
+            return False, False
+        for tid in tids:
+            path = f"{pid}/task/{tid}"
+            stat = self._stat(path)
+            if stat is not None:
+                reading, interrupted = self._thread(path, stat[0])
+                found, hit = found or reading, hit or interrupted
         return found, hit
 
     def interrupted(
         self, openers: set[tuple[int, str | None]], descendants: bool
     ) -> tuple[dict[int, str], set[tuple[int, str | None]]]:
-        """Start times of new openers, and the openers whose reader was interrupted."""
+        """Start times of new openers, and the openers whose reader was interrupted.
+
+        An opener is the thread that opened the feed; its process's threads are
+        looked at, and with `descendants`, the processes below one whose own
+        threads are not in our read (the reader inherited the descriptor)."""
         starts: dict[int, str] = {}
         hits: set[tuple[int, str | None]] = set()
-        by_process: dict[int, tuple[int, str | None]] = {}
+        unfound: dict[int, tuple[int, str | None]] = {}  # process -> opener
         for opener, start in openers:
-            stat = self._stat(opener)
+            stat = self._stat(str(opener))
             if stat is None:
                 continue
+            state, _parent, threads, started = stat
             if start is None:
-                starts[opener] = start = stat[2]
-            elif stat[2] != start:
-                continue  # the opener is gone and its id taken by another process
-            tgid = self._tgid(opener)
-            if tgid is not None:
-                by_process[tgid] = (opener, start)
-        unfound = set()
-        for pid, key in by_process.items():
-            found, hit = self._process(pid)
+                starts[opener] = start = started
+            elif started != start:
+                continue  # the opener is gone and its id taken by another thread
+            if threads == 1:
+                found, hit = self._thread(str(opener), state)
+                pid: int | None = opener
+            else:
+                pid = self._tgid(opener)
+                found, hit = self._all_threads(pid) if pid is not None else (False, False)
             if hit:
-                hits.add(key)
-            elif not found:
-                unfound.add(pid)
+                hits.add((opener, start))
+            elif not found and pid is not None:
+                unfound[pid] = (opener, start)
         if descendants and unfound:
-            for pid, hit in self._descendant_hits(unfound, set(by_process)).items():
-                if hit:
-                    hits.add(by_process[pid])
+            for pid in self._interrupted_descendants(set(unfound), openers):
+                hits.add(unfound[pid])
         return starts, hits
 
-    def _descendant_hits(self, ancestors: set[int], openers: set[int]) -> dict[int, bool]:
-        """For each ancestor: is some descendant (not itself an opener) interrupted in
-        our read? The reader may have inherited the descriptor (`cmd <&3`, a child
-        given the file as stdin)."""
+    def _interrupted_descendants(self, ancestors: set[int],
+                                 openers: set[tuple[int, str | None]]) -> set[int]:
+        """The ancestors with a descendant interrupted in our read. Descendants that
+        opened a waiting feed themselves are left to that feed."""
+        skip = {opener for opener, _ in openers}
         parent: dict[int, int] = {}
-        for name in os.listdir(self.root):
+        try:
+            names = os.listdir(self.root)
+        except OSError:
+            return set()
+        for name in names:
             if name.isdigit():
-                stat = self._stat(int(name))
+                stat = self._stat(name)
                 if stat is not None:
                     parent[int(name)] = stat[1]
-        result: dict[int, bool] = {}
+        result: set[int] = set()
         for pid in parent:
-            if pid in openers:
+            if pid in skip or pid in ancestors:
                 continue
             ancestor, hops = parent.get(pid), 0
             while ancestor and ancestor not in ancestors and hops < 64:
                 ancestor, hops = parent.get(ancestor), hops + 1
-            if ancestor in ancestors and not result.get(ancestor):
-                result[ancestor] = self._process(pid)[1]
+            if ancestor in ancestors and ancestor not in result and self._all_threads(pid)[1]:
+                result.add(ancestor)
         return result
