@@ -30,14 +30,18 @@ a signal, then keeps it waiting (killable, state D) until the filesystem
 answers; after a fatal signal it waits uninterruptibly, so even SIGKILL does
 not end the process (fs/fuse/dev.c, request_wait_answer). libfuse records the
 interrupt, but pyfuse3 (3.2 to 3.5) gives handlers no way to see it. So, while
-reads wait, `watch_interrupts` looks every INTERRUPT_CHECK seconds at the
-threads of the processes that opened the waiting feeds: a thread in state D
+reads wait, `watch_interrupts` looks every INTERRUPT_CHECK seconds (longer
+with many readers, to stay under a tenth of a CPU) at the threads of the
+processes that opened the waiting feeds: a thread in state D
 inside request_wait_answer with a signal pending that it does not block has
 been interrupted, and the waiting reads of that feed end with EINTR. A fatal
 signal shows as SIGKILL pending; stop signals (Ctrl-Z) and SIGCONT do not
 count, as ending the read would make the reader fail once continued. When
 the opener is not the reader (the descriptor was inherited), the opener's
-descendants are looked at too, less often (DESCENDANT_CHECK).
+descendants are looked at too, less often (DESCENDANT_CHECK). A reader that
+got the descriptor any other way (over a socket, or from an opener that has
+exited) is not found: it ends at the next change, as before. wchan is only
+readable with ptrace rights over the reader, which root (kvpfs) has.
 """
 
 from __future__ import annotations

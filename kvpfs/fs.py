@@ -11,6 +11,9 @@ Writes are buffered per open file and committed when the file is closed
 writable. Names starting with `.` in `guest` are scratch files kept in memory
 until renamed to a key, which is how editors, `sed -i` and rsync save.
 
+The change feed, /.events, is `events.EventFeed`: the handlers here only
+delegate to it.
+
 Every handler is wrapped by `_handler`: anything but FUSEError becomes EIO and
 a log line, because any other exception would end pyfuse3's main loop and
 leave a dead mount.
