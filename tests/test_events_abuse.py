@@ -122,7 +122,7 @@ def test_killed_reader_ends_at_once(kvpfs):
     reader = start_cat(kvpfs)
     wait_for(lambda: in_feed_read(reader.pid), 10, what="cat to wait in the feed")
     reader.kill()
-    assert reader.wait(5) == -signal.SIGKILL  # not "after the next change"
+    assert reader.wait(10) == -signal.SIGKILL  # not "after the next change"
 
 
 @pytest.mark.parametrize("sig", ["INT", "TERM"])
@@ -169,7 +169,7 @@ def test_killed_reader_that_inherited_the_descriptor_ends(kvpfs):
         reader = subprocess.Popen(["cat"], stdin=feed, stdout=subprocess.PIPE)
     wait_for(lambda: in_feed_read(reader.pid), 10, what="cat to wait in the feed")
     reader.kill()
-    assert reader.wait(5) == -signal.SIGKILL
+    assert reader.wait(10) == -signal.SIGKILL
 
 
 def read_or_none(fd: int) -> bytes | None:
