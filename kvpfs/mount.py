@@ -26,6 +26,7 @@ import pyfuse3
 import trio
 
 from kvpfs import __version__, control
+from kvpfs.fuse import events
 from kvpfs.fuse.operations import KvpOperations, Permissions
 from kvpfs.host.device import Channel, CharDevice, DeviceUnavailable
 from kvpfs.host.intrinsic import FqdnCache, Intrinsics
@@ -275,6 +276,7 @@ async def _serve(config: MountConfig, pool_dir: Path, control_path: Path, where:
         try:
             nursery.start_soon(store.watch)
             nursery.start_soon(operations.invalidator)
+            nursery.start_soon(operations.events.watch_interrupts)
             # Handlers in place before READY=1: a stop right after it must unmount cleanly,
             # not kill us with SIGTERM's default action and leave a dead mount.
             await nursery.start(_terminate_on_signals, operations)
@@ -287,7 +289,8 @@ async def _serve(config: MountConfig, pool_dir: Path, control_path: Path, where:
             sd_notify("READY=1")
             if config.on_ready:
                 config.on_ready()
-            await pyfuse3.main()
+            # Blocked reads of /.events hold handler tasks: room for them (events.py).
+            await pyfuse3.main(max_tasks=events.HANDLER_TASKS)
         except BaseException:
             pyfuse3.close(unmount=True)
             raise

@@ -18,6 +18,9 @@ total of unpublished bytes, are refused before anything is allocated. Only
 files kept in memory until renamed to a key, which is how editors, `sed -i`
 and rsync save.
 
+The change feed, /.events, is `events.EventFeed`: the handlers here only
+delegate to it.
+
 Every handler is wrapped by `_handler`: anything but FUSEError becomes EIO and
 a log line, because any other exception would end pyfuse3's main loop and
 leave a dead mount.
@@ -33,12 +36,12 @@ import select
 import stat
 import time
 from bisect import bisect_right
-from collections import deque
 from dataclasses import dataclass, field
 
 import pyfuse3
 import trio
 
+from kvpfs.fuse.events import EventFeed
 from kvpfs.host.intrinsic import KEYS as INTRINSIC_KEYS
 from kvpfs.host.intrinsic import Intrinsics
 from kvpfs.storage.poolfile import LockTimeout, PoolFileError
@@ -55,7 +58,6 @@ DIR_INODES = tuple(ROOT_INODE + 1 + pool for pool in range(5))  # 2..6
 LINK_INODES = tuple(ROOT_INODE + 6 + pool for pool in range(5))  # 7..11
 EVENTS_INODE = ROOT_INODE + 11  # 12: the change feed, /.events
 EVENTS_NAME = b".events"
-EVENT_QUEUE_MAX = 10_000  # lines kept per reader before it is told it fell behind
 FIRST_KEY_INODE = 100
 
 
@@ -176,32 +178,6 @@ class Handle:
     charged: int = 0  # bytes of `buffer` counted as unpublished
 
 
-@dataclass(eq=False)
-class EventStream:
-    """One open of /.events: its own queue of change lines."""
-
-    include_external: bool
-    nonblocking: bool
-    lines: deque = field(default_factory=deque)
-    wakeup: trio.Event = field(default_factory=trio.Event)
-    poll_handle: object | None = None
-    closed: bool = False
-
-    def push(self, line: bytes) -> None:
-        if len(self.lines) >= EVENT_QUEUE_MAX:
-            # The reader fell behind: say so once instead of growing without bound.
-            self.lines.clear()
-            self.lines.append(b"overflow - -\n")
-        self.lines.append(line)
-        self.wakeup.set()
-
-
-def event_line(change: Change) -> bytes:
-    """`set external cloudstack-vm-userdata`: op, pool, name escaped as listed."""
-    return b"%s %s %s\n" % (change.kind.encode(), POOL_NAMES[change.pool].encode(),
-                            names.key_to_name(change.key))
-
-
 class KvpOperations(pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False
@@ -231,9 +207,9 @@ class KvpOperations(pyfuse3.Operations):
         self._next_fh = 1
         self._guest_lock = store.request_lock(GUEST)  # waiters give up at their deadline
         self._unpublished = 0  # bytes in private write buffers, drafts and scratch files
-        self._streams: dict[int, EventStream] = {}
-        self.closing = False
         self._invalidations_send, self._invalidations = trio.open_memory_channel(float("inf"))
+        self.events = EventFeed(
+            lambda handle: self._invalidations_send.send_nowait(("poll", 0, handle, None)))
         store.add_listener(self.on_store_change)
 
     # ================================================================ nodes
@@ -536,60 +512,31 @@ class KvpOperations(pyfuse3.Operations):
 
     @_handler
     async def read(self, fh, off, size):
-        stream = self._streams.get(fh)
-        if stream is not None:
-            return await self._read_events(stream, size)
+        if self.events.owns(fh):
+            return await self.events.read(fh, size)
         return bytes(self._view(self._handle(fh))[off : off + size])
 
     # ================================================================ the change feed
     def _open_events(self, flags, ctx):
-        if (flags & os.O_ACCMODE) != os.O_RDONLY:
-            raise pyfuse3.FUSEError(errno.EACCES)
         # Whoever may not read external/ does not learn its key names either.
         include_external = ctx.uid == 0 or ctx.uid == self.perm.uid or \
             self.perm.external_readable
         fh = self._next_fh
         self._next_fh += 1
-        self._streams[fh] = EventStream(include_external, bool(flags & os.O_NONBLOCK))
-        return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False, nonseekable=True)
-
-    async def _read_events(self, stream: EventStream, size: int) -> bytes:
-        """Whole lines, as many as fit; blocks (unless O_NONBLOCK) until there is one."""
-        while not stream.lines:
-            if stream.closed or self.closing:
-                return b""
-            if stream.nonblocking:
-                raise pyfuse3.FUSEError(errno.EAGAIN)
-            stream.wakeup = trio.Event()
-            await stream.wakeup.wait()
-        out = bytearray()
-        while stream.lines and len(out) + len(stream.lines[0]) <= size:
-            out += stream.lines.popleft()
-        if not out:  # a reader with a tiny buffer still gets the front of a line
-            line = stream.lines.popleft()
-            out += line[:size]
-            stream.lines.appendleft(line[size:])
-        return bytes(out)
+        return self.events.open(fh, flags, ctx, include_external=include_external)
 
     @_handler
     async def poll(self, inode, fh, poll_handle, ctx):
-        stream = self._streams.get(fh)
-        if stream is None:
+        if not self.events.owns(fh):
             return select.POLLIN | select.POLLRDNORM  # value files never block
-        if stream.lines or self.closing:
-            return select.POLLIN | select.POLLRDNORM
-        if poll_handle is not None:
-            stream.poll_handle = poll_handle
-        return 0
+        return self.events.poll(fh, poll_handle)
 
     def has_readers(self) -> bool:
-        return bool(self._streams)
+        return self.events.has_readers()
 
     def shutdown(self) -> None:
         """End every blocked read of /.events so pyfuse3's main loop can return."""
-        self.closing = True
-        for stream in self._streams.values():
-            stream.wakeup.set()
+        self.events.shutdown()
 
     # ================================================================ writing
     @_handler
@@ -846,7 +793,7 @@ class KvpOperations(pyfuse3.Operations):
         # Shells open, dup2 and close the original fd before writing: that
         # first close must not publish an empty value. An open that only
         # truncated (`: > file`) is published at release.
-        if fh in self._streams:
+        if self.events.owns(fh):
             return
         handle = self._handle(fh)
         if handle.written:
@@ -854,15 +801,12 @@ class KvpOperations(pyfuse3.Operations):
 
     @_handler
     async def fsync(self, fh, datasync):
-        if fh not in self._streams:
+        if not self.events.owns(fh):
             await self._commit(self._handle(fh))
 
     @_handler
     async def release(self, fh):
-        stream = self._streams.pop(fh, None)
-        if stream is not None:
-            stream.closed = True
-            stream.wakeup.set()
+        if self.events.release(fh):
             return
         handle = self._handles.pop(fh, None)
         if handle is None:
@@ -1134,7 +1078,7 @@ class KvpOperations(pyfuse3.Operations):
         that is what tells inotify watchers (IN_DELETE_SELF) and the parent
         directory's cached attributes.
         """
-        self._publish_events(changes)
+        self.events.publish(changes)
         pending: list[trio.Event] = []
         refreshed: list[tuple[Node, float, trio.Event]] = []
         for change in changes:
@@ -1173,18 +1117,6 @@ class KvpOperations(pyfuse3.Operations):
             # again meanwhile and has a new deadline.
             if done.is_set() and node.kernel_attr_until == given_until:
                 node.kernel_attr_until = 0.0
-
-    def _publish_events(self, changes: list[Change]) -> None:
-        if not self._streams:
-            return
-        lines = [(change.pool, event_line(change)) for change in changes]
-        for stream in self._streams.values():
-            for pool, line in lines:
-                if pool != 0 or stream.include_external:
-                    stream.push(line)
-            if stream.lines and stream.poll_handle is not None:
-                handle, stream.poll_handle = stream.poll_handle, None
-                self._invalidations_send.send_nowait(("poll", 0, handle, None))
 
     async def invalidator(self) -> None:
         """Run kernel cache invalidations, one at a time, in a worker thread.

@@ -8,7 +8,7 @@ import os
 import pyfuse3
 import pytest
 
-from kvpfs.fuse import operations as fs
+from kvpfs.fuse import events
 from kvpfs.fuse.operations import DIR_INODES, EVENTS_INODE, KvpOperations
 from kvpfs.host.intrinsic import FqdnCache, Intrinsics
 from kvpfs.storage.store import Origin, Store
@@ -226,7 +226,7 @@ async def test_events_feed_filters_external_for_other_users(ops):
 
 
 async def test_events_feed_overflow_is_reported_not_unbounded(ops, monkeypatch):
-    monkeypatch.setattr(fs, "EVENT_QUEUE_MAX", 3)
+    monkeypatch.setattr(events, "EVENT_QUEUE_MAX", 3)
     feed = await ops.open(EVENTS_INODE, os.O_RDONLY | os.O_NONBLOCK, Ctx())
     for i in range(5):
         await ops.store.set(1, f"k{i}".encode(), b"v", Origin.HOST)
