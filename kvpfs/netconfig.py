@@ -39,7 +39,7 @@ from pathlib import Path
 
 import trio
 
-from kvpfs import protocol, rtnl
+from kvpfs import compat, protocol, rtnl
 from kvpfs.ipinfo import (
     InvalidArgument,
     IpAddress,
@@ -712,8 +712,8 @@ class IpInfoService:
 
     async def __call__(self, request: protocol.IpInfoRequest) -> bytes:
         if request.op == Op.GET_IP_INFO:
-            return await trio.to_thread.run_sync(self.get_reply, request,
-                                                 abandon_on_cancel=True)
+            return await compat.to_thread_run_sync(self.get_reply, request,
+                                                    abandon_on_cancel=True)
         async with self._set_lock:
             status = await trio.to_thread.run_sync(self.set_status, request)
         return protocol.encode_status(status)
