@@ -169,6 +169,7 @@ def walk(parser: argparse.ArgumentParser, words: tuple[str, ...] = ("kvpfs",),
 
 
 def documented_actions(parser: argparse.ArgumentParser) -> list[argparse.Action]:
+    """The arguments --help shows, but for -h and the subcommand choice."""
     return [action for action in parser._actions
             if action.help is not argparse.SUPPRESS
             and not isinstance(action, (argparse._HelpAction, argparse._SubParsersAction))]
@@ -206,19 +207,26 @@ def _help(action: argparse.Action, formatter: argparse.HelpFormatter) -> str:
     return POSITIONAL_HELP.get(action.dest, "")
 
 
+def _sentence(text: str) -> str:
+    """--help's fragments ("log every host message") as sentences on the page."""
+    if not text:
+        return ""
+    return text[0].upper() + text[1:] + ("" if text.endswith((".", "!", "?")) else ".")
+
+
 def command_section(words: tuple[str, ...], summary: str,
                     parser: argparse.ArgumentParser) -> list[str]:
     formatter = parser._get_formatter()
     out = [f'.SS "{escape(" ".join(words))}"']
     if summary:
-        out += [escape(summary[0].upper() + summary[1:] + ".")]
+        out += [escape(_sentence(summary))]
     if parser.description and len(words) > 1:
         out += [".PP", escape(parser.description)]
     out += [".PP", f"\\fB{escape(_usage(parser))}\\fR"]
     for action in documented_actions(parser):
         out += [".TP", _term(action, formatter)]
         text = _help(action, formatter)
-        out += [escape(text[0].upper() + text[1:] + "." if text else "")]
+        out += [escape(_sentence(text))]
     return [line for line in out if line]
 
 
