@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install kvpfs as the system's KVP daemon, in place of hv_kvp_daemon. As root:
+# Install kvpfs as the system's KVP daemon, in place of hv_kvp_daemon, without the
+# Debian package (./dev.sh deb builds it; it does all this and more). As root:
 #
 #   contrib/install.sh                 venv in /opt/kvpfs from this checkout, then install
 #   contrib/install.sh --kvpfs PATH    use an existing kvpfs executable instead
@@ -27,7 +28,7 @@ action=install
 other_daemons=(hv-kvp-daemon.service hyperv-daemons.hv-kvp-daemon.service
                hypervkvpd.service hv_kvp_daemon.service)
 
-usage() { sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
+usage() { sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
 
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -70,6 +71,11 @@ if [ "$action" = uninstall ]; then
     exit 0
 fi
 
+if $live && dpkg-query -W -f='${Status}' kvpfs 2>/dev/null | grep -q "ok installed"; then
+    echo "install.sh: the kvpfs Debian package is installed and already is the KVP daemon;" \
+         "remove it first (apt remove kvpfs) to install from a checkout" >&2
+    exit 1
+fi
 if $live && ! command -v fusermount3 >/dev/null; then
     echo "install.sh: fusermount3 is missing: apt-get install fuse3" >&2
     exit 1

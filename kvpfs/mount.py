@@ -25,7 +25,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from kvpfs import __version__, control
+from kvpfs import __version__, compat, control
 from kvpfs.fuse import events
 from kvpfs.fuse.operations import KvpOperations, Permissions
 from kvpfs.host.device import Channel, CharDevice, DeviceUnavailable
@@ -76,7 +76,7 @@ async def clear_stale_mount(mountpoint: Path, where: Path, *, bound: float = 2.0
     state = "silent"
     with trio.move_on_after(bound):
         try:
-            await trio.to_thread.run_sync(os.statvfs, mountpoint, abandon_on_cancel=True)
+            await compat.to_thread_run_sync(os.statvfs, mountpoint, abandon_on_cancel=True)
             state = "live"
         except OSError as exc:
             state = "dead" if exc.errno == errno.ENOTCONN else f"failing ({exc.strerror})"
@@ -253,14 +253,14 @@ async def _serve(config: MountConfig, pool_dir: Path, control_path: Path, where:
 
     async with trio.open_nursery() as nursery:
         if host is not None:
-            await nursery.start(host.run)
+            await compat.start(nursery, host.run)
         nursery.start_soon(fqdn.run)
         try:
-            await nursery.start(server.run)
+            await compat.start(nursery, server.run)
         except (DeviceUnavailable, RegistrationRefused) as exc:
             raise StartupError(str(exc)) from None
         try:
-            await nursery.start(control.serve, control_path, handle_control)
+            await compat.start(nursery, control.serve, control_path, handle_control)
         except control.ControlSocketInUse as exc:
             raise StartupError(str(exc)) from None
         except OSError as exc:
@@ -279,7 +279,7 @@ async def _serve(config: MountConfig, pool_dir: Path, control_path: Path, where:
             nursery.start_soon(operations.events.watch_interrupts)
             # Handlers in place before READY=1: a stop right after it must unmount cleanly,
             # not kill us with SIGTERM's default action and leave a dead mount.
-            await nursery.start(_terminate_on_signals, operations)
+            await compat.start(nursery, _terminate_on_signals, operations)
             nursery.start_soon(_end_feed_when_unmounted, operations, mountpoint, where)
             log.info(
                 "kvpfs %s ready: %s mounted on %s, pools in %s, control socket %s",
@@ -352,7 +352,7 @@ def _one_malloc_arena() -> None:
 def run(config: MountConfig) -> None:
     _one_malloc_arena()
     try:
-        trio.run(serve, config)
+        compat.run(serve, config)
     except BaseExceptionGroup as group:
         # A start-up failure inside the nursery arrives wrapped; report it plainly.
         startup, _rest = group.split(StartupError)

@@ -64,6 +64,10 @@ def wait_on_mount(mount: Path, pool: int, key: bytes, *, timeout: float | None,
                 pending += os.read(fd, 65536)
             except OSError as exc:
                 if exc.errno == errno.EAGAIN:
+                    # Readable to poll(2) with nothing to read: a kvpfs whose pyfuse3 cannot
+                    # poll (before 3.5, kvpfs/compat.py) is always "ready"; do not spin.
+                    time.sleep(POLL_INTERVAL if remaining is None
+                               else min(POLL_INTERVAL, remaining))
                     continue
                 raise
             *lines, pending = pending.split(b"\n")

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import trio
 
+from kvpfs import compat
 from kvpfs.host.netinfo import interface_addresses
 
 log = logging.getLogger(__name__)
@@ -117,7 +118,7 @@ class FqdnCache:
         reason = f"no answer within {self.bound:g} s"
         with trio.move_on_after(self.bound):
             try:
-                self.value = await trio.to_thread.run_sync(
+                self.value = await compat.to_thread_run_sync(
                     self._resolver, hostname, abandon_on_cancel=True
                 )
                 self._warned = False

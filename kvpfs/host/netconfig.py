@@ -39,6 +39,7 @@ from pathlib import Path
 
 import trio
 
+from kvpfs import compat
 from kvpfs.host import rtnl
 from kvpfs.wire import protocol
 from kvpfs.wire.ipinfo import (
@@ -713,8 +714,8 @@ class IpInfoService:
 
     async def __call__(self, request: protocol.IpInfoRequest) -> bytes:
         if request.op == Op.GET_IP_INFO:
-            return await trio.to_thread.run_sync(self.get_reply, request,
-                                                 abandon_on_cancel=True)
+            return await compat.to_thread_run_sync(self.get_reply, request,
+                                                    abandon_on_cancel=True)
         async with self._set_lock:
             status = await trio.to_thread.run_sync(self.set_status, request)
         return protocol.encode_status(status)

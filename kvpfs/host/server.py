@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
+from kvpfs import compat
 from kvpfs.host.device import Channel, DeviceUnavailable, Opener
 from kvpfs.host.intrinsic import KEYS as INTRINSIC_KEYS
 from kvpfs.host.intrinsic import Intrinsics
@@ -135,7 +136,7 @@ class DeviceServer:
                 nursery.start_soon(self._answer_handed_over, channel, handover, stop_write)
                 # Not abandoned on cancel: the stop pipe ends the thread, and only then
                 # may the caller close the channel.
-                failure = await trio.to_thread.run_sync(
+                failure = await compat.to_thread_run_sync(
                     self._serve_in_thread, channel, stop_read, handover,
                     thread_name="kvpfs device",
                 )

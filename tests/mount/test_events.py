@@ -37,6 +37,7 @@ def read_lines(fd: int, count: int, timeout: float = 5.0) -> list[str]:
     return data.decode().splitlines()
 
 
+@pytest.mark.fuse_poll  # select() on /.events
 def test_feed_reports_host_mount_and_external_changes(kvpfs):
     fd = os.open(kvpfs.path(".events"), os.O_RDONLY | os.O_NONBLOCK)
     try:

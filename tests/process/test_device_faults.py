@@ -100,6 +100,7 @@ def lock_held(path: Path) -> Iterator[subprocess.Popen[str]]:
 # ---------------------------------------------------------------------- read and write errors
 
 
+@pytest.mark.fuse_poll  # the emulator's read-error path needs a pollable device
 def test_read_error_reopens_and_registers_again(tmp_path: Path) -> None:
     with kvpfs_on_emulator(tmp_path) as (host, proc):
         assert_serving(host, proc, "before", "1")
@@ -133,6 +134,7 @@ def test_write_error_reopens_and_registers_again(tmp_path: Path, err: int) -> No
         survived(f"write error {errno.errorcode[err]}", 1, state["handshakes"])
 
 
+@pytest.mark.fuse_poll
 def test_repeated_faults(tmp_path: Path) -> None:
     """Several faults in a row, read and write alternating: each one costs one request."""
     rounds = 5

@@ -44,7 +44,8 @@ from kvpfs.wire.protocol import (
 
 T = TypeVar("T")
 
-pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="no /dev/fuse")
+pytestmark = [pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="no /dev/fuse"),
+              pytest.mark.fuse_poll]  # the emulated device is polled (pyfuse3 >= 3.5)
 
 RECORD = 2560
 POLLIN = select.POLLIN | select.POLLRDNORM
