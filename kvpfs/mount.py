@@ -205,6 +205,7 @@ async def serve(config: MountConfig) -> None:
         if host is not None:
             await nursery.start(host.run)
         nursery.start_soon(fqdn.run)
+        await nursery.start(ip_info.run)  # SET_IP_INFO activations, after the host's answer
         try:
             await nursery.start(server.run)
         except (DeviceUnavailable, RegistrationRefused) as exc:
