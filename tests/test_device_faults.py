@@ -15,6 +15,7 @@ import errno
 import os
 import re
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -237,21 +238,30 @@ def test_timed_out_transaction_late_reply(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------- busy device
 
 
-def test_busy_device_exits_3_naming_hv_kvp_daemon(tmp_path: Path) -> None:
+def test_busy_device_exits_3_naming_the_real_holder(tmp_path: Path) -> None:
+    """The holder is named from /proc (pid, comm, command line), and a stopped one says so."""
     with run_emulated_device(tmp_path / "emu", host_timeout=15) as (device, host):
         mnt = tmp_path / "mnt"
         mnt.mkdir()
-        holder = os.open(device, os.O_RDWR)  # another daemon already has it
+        holder = subprocess.Popen(
+            [sys.executable, "-c", "import os, sys, time; os.open(sys.argv[1], os.O_RDWR);"
+             " print('held', flush=True); time.sleep(120)", device, "other-kvp-holder"],
+            stdout=subprocess.PIPE, text=True)
         try:
+            assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+            os.kill(holder.pid, signal.SIGSTOP)  # like a stopped kvpfs
             result = subprocess.run(
                 [sys.executable, "-m", "kvpfs", "mount", str(mnt), "--device", device,
                  "--pool-dir", str(tmp_path / "pools"), "--control", str(tmp_path / "c.sock")],
                 cwd=REPO, capture_output=True, text=True, timeout=30)
         finally:
-            os.close(holder)
+            holder.kill()
+            holder.wait()
         output = result.stdout + result.stderr
         assert result.returncode == 3, output
-        assert "hv_kvp_daemon" in output and "busy" in output, output
+        assert "busy" in output and f"pid {holder.pid} " in output, output
+        assert "other-kvp-holder" in output and "stopped" in output, output
+        assert "hv_kvp_daemon" not in output, output  # it is not the one holding it
         assert "Traceback" not in output
         assert not os.path.ismount(mnt)
         assert host.state()["ebusy_opens"] == 1
