@@ -235,6 +235,29 @@ def test_timed_out_transaction_late_reply(tmp_path: Path) -> None:
         survived("timed-out transaction", 1, state["handshakes"])
 
 
+# ---------------------------------------------------------------------- hibernation
+
+
+def test_registration_refused_after_hibernation_is_retried(tmp_path: Path) -> None:
+    """Hibernation with no daemon connected: the kernel refuses the first REGISTER1 (EINVAL);
+    kvpfs closes the device (which resets it), opens it again and registers."""
+    with run_emulated_device(tmp_path / "emu", host_timeout=15) as (device, host):
+        host.hibernate()
+        proc = KvpfsDeviceProcess(tmp_path, device)
+        try:
+            proc.start()
+            state = host.wait_registered(timeout=10)
+            assert state["spurious_writes"] == 1  # the refused registration
+            assert (state["opens"], state["handshakes"]) == (2, 1)
+            assert_serving(host, proc, "after-hibernation", "1")
+            assert_alive(proc)
+            output = proc.output()
+            assert "refused registration" in output and "hibernation" in output, output
+            survived("registration refused after hibernation", 1, state["handshakes"])
+        finally:
+            proc.cleanup()
+
+
 # ---------------------------------------------------------------------- busy device
 
 

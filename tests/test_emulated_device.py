@@ -478,3 +478,40 @@ def test_reference_daemon_late_reply_after_timeout(emu, tmp_path) -> None:
         assert state["spurious_writes"] == 1 and ref.alive()
         # The SET itself was applied, only its answer was lost.
         assert host.enumerate_all(Pool.EXTERNAL) == [("late", "1")]
+
+
+# ---------------------------------------------------------------------- hibernation
+
+
+def test_hibernation_without_a_daemon_refuses_the_first_registration(emu, opened) -> None:
+    """hv_kvp_pre_suspend forces READY: REGISTER1 is then "a reply with nothing
+    outstanding" (EINVAL), and only a close (kvp_on_reset) makes it work again."""
+    _, host = emu
+    assert host.hibernate()["state"] == "READY"
+    dev = opened()
+    assert errno_of(lambda: os.write(dev.fd, encode_register())) == errno.EINVAL
+    assert errno_of(lambda: os.write(dev.fd, encode_register())) == errno.EINVAL
+    assert host.state()["handshakes"] == 0
+    dev.close()
+    assert host.wait_for(min_resets=1)["state"] == "DEVICE_INIT"  # FUSE releases after close
+    reply = opened().register()
+    assert reply[0] == Op.REGISTER1 and host.state()["handshakes"] == 1
+
+
+def test_hibernation_keeps_the_fd_and_fails_only_the_reply_in_flight(emu, opened, pool) -> None:
+    _, host = emu
+    dev = opened()
+    dev.register()
+    pending = in_thread(pool, lambda: host.set(0, "during", "1"))
+    request = dev.read_message()
+    assert request[0] == Op.SET
+    host.hibernate()
+    assert pending.result(timeout=5) == Status.E_FAIL
+    assert errno_of(lambda: os.write(dev.fd, encode_status(Status.S_OK))) == errno.EINVAL
+    # The same fd serves the next request: no reset, no new registration.
+    after = in_thread(pool, lambda: host.set(0, "after", "2"))
+    assert dev.read_message()[0] == Op.SET
+    assert os.write(dev.fd, encode_status(Status.S_OK)) == MESSAGE_SIZE
+    assert after.result(timeout=5) == Status.S_OK
+    state = host.state()
+    assert (state["opens"], state["handshakes"], state["resets"]) == (1, 1, 0)
