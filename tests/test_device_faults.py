@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from kvpfs.protocol import Status, encode_set_request
+from kvpfs.protocol import Op, Status, encode_set_request
 from tests.conftest import REPO, KvpfsDeviceProcess, fuse_missing
 from tests.support.emuwire import ReplySource
 from tests.support.figures import record_figure
@@ -233,6 +233,40 @@ def test_timed_out_transaction_late_reply(tmp_path: Path) -> None:
         assert proc.path("external", "late").read_text() == "1"
         assert_alive(proc)
         survived("timed-out transaction", 1, state["handshakes"])
+
+
+# ---------------------------------------------------------------------- slow SET_IP_INFO
+
+
+def test_slow_set_ip_info_never_answers_another_request(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """nmcli outlasts the kernel's timeout (1 s here): the host still gets S_OK for the SET
+    (answered once the keyfile is written), and the ENUMERATE after it its own record,
+    never the late reply the kernel would pair with it."""
+    from tests.test_ipinfo import GUIDS, FakeSystem  # the fake sysfs/root with hv0 on NM
+
+    fake = FakeSystem(tmp_path / "net")
+    fake.fake_program("nmcli", sleep=1.5)
+    monkeypatch.setenv("PATH", f"{fake.bin}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("KVPFS_SYSFS_ROOT", str(fake.sysfs))
+    monkeypatch.setenv("KVPFS_NET_ROOT", str(fake.root))
+    monkeypatch.setenv("KVPFS_NET_OUTPUT", str(fake.out))
+    with kvpfs_on_emulator(tmp_path, timeout=1.0) as (host, proc):
+        assert host.set(0, "k", "v") == Status.S_OK
+        result = host.ip_info(Op.SET_IP_INFO, GUIDS["hv0"], ip_addr="192.0.2.10",
+                              sub_net="255.255.255.0", gate_way="192.0.2.1")
+        assert result.status == Status.S_OK
+        assert host.enumerate(0, 0) == (Status.S_OK, "k", "v")
+        assert host.enumerate_all(0) == [("k", "v")]
+        deadline = time.monotonic() + 15
+        while "configuration active" not in proc.output():
+            assert time.monotonic() < deadline, proc.output()
+            time.sleep(0.05)
+        assert [call[:3] for call in fake.recorded()] == [
+            ["nmcli", "connection", "load"], ["nmcli", "--wait", "15"]]
+        state = host.state()
+        assert (state["timeouts"], state["spurious_writes"], state["handshakes"]) == (0, 0, 1)
+        assert_alive(proc)
 
 
 # ---------------------------------------------------------------------- hibernation
