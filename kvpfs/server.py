@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 import queue
 import select
@@ -85,6 +86,12 @@ class DeviceServer:
         self.reply_deadline = reply_deadline
         self.kernel_timeout = kernel_timeout
         self.registration_window = registration_window
+        if store.lock_timeout >= reply_deadline:
+            log.warning("the pool-file lock timeout (%g s) is not below the reply deadline"
+                        " (%g s): a host SET or DELETE that waits that long for a lock is"
+                        " answered late, and that reply is dropped when the kernel (%g s)"
+                        " may have given up", store.lock_timeout, reply_deadline,
+                        kernel_timeout)
         self.registrations = 0
         self.requests = 0
         self.late_replies_dropped = 0
@@ -303,8 +310,11 @@ class DeviceServer:
                         exc.op, exc.pool, exc)
             return protocol.encode_status(Status.E_FAIL)
         log.debug("host request: %r", request)
+        # A pool-file change is not cut short: once its write has started, the host's
+        # answer must say whether it happened. The store's lock timeout bounds it.
+        changes = isinstance(request, (protocol.SetRequest, protocol.DeleteRequest))
         try:
-            with trio.move_on_after(self.reply_deadline):
+            with trio.move_on_after(math.inf if changes else self.reply_deadline):
                 return await self._dispatch(request)
             self.deadline_misses += 1
             log.error("%r not done within %g s; answered E_FAIL so the kernel (which gives"

@@ -23,6 +23,7 @@ from kvpfs.protocol import Pool, Status
 from kvpfs.server import DeviceServer, IpInfoHandler, RegistrationRefused
 from kvpfs.simulator import SimulatedHost
 from kvpfs.store import Store
+from tests.support.lockholder import start_locker, stop_locker
 
 OS_INFO = OsInfo("Test OS", "1", "")
 GUID = "{11111111-2222-3333-4444-000000000001}"
@@ -136,3 +137,30 @@ async def test_registration_refused_for_the_whole_window_gives_up_saying_why(
     assert "refused registration" in message and "EINVAL" in message
     assert "over 0.3 s" in message and "protocol version" in message
     assert host.refused_writes >= 2  # closed, reopened and tried again in between
+
+
+async def test_a_set_held_up_by_a_lock_past_the_kernel_timeout_is_not_answered_late(
+    store: Store,
+) -> None:
+    """A pool-file change is never cut short, so a lock held past the kernel's timeout
+    makes its reply late: it is dropped, and the host's next request gets its own answer
+    on the same registration (no EINVAL, no reopen)."""
+    host = SimulatedHost(timeout=0.3, initial_pool3=())
+    server = make_server(host, store, reply_deadline=0.1, kernel_timeout=0.3)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(host.run)
+        await nursery.start(server.run)
+        assert (await host.set(Pool.GUEST, "k", "v")).ok
+        locker = start_locker(store.pool_dir / ".kvp_pool_1")
+        try:
+            assert (await host.set(Pool.GUEST, "blocked", "x")).status == Status.E_FAIL
+            assert host.timeouts == 1
+            # Sent while the server still waits for the lock (0.5 s): its reply must not
+            # become this request's answer.
+            assert (await host.get(Pool.GUEST, "k")).value == "v"
+        finally:
+            stop_locker(locker)
+        assert server.late_replies_dropped == 1
+        assert (host.registrations, host.refused_writes) == (1, 0)
+        assert await host.list(Pool.GUEST) == [("k", "v")]
+        nursery.cancel_scope.cancel()
