@@ -60,7 +60,7 @@ REGISTRATION_WINDOW = 20.0
 
 
 class RegistrationRefused(Exception):
-    """The kernel rejected our registration: no point in retrying."""
+    """The kernel rejected our registration (at start: every try for `registration_window`)."""
 
 
 class DeviceServer:
