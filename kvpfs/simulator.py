@@ -193,9 +193,13 @@ class SimulatedChannel(Channel):
 
     def read_ready_message(self) -> bytes | None:
         try:
-            return self.read(MESSAGE_SIZE)
+            data = self.read(MESSAGE_SIZE)
         except BlockingIOError:
             return None
+        if len(data) != MESSAGE_SIZE:  # only a test's malformed `transact` gets here
+            raise OSError(errno.EIO, f"{self.name}: read returned {len(data)} bytes, expected"
+                                     f" one {MESSAGE_SIZE}-byte message")
+        return data
 
     def write_ready_message(self, message: bytes) -> bool:
         assert len(message) == MESSAGE_SIZE
@@ -492,9 +496,14 @@ class SimulatedHost:
 
     # ------------------------------------------------------------ the host side
     async def transact(self, request: bytes) -> bytes:
-        """One kernel-format request into the ring; the guest's raw reply, or a status."""
+        """One kernel-format request into the ring; the guest's raw reply, or a status.
+
+        The kernel passes down a fixed 7432-byte struct, so longer input is cut to it;
+        shorter input is passed down as it is, for tests that feed the daemon a
+        malformed message.
+        """
         self._token = trio.lowlevel.current_trio_token()
-        host_request = _HostRequest(request, self._token)
+        host_request = _HostRequest(request[:MESSAGE_SIZE], self._token)
         with self._lock:
             self._ring.append(host_request)
             self._start_next()
