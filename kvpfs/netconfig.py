@@ -11,8 +11,10 @@ validated (`kvpfs.ipinfo.parse_set`), and the configuration goes to the network 
 that owns the link: a NetworkManager keyfile loaded and activated with nmcli, or a
 systemd-networkd .network file followed by `networkctl reload`; otherwise, like the
 reference, `ifcfg-<if>` plus `<if>.nmconnection` handed to hv_set_ifconfig if installed.
-Programs are run with argument lists, never a shell, each bounded by a timeout, and only
-from worker threads (`IpInfoService`), so the trio loop keeps serving FUSE meanwhile.
+Programs are run with argument lists, never a shell, each bounded by a timeout, and never
+on the trio loop. The host's answer does not wait for them (`IpInfoService`): it comes once
+the configuration is validated and written, and the activation runs afterwards, in the
+background, because nmcli alone may take longer than the kernel's 30 s per request.
 
 Every path is relative to a configurable root (`NetSettings`) so tests can use fake sysfs
 trees, fake /run state and a scratch /etc; `--simulate` writes to a sandbox and runs

@@ -292,6 +292,25 @@ def test_timeout_answers_e_fail_and_late_reply_is_einval(emu, opened, pool) -> N
     assert host.state()["timeouts"] == 1
 
 
+def test_late_reply_is_paired_with_the_next_request(emu, opened, pool) -> None:
+    """No request ids: once the timer fired, the daemon's next write answers whatever request
+    is outstanding, even one it has not read yet (the state is USERSPACE_REQ already)."""
+    _, host = emu
+    host.set_timeout(0.3)
+    dev = opened()
+    dev.register()
+    assert host.transact(set_request(b"slow")).source is ReplySource.TIMEOUT
+    assert dev.read_message()[16:21] == b"slow\0"
+    host.set_timeout(10)
+    pending = in_thread(pool, lambda: host.enumerate(Pool.EXTERNAL, 0))
+    host.wait_for(message_queued=True)
+    assert os.write(dev.fd, encode_status(Status.S_OK)) == MESSAGE_SIZE  # meant for "slow"
+    assert pending.result(timeout=5) == (Status.S_OK, "", "")  # the ENUMERATE got it
+    assert dev.read_message()[0] == Op.ENUMERATE  # still queued, and now unanswerable
+    reply = encode_enumerate_reply(b"key", b"value")
+    assert errno_of(lambda: os.write(dev.fd, reply)) == errno.EINVAL
+
+
 def test_unread_stale_message_fails_next_request_at_once(emu, opened) -> None:
     _, host = emu
     host.set_timeout(0.2)
