@@ -223,6 +223,7 @@ class KvpDevice:
                 "resets",
                 "reset_failures",
                 "send_failures",
+                "hibernations",
             ),
             0,
         )
@@ -560,6 +561,23 @@ class KvpDevice:
         self._notify_pollers()
         self._bump()
 
+    def hibernate(self) -> None:
+        """``hv_kvp_pre_suspend`` then resume: work cancelled, state forced READY.
+
+        No transport reset: an open fd stays usable and a queued message stays queued. The
+        host is not told about an in-flight transaction (the closed VMBus channel implies
+        its failure; here it is answered E_FAIL so the host client returns). With no daemon
+        connected, the next REGISTER1 gets EINVAL (state READY is not < READY) until the
+        device is closed, which resets the state.
+        """
+        txn = self.txn
+        if txn is not None and self._cancel_timer(txn):
+            self._respond(txn, Status.E_FAIL, ReplySource.RESET, None)
+        self.txn = None
+        self.counters["hibernations"] += 1
+        self.state = KvpState.READY
+        self._bump()
+
     def vanish(self, mode: str) -> None:
         """Make ``hv_kvp`` disappear: ``unload`` (module gone) or ``unlink`` (name only)."""
         if mode == "unload":
@@ -879,6 +897,9 @@ class ControlServer:
             return {"ok": True, "state": device.snapshot()}
         if name in ("return", "reappear"):
             device.reappear()
+            return {"ok": True, "state": device.snapshot()}
+        if name == "hibernate":
+            device.hibernate()
             return {"ok": True, "state": device.snapshot()}
         if name == "set_timeout":
             device.timeout = float(command["seconds"])

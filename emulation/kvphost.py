@@ -379,6 +379,10 @@ class EmulatedHost:
         """The device is back (after an unload: a fresh instance in INIT)."""
         return self.command("return")["state"]
 
+    def hibernate(self) -> dict[str, Any]:
+        """The guest hibernates and resumes (``hv_kvp_pre_suspend``): state forced READY."""
+        return self.command("hibernate")["state"]
+
     def set_timeout(self, seconds: float) -> None:
         """Per-request timeout for transactions started from now on."""
         self.command("set_timeout", seconds=seconds)

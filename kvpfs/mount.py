@@ -255,6 +255,7 @@ async def _serve(config: MountConfig, pool_dir: Path, control_path: Path, where:
         if host is not None:
             await compat.start(nursery, host.run)
         nursery.start_soon(fqdn.run)
+        await nursery.start(ip_info.run)  # SET_IP_INFO activations, after the host's answer
         try:
             await compat.start(nursery, server.run)
         except (DeviceUnavailable, RegistrationRefused) as exc:

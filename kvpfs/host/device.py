@@ -18,6 +18,7 @@ import errno
 import os
 import select
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 import trio
@@ -103,6 +104,79 @@ class Channel:
             self.fd = -1
 
 
+@dataclass(frozen=True)
+class Holder:
+    """A process with the device open, as /proc describes it."""
+
+    pid: int
+    comm: str
+    cmdline: str
+    state: str
+
+    def describe(self) -> str:
+        stopped = " (stopped: it answers nothing but keeps the device)" \
+            if self.state in ("T", "t") else ""
+        return f"pid {self.pid} {self.comm!r} ({self.cmdline or 'no command line'}){stopped}"
+
+
+def device_holders(path: str, proc: str = "/proc") -> list[Holder]:
+    """Processes that have `path` open, found through /proc/PID/fd.
+
+    Compares link text, never stat()s the open files (a stat could hang on a wedged
+    FUSE file). Only processes we may inspect are seen: all of them as root.
+    """
+    target = os.path.realpath(path)
+    found: list[Holder] = []
+    try:
+        pids = [name for name in os.listdir(proc) if name.isdigit()]
+    except OSError:
+        return found
+    for pid in pids:
+        base = f"{proc}/{pid}"
+        try:
+            fds = os.listdir(f"{base}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"{base}/fd/{fd}") != target:
+                    continue
+            except OSError:
+                continue
+            found.append(_holder(int(pid), base))
+            break
+    return found
+
+
+def _holder(pid: int, base: str) -> Holder:
+    def read(name: str) -> str:
+        try:
+            with open(f"{base}/{name}", "rb") as handle:
+                return handle.read(4096).decode("utf-8", "replace")
+        except OSError:
+            return ""
+
+    stat = read("stat")
+    state = stat.rsplit(")", 1)[1].split()[0] if ")" in stat else "?"
+    cmdline = " ".join(part for part in read("cmdline").split("\0") if part)
+    return Holder(pid, read("comm").strip(), cmdline, state)
+
+
+def busy_message(path: str, holders: list[Holder]) -> str:
+    """Why the device is busy, naming whoever holds it."""
+    if not holders:
+        return (f"{path} is busy: another process holds it (it allows only one opener), most"
+                " likely a KVP daemon such as hv_kvp_daemon (systemctl stop"
+                " hv-kvp-daemon.service hypervkvpd.service) or another kvpfs; run kvpfs as"
+                " root to be told which process it is")
+    names = "; ".join(holder.describe() for holder in holders)
+    hint = ""
+    if any(holder.comm.startswith("hv_kvp_daemon") for holder in holders):
+        hint = " (stop it with: systemctl stop hv-kvp-daemon.service hypervkvpd.service)"
+    return (f"{path} is busy: it allows only one opener and is held by {names}{hint}."
+            " Stop that process first.")
+
+
 class Opener(Protocol):
     name: str
 
@@ -129,11 +203,8 @@ class CharDevice:
             ) from None
         except OSError as exc:
             if exc.errno == errno.EBUSY:
-                raise DeviceUnavailable(
-                    f"{self.path} is busy: another KVP daemon holds it, most likely"
-                    " hv_kvp_daemon (stop it first: systemctl stop hv-kvp-daemon.service"
-                    " hypervkvpd.service). The device allows only one opener."
-                ) from None
+                holders = await trio.to_thread.run_sync(device_holders, self.path)
+                raise DeviceUnavailable(busy_message(self.path, holders)) from None
             if exc.errno in (errno.EACCES, errno.EPERM):
                 raise DeviceUnavailable(
                     f"cannot open {self.path}: {exc.strerror}; kvpfs must run as root"

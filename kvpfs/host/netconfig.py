@@ -11,8 +11,10 @@ validated (`kvpfs.wire.ipinfo.parse_set`), and the configuration goes to the net
 that owns the link: a NetworkManager keyfile loaded and activated with nmcli, or a
 systemd-networkd .network file followed by `networkctl reload`; otherwise, like the
 reference, `ifcfg-<if>` plus `<if>.nmconnection` handed to hv_set_ifconfig if installed.
-Programs are run with argument lists, never a shell, each bounded by a timeout, and only
-from worker threads (`IpInfoService`), so the trio loop keeps serving FUSE meanwhile.
+Programs are run with argument lists, never a shell, each bounded by a timeout, and never
+on the trio loop. The host's answer does not wait for them (`IpInfoService`): it comes once
+the configuration is validated and written, and the activation runs afterwards, in the
+background, because nmcli alone may take longer than the kernel's 30 s per request.
 
 Every path is relative to a configurable root (`NetSettings`) so tests can use fake sysfs
 trees, fake /run state and a scratch /etc; `--simulate` writes to a sandbox and runs
@@ -593,49 +595,63 @@ def _write_atomically(path: Path, text: str, mode: int) -> None:
     log.info("wrote %s (mode %04o)", path, mode)
 
 
+@dataclass(frozen=True)
+class Activation:
+    """The programs that make a written configuration live, in order, each with its bound.
+
+    Run after the host has its answer (`IpInfoService`): nmcli alone may take 25 s,
+    and the kernel gives the whole request 30 s.
+    """
+
+    interface: str
+    commands: tuple[tuple[tuple[str, ...], float], ...]
+
+    @property
+    def bound(self) -> float:
+        return sum(timeout for _, timeout in self.commands)
+
+
 def _apply_networkmanager(settings: NetSettings, iface: Interface, mac: str,
-                          config: StaticConfig) -> int:
+                          config: StaticConfig) -> tuple[int, Activation | None]:
     path = settings.out(NM_DIR) / f"hyperv-{iface.name}.nmconnection"
     _write_atomically(path, render_nm_keyfile(iface.name, mac, config), 0o600)
     uuid = nm_connection_uuid(mac)
-    if not _run(settings, ["nmcli", "connection", "load", str(path)]):
-        return Status.E_FAIL
     wait = settings.activation_wait
-    if not _run(settings, ["nmcli", "--wait", str(wait), "connection", "up", "uuid", uuid,
-                           "ifname", iface.name], timeout=wait + 5):
-        return Status.E_FAIL
-    return Status.S_OK
+    return Status.S_OK, Activation(iface.name, (
+        (("nmcli", "connection", "load", str(path)), settings.command_timeout),
+        (("nmcli", "--wait", str(wait), "connection", "up", "uuid", uuid, "ifname",
+          iface.name), wait + 5),
+    ))
 
 
 def _apply_networkd(settings: NetSettings, iface: Interface, mac: str, config: StaticConfig,
-                    manager: Manager | None) -> int:
+                    manager: Manager | None) -> tuple[int, Activation | None]:
     name = f"00-hyperv-{iface.name}.network"
     current = Path(manager.detail).name if manager and manager.name == NETWORKD else None
     if current is not None and current != name and current < name:
         # networkd uses the first matching file in lexical order.
         log.error("SET_IP_INFO: %s is configured by %s, which sorts before %s and would"
                   " keep precedence; not changing it", iface.name, manager.detail, name)
-        return Status.E_FAIL
+        return Status.E_FAIL, None
     path = settings.out(NETWORKD_DIR) / name
     _write_atomically(path, render_networkd(iface.name, mac, config), 0o644)
-    if not _run(settings, ["networkctl", "reload"]):
-        return Status.E_FAIL
-    if not _run(settings, ["networkctl", "reconfigure", iface.name]):
-        return Status.E_FAIL
-    return Status.S_OK
+    return Status.S_OK, Activation(iface.name, (
+        (("networkctl", "reload"), settings.command_timeout),
+        (("networkctl", "reconfigure", iface.name), settings.command_timeout),
+    ))
 
 
 def _apply_script(settings: NetSettings, iface: Interface, mac: str, config: StaticConfig,
-                  script: Path) -> int:
+                  script: Path) -> tuple[int, Activation | None]:
     """The reference's interface: ifcfg-<if> and <if>.nmconnection, then the helper."""
     state = settings.out(STATE_DIR)
     ifcfg = state / f"ifcfg-{iface.name}"
     keyfile = state / f"{iface.name}.nmconnection"
     _write_atomically(ifcfg, render_ifcfg(iface.name, mac, config), 0o600)
     _write_atomically(keyfile, render_nm_keyfile(iface.name, mac, config), 0o600)
-    if not _run(settings, [str(script), str(ifcfg), str(keyfile)]):
-        return Status.E_FAIL
-    return Status.S_OK
+    return Status.S_OK, Activation(iface.name, (
+        ((str(script), str(ifcfg), str(keyfile)), settings.command_timeout),
+    ))
 
 
 def _find_guid(settings: NetSettings, adapter_id: str) -> Interface | None:
@@ -649,23 +665,79 @@ def _find_guid(settings: NetSettings, adapter_id: str) -> Interface | None:
 
 
 def set_ip_info(settings: NetSettings, request: protocol.IpInfoRequest) -> int:
-    """Apply a SET_IP_INFO; the status for the host."""
+    """Apply a SET_IP_INFO and wait for its activation; the status of both.
+
+    `IpInfoService` answers the host before activating instead (`prepare_set_ip_info`).
+    """
+    status, activation = prepare_set_ip_info(settings, request)
+    if status != Status.S_OK or activation is None:
+        return status
+    return Status.S_OK if activate(settings, activation) else Status.E_FAIL
+
+
+def activate(settings: NetSettings, activation: Activation) -> bool:
+    """Run the activation's programs in order, stopping at the first failure (blocking)."""
+    return all(_run(settings, argv, timeout) for argv, timeout in activation.commands)
+
+
+async def activate_async(settings: NetSettings, activation: Activation) -> bool:
+    """`activate` on the trio loop: a cancelled activation kills the program it runs."""
+    for argv, timeout in activation.commands:
+        if not await _run_async(settings, argv, timeout):
+            return False
+    return True
+
+
+async def _run_async(settings: NetSettings, argv: Sequence[str], timeout: float) -> bool:
+    """`_run` as a trio subprocess, so that cancellation (shutdown) terminates it."""
+    command = shlex.join(argv)
+    if not settings.run_commands:
+        log.info("not running (network changes disabled here): %s", command)
+        return True
+    if await trio.to_thread.run_sync(shutil.which, argv[0]) is None:
+        log.error("cannot run %s: %s is not installed", command, argv[0])
+        return False
+    try:
+        with trio.fail_after(timeout):
+            done = await trio.run_process(list(argv), stdin=subprocess.DEVNULL,
+                                          capture_stdout=True, capture_stderr=True,
+                                          env=_env(), check=False)
+    except trio.TooSlowError:
+        log.error("%s did not finish within %g s", command, timeout)
+        return False
+    except OSError as exc:
+        log.error("cannot run %s: %s", command, exc)
+        return False
+    if done.returncode != 0:
+        output = (done.stderr or done.stdout).decode("utf-8", "replace")
+        detail = output.strip().splitlines()[-3:]
+        log.error("%s failed (exit status %d): %s", command, done.returncode,
+                  " / ".join(detail) or "no output")
+        return False
+    log.info("ran %s", command)
+    return True
+
+
+def prepare_set_ip_info(settings: NetSettings, request: protocol.IpInfoRequest
+                        ) -> tuple[int, Activation | None]:
+    """Validate a SET_IP_INFO and write its configuration; the status for the host and
+    what is left to run to make it live (None when nothing is)."""
     iface = _find_guid(settings, request.adapter_id)
     if iface is None:
         log.warning("SET_IP_INFO: no network interface has VMBus id %r", request.adapter_id)
-        return Status.GUID_NOTFOUND
+        return Status.GUID_NOTFOUND, None
     try:
         config = parse_set(request.ip_addr, request.sub_net, request.gate_way,
                            request.dns_addr, request.dhcp_enabled)
     except InvalidArgument as exc:
         log.warning("SET_IP_INFO for %s refused (HV_INVALIDARG): %s", iface.name, exc)
-        return Status.INVALIDARG
+        return Status.INVALIDARG, None
     for note in config.notes:
         log.info("SET_IP_INFO for %s: %s", iface.name, note)
     if not safe_ifname(iface.name) or iface.mac is None or iface.mac == ZERO_MAC:
         log.error("SET_IP_INFO: interface %r (MAC %s) cannot be configured safely",
                   iface.name, iface.mac)
-        return Status.E_FAIL
+        return Status.E_FAIL, None
     manager = link_manager(settings, iface)
     script = settings.at(SET_IFCONFIG)
     log.info("SET_IP_INFO for %s (%s, managed by %s): dhcp=%s addresses=%s gateways=%s dns=%s",
@@ -682,18 +754,40 @@ def set_ip_info(settings: NetSettings, request: protocol.IpInfoRequest) -> int:
               " NetworkManager and systemd-networkd links (or runs %s, not installed);"
               " answered HV_ERROR_NOT_SUPPORTED", iface.name,
               manager.name if manager else "no network manager", SET_IFCONFIG)
-    return Status.ERROR_NOT_SUPPORTED
+    return Status.ERROR_NOT_SUPPORTED, None
 
 
 # --------------------------------------------------------------------------- the handler
 
 
 class IpInfoService:
-    """`DeviceServer`'s `ip_info=` handler: blocking work in worker threads, SETs one by one."""
+    """`DeviceServer`'s `ip_info=` handler: blocking work in worker threads.
+
+    SET_IP_INFO is answered once the configuration is validated and written; making
+    it live (nmcli, networkctl, hv_set_ifconfig: up to 25 s and more) runs afterwards
+    in the nursery of `run`, one activation at a time in arrival order, and its
+    outcome is logged. An answer that waited for it could reach the kernel after its
+    30 s timeout and be taken as the reply to the host's next request.
+    """
 
     def __init__(self, settings: NetSettings) -> None:
         self.settings = settings
         self._set_lock = trio.Lock()
+        self._activation_lock = trio.Lock()
+        self._nursery: trio.Nursery | None = None
+        self.activations_started = 0
+        self.activations_succeeded = 0
+        self.activations_failed = 0
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Own background activations until cancelled (which stops the one running)."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            try:
+                task_status.started()
+                await trio.sleep_forever()
+            finally:
+                self._nursery = None
 
     def get_reply(self, request: protocol.IpInfoRequest) -> bytes:
         try:
@@ -705,17 +799,46 @@ class IpInfoService:
             return protocol.encode_status(status)
         return build_get_reply(request.adapter_id, info)
 
-    def set_status(self, request: protocol.IpInfoRequest) -> int:
+    def prepare(self, request: protocol.IpInfoRequest) -> tuple[int, Activation | None]:
         try:
-            return set_ip_info(self.settings, request)
+            return prepare_set_ip_info(self.settings, request)
         except OSError as exc:
             log.error("SET_IP_INFO for %s failed: %s", request.adapter_id, exc)
-            return Status.E_FAIL
+            return Status.E_FAIL, None
 
     async def __call__(self, request: protocol.IpInfoRequest) -> bytes:
         if request.op == Op.GET_IP_INFO:
             return await compat.to_thread_run_sync(self.get_reply, request,
                                                     abandon_on_cancel=True)
         async with self._set_lock:
-            status = await trio.to_thread.run_sync(self.set_status, request)
+            status, activation = await trio.to_thread.run_sync(self.prepare, request)
+            if status == Status.S_OK and activation is not None:
+                if self._nursery is None:
+                    # Nobody runs `run` (a direct caller): activate before answering.
+                    ok = await self._activate(activation)
+                    status = Status.S_OK if ok else Status.E_FAIL
+                else:
+                    self._nursery.start_soon(self._activate, activation)
         return protocol.encode_status(status)
+
+    async def _activate(self, activation: Activation) -> bool:
+        self.activations_started += 1
+        async with self._activation_lock:
+            log.info("SET_IP_INFO for %s: activating (at most %g s)", activation.interface,
+                     activation.bound)
+            try:
+                ok = await activate_async(self.settings, activation)
+            except trio.Cancelled:
+                log.warning("SET_IP_INFO for %s: activation cancelled by shutdown; the"
+                            " configuration is written and applies at the next start of"
+                            " its network manager", activation.interface)
+                raise
+        if ok:
+            self.activations_succeeded += 1
+            log.info("SET_IP_INFO for %s: configuration active", activation.interface)
+        else:
+            self.activations_failed += 1
+            log.error("SET_IP_INFO for %s: the configuration was written but activating it"
+                      " failed (see above); the host was already told S_OK",
+                      activation.interface)
+        return ok

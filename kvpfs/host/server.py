@@ -13,15 +13,27 @@ thread (`DeviceServer.answer`), which owns every change. Nothing here blocks
 the trio loop: pool-file work happens in the store's worker threads.
 
 A failed read or write closes the device, reopens it and registers again, which
-is what the kernel needs after hibernation or a timed-out transaction.
+is what the kernel needs after hibernation or a timed-out transaction. A refused
+registration is retried the same way for a while (`REGISTRATION_WINDOW`): after
+a hibernation with no daemon connected the kernel refuses the first one, and
+closing the device resets it.
+
+The kernel matches replies to requests by order alone: once its 30 s timer
+(`KERNEL_TIMEOUT`) has fired, our next write is taken as the reply to whatever
+request is outstanding then. So every request is answered within
+`REPLY_DEADLINE` (E_FAIL if the work is not done by then), and a reply that is
+ready only when the kernel may already have given up is never written.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
+import math
 import os
 import queue
 import select
+import time
 from collections.abc import Awaitable, Callable
 
 import trio
@@ -39,9 +51,17 @@ log = logging.getLogger(__name__)
 
 IpInfoHandler = Callable[[protocol.IpInfoRequest], Awaitable[bytes]]
 
+KERNEL_TIMEOUT = 30.0
+"""HV_UTIL_TIMEOUT: after this the kernel answers E_FAIL and pairs our next write with
+whatever request it has outstanding then (there is no request id)."""
+REPLY_DEADLINE = 20.0
+"""Every request is answered within this, with E_FAIL if its work is not done."""
+REGISTRATION_WINDOW = 20.0
+"""How long a refused first registration is retried (close, reopen, register)."""
+
 
 class RegistrationRefused(Exception):
-    """The kernel rejected our registration: no point in retrying."""
+    """The kernel rejected our registration (at start: every try for `registration_window`)."""
 
 
 class DeviceServer:
@@ -54,6 +74,9 @@ class DeviceServer:
         ip_info: IpInfoHandler | None = None,
         reopen_delay: float = 0.1,
         max_reopen_delay: float = 5.0,
+        reply_deadline: float = REPLY_DEADLINE,
+        kernel_timeout: float = KERNEL_TIMEOUT,
+        registration_window: float = REGISTRATION_WINDOW,
     ) -> None:
         self.opener = opener
         self.store = store
@@ -61,14 +84,25 @@ class DeviceServer:
         self.ip_info = ip_info
         self.reopen_delay = reopen_delay
         self.max_reopen_delay = max_reopen_delay
+        self.reply_deadline = reply_deadline
+        self.kernel_timeout = kernel_timeout
+        self.registration_window = registration_window
+        if store.lock_timeout >= reply_deadline:
+            log.warning("the pool-file lock timeout (%g s) is not below the reply deadline"
+                        " (%g s): a host SET or DELETE that waits that long for a lock is"
+                        " answered late, and that reply is dropped when the kernel (%g s)"
+                        " may have given up", store.lock_timeout, reply_deadline,
+                        kernel_timeout)
         self.registrations = 0
         self.requests = 0
+        self.late_replies_dropped = 0
+        self.deadline_misses = 0
         self.version: str | None = None
 
     # ---------------------------------------------------------------- lifecycle
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Serve until cancelled. Reports started once the first registration is done."""
-        channel = await self._open_and_register()
+        channel = await self._open_and_register_patiently()
         task_status.started()
         delay = self.reopen_delay
         while True:
@@ -92,6 +126,34 @@ class DeviceServer:
                     log.warning("reopening %s failed: %s; retrying in %.1f s",
                                 self.opener.name, exc, delay)
 
+    async def _open_and_register_patiently(self) -> Channel:
+        """The first registration, retried with backoff for `registration_window`.
+
+        The kernel refuses the first REGISTER1 after a hibernation with no daemon
+        connected (its state was forced to READY); closing the device resets it.
+        """
+        give_up_at = trio.current_time() + self.registration_window
+        delay = self.reopen_delay
+        attempts = 0
+        while True:
+            attempts += 1
+            try:
+                return await self._open_and_register()
+            except RegistrationRefused as exc:
+                if trio.current_time() + delay > give_up_at:
+                    raise RegistrationRefused(
+                        f"{exc}; it refused all {attempts} registrations over"
+                        f" {self.registration_window:g} s, closing and reopening the device"
+                        " between them. The kernel may expect a different KVP daemon"
+                        " protocol version (see dmesg for \"KVP: incompatible daemon\")"
+                    ) from exc
+                log.warning(
+                    "%s. After a hibernation with no daemon connected the kernel refuses"
+                    " the first registration; the device was closed (which resets it) and"
+                    " kvpfs registers again in %.1f s", exc, delay)
+            await trio.sleep(delay)
+            delay = min(delay * 2, self.max_reopen_delay)
+
     async def _open_and_register(self) -> Channel:
         channel = await self.opener.open()
         try:
@@ -106,8 +168,8 @@ class DeviceServer:
             await channel.write_message(protocol.encode_register(Op.REGISTER1))
         except OSError as exc:
             raise RegistrationRefused(
-                f"the kernel refused registration on {channel.name} ({exc.strerror or exc});"
-                " it may expect a different KVP daemon protocol version"
+                f"the kernel refused registration on {channel.name}"
+                f" ({errno.errorcode.get(exc.errno or 0, exc.errno)}: {exc.strerror or exc})"
             ) from exc
         while True:
             message = await channel.read_message()
@@ -187,8 +249,13 @@ class DeviceServer:
         the reply here, so only one thread switch sits on the host's path."""
         try:
             async for message in handover.requests:
+                read_at = time.monotonic()
                 try:
-                    await channel.write_message(await self.answer(message))
+                    reply = await self.answer(message)
+                    if not self._in_time(message, read_at):
+                        handover.outcomes.put(None)
+                        continue
+                    await channel.write_message(reply)
                 except OSError as exc:
                     handover.outcomes.put(exc)
                 else:
@@ -196,6 +263,23 @@ class DeviceServer:
         finally:
             os.write(stop_fd, b"x")  # a thread in poll(2) stops
             handover.outcomes.put(_STOP)  # a thread waiting for an outcome stops
+
+    def _in_time(self, message: bytes, read_at: float) -> bool:
+        """False for a reply ready so late that the kernel may have given up on it.
+
+        Written then, it would be paired with the host's next request. The kernel's
+        timer started before our read, so the threshold sits halfway between our
+        deadline and its timeout.
+        """
+        elapsed = time.monotonic() - read_at
+        limit = (self.reply_deadline + self.kernel_timeout) / 2
+        if elapsed < limit:
+            return True
+        self.late_replies_dropped += 1
+        log.error("the reply to op %d (pool %d) was ready only after %.1f s; not written:"
+                  " the kernel gives up after %g s and would take it as the answer to the"
+                  " host's next request", message[0], message[1], elapsed, self.kernel_timeout)
+        return False
 
     def _answer_read(self, message: bytes) -> bytes | None:
         """In the device thread: the reply to a GET or ENUMERATE, from memory.
@@ -227,8 +311,16 @@ class DeviceServer:
                         exc.op, exc.pool, exc)
             return protocol.encode_status(Status.E_FAIL)
         log.debug("host request: %r", request)
+        # A pool-file change is not cut short: once its write has started, the host's
+        # answer must say whether it happened. The store's lock timeout bounds it.
+        changes = isinstance(request, (protocol.SetRequest, protocol.DeleteRequest))
         try:
-            return await self._dispatch(request)
+            with trio.move_on_after(math.inf if changes else self.reply_deadline):
+                return await self._dispatch(request)
+            self.deadline_misses += 1
+            log.error("%r not done within %g s; answered E_FAIL so the kernel (which gives"
+                      " up after %g s) never pairs a late reply with another request",
+                      request, self.reply_deadline, self.kernel_timeout)
         except LockTimeout as exc:
             log.warning("pool file locked too long, answered E_FAIL: %s (held by %s)",
                         exc, exc.holders or "unknown")

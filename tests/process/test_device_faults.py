@@ -15,6 +15,7 @@ import errno
 import os
 import re
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -27,7 +28,7 @@ import pytest
 from emulation.emuwire import ReplySource
 from emulation.kvphost import EmulatedHost, run_emulated_device
 from kvpfs.wire.kernelside import encode_set_request
-from kvpfs.wire.protocol import Status
+from kvpfs.wire.protocol import Op, Status
 from tests.conftest import REPO, KvpfsDeviceProcess, fuse_missing
 from tests.support.figures import record_figure
 
@@ -237,24 +238,90 @@ def test_timed_out_transaction_late_reply(tmp_path: Path) -> None:
         survived("timed-out transaction", 1, state["handshakes"])
 
 
+# ---------------------------------------------------------------------- slow SET_IP_INFO
+
+
+def test_slow_set_ip_info_never_answers_another_request(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """nmcli outlasts the kernel's timeout (1 s here): the host still gets S_OK for the SET
+    (answered once the keyfile is written), and the ENUMERATE after it its own record,
+    never the late reply the kernel would pair with it."""
+    from tests.bytes.test_ipinfo import GUIDS, FakeSystem  # the fake sysfs/root with hv0 on NM
+
+    fake = FakeSystem(tmp_path / "net")
+    fake.fake_program("nmcli", sleep=1.5)
+    monkeypatch.setenv("PATH", f"{fake.bin}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("KVPFS_SYSFS_ROOT", str(fake.sysfs))
+    monkeypatch.setenv("KVPFS_NET_ROOT", str(fake.root))
+    monkeypatch.setenv("KVPFS_NET_OUTPUT", str(fake.out))
+    with kvpfs_on_emulator(tmp_path, timeout=1.0) as (host, proc):
+        assert host.set(0, "k", "v") == Status.S_OK
+        result = host.ip_info(Op.SET_IP_INFO, GUIDS["hv0"], ip_addr="192.0.2.10",
+                              sub_net="255.255.255.0", gate_way="192.0.2.1")
+        assert result.status == Status.S_OK
+        assert host.enumerate(0, 0) == (Status.S_OK, "k", "v")
+        assert host.enumerate_all(0) == [("k", "v")]
+        deadline = time.monotonic() + 15
+        while "configuration active" not in proc.output():
+            assert time.monotonic() < deadline, proc.output()
+            time.sleep(0.05)
+        assert [call[:3] for call in fake.recorded()] == [
+            ["nmcli", "connection", "load"], ["nmcli", "--wait", "15"]]
+        state = host.state()
+        assert (state["timeouts"], state["spurious_writes"], state["handshakes"]) == (0, 0, 1)
+        assert_alive(proc)
+
+
+# ---------------------------------------------------------------------- hibernation
+
+
+def test_registration_refused_after_hibernation_is_retried(tmp_path: Path) -> None:
+    """Hibernation with no daemon connected: the kernel refuses the first REGISTER1 (EINVAL);
+    kvpfs closes the device (which resets it), opens it again and registers."""
+    with run_emulated_device(tmp_path / "emu", host_timeout=15) as (device, host):
+        host.hibernate()
+        proc = KvpfsDeviceProcess(tmp_path, device)
+        try:
+            proc.start()
+            state = host.wait_registered(timeout=10)
+            assert state["spurious_writes"] == 1  # the refused registration
+            assert (state["opens"], state["handshakes"]) == (2, 1)
+            assert_serving(host, proc, "after-hibernation", "1")
+            assert_alive(proc)
+            output = proc.output()
+            assert "refused registration" in output and "hibernation" in output, output
+            survived("registration refused after hibernation", 1, state["handshakes"])
+        finally:
+            proc.cleanup()
+
+
 # ---------------------------------------------------------------------- busy device
 
 
-def test_busy_device_exits_3_naming_hv_kvp_daemon(tmp_path: Path) -> None:
+def test_busy_device_exits_3_naming_the_real_holder(tmp_path: Path) -> None:
+    """The holder is named from /proc (pid, comm, command line), and a stopped one says so."""
     with run_emulated_device(tmp_path / "emu", host_timeout=15) as (device, host):
         mnt = tmp_path / "mnt"
         mnt.mkdir()
-        holder = os.open(device, os.O_RDWR)  # another daemon already has it
+        holder = subprocess.Popen(
+            [sys.executable, "-c", "import os, sys, time; os.open(sys.argv[1], os.O_RDWR);"
+             " print('held', flush=True); time.sleep(120)", device, "other-kvp-holder"],
+            stdout=subprocess.PIPE, text=True)
         try:
+            assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+            os.kill(holder.pid, signal.SIGSTOP)  # like a stopped kvpfs
             result = subprocess.run(
                 [sys.executable, "-m", "kvpfs", "mount", str(mnt), "--device", device,
                  "--pool-dir", str(tmp_path / "pools"), "--control", str(tmp_path / "c.sock")],
                 cwd=REPO, capture_output=True, text=True, timeout=30)
         finally:
-            os.close(holder)
+            holder.kill()
+            holder.wait()
         output = result.stdout + result.stderr
         assert result.returncode == 3, output
-        assert "hv_kvp_daemon" in output and "busy" in output, output
+        assert "busy" in output and f"pid {holder.pid} " in output, output
+        assert "other-kvp-holder" in output and "stopped" in output, output
+        assert "hv_kvp_daemon" not in output, output  # it is not the one holding it
         assert "Traceback" not in output
         assert not os.path.ismount(mnt)
         assert host.state()["ebusy_opens"] == 1

@@ -293,6 +293,25 @@ def test_timeout_answers_e_fail_and_late_reply_is_einval(emu, opened, pool) -> N
     assert host.state()["timeouts"] == 1
 
 
+def test_late_reply_is_paired_with_the_next_request(emu, opened, pool) -> None:
+    """No request ids: once the timer fired, the daemon's next write answers whatever request
+    is outstanding, even one it has not read yet (the state is USERSPACE_REQ already)."""
+    _, host = emu
+    host.set_timeout(0.3)
+    dev = opened()
+    dev.register()
+    assert host.transact(set_request(b"slow")).source is ReplySource.TIMEOUT
+    assert dev.read_message()[16:21] == b"slow\0"
+    host.set_timeout(10)
+    pending = in_thread(pool, lambda: host.enumerate(Pool.EXTERNAL, 0))
+    host.wait_for(message_queued=True)
+    assert os.write(dev.fd, encode_status(Status.S_OK)) == MESSAGE_SIZE  # meant for "slow"
+    assert pending.result(timeout=5) == (Status.S_OK, "", "")  # the ENUMERATE got it
+    assert dev.read_message()[0] == Op.ENUMERATE  # still queued, and now unanswerable
+    reply = encode_enumerate_reply(b"key", b"value")
+    assert errno_of(lambda: os.write(dev.fd, reply)) == errno.EINVAL
+
+
 def test_unread_stale_message_fails_next_request_at_once(emu, opened) -> None:
     _, host = emu
     host.set_timeout(0.2)
@@ -479,3 +498,40 @@ def test_reference_daemon_late_reply_after_timeout(emu, tmp_path) -> None:
         assert state["spurious_writes"] == 1 and ref.alive()
         # The SET itself was applied, only its answer was lost.
         assert host.enumerate_all(Pool.EXTERNAL) == [("late", "1")]
+
+
+# ---------------------------------------------------------------------- hibernation
+
+
+def test_hibernation_without_a_daemon_refuses_the_first_registration(emu, opened) -> None:
+    """hv_kvp_pre_suspend forces READY: REGISTER1 is then "a reply with nothing
+    outstanding" (EINVAL), and only a close (kvp_on_reset) makes it work again."""
+    _, host = emu
+    assert host.hibernate()["state"] == "READY"
+    dev = opened()
+    assert errno_of(lambda: os.write(dev.fd, encode_register())) == errno.EINVAL
+    assert errno_of(lambda: os.write(dev.fd, encode_register())) == errno.EINVAL
+    assert host.state()["handshakes"] == 0
+    dev.close()
+    assert host.wait_for(min_resets=1)["state"] == "DEVICE_INIT"  # FUSE releases after close
+    reply = opened().register()
+    assert reply[0] == Op.REGISTER1 and host.state()["handshakes"] == 1
+
+
+def test_hibernation_keeps_the_fd_and_fails_only_the_reply_in_flight(emu, opened, pool) -> None:
+    _, host = emu
+    dev = opened()
+    dev.register()
+    pending = in_thread(pool, lambda: host.set(0, "during", "1"))
+    request = dev.read_message()
+    assert request[0] == Op.SET
+    host.hibernate()
+    assert pending.result(timeout=5) == Status.E_FAIL
+    assert errno_of(lambda: os.write(dev.fd, encode_status(Status.S_OK))) == errno.EINVAL
+    # The same fd serves the next request: no reset, no new registration.
+    after = in_thread(pool, lambda: host.set(0, "after", "2"))
+    assert dev.read_message()[0] == Op.SET
+    assert os.write(dev.fd, encode_status(Status.S_OK)) == MESSAGE_SIZE
+    assert after.result(timeout=5) == Status.S_OK
+    state = host.state()
+    assert (state["opens"], state["handshakes"], state["resets"]) == (1, 1, 0)

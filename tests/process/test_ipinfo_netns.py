@@ -45,6 +45,7 @@ from kvpfs import control
 from kvpfs.wire import ipinfo
 from kvpfs.wire.protocol import Status
 from tests.conftest import skip_unless_ci
+from tests.support.waiting import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 NS_PREFIX = "kvpfs-ip"
@@ -471,9 +472,13 @@ def test_set_static_through_networkmanager(kvpfs_ns: NamespacedKvpfs) -> None:
     assert "interface-name=kv3\n" in text and "mac-address=00:15:5D:00:10:04\n" in text
     assert "address1=192.0.2.40/24\n" in text and "address1=2001:db8:1::40/64\n" in text
     uuid = ipinfo.nm_connection_uuid(MACS["kv3"])
-    assert kvpfs_ns.recorded()[-2:] == [
-        ["nmcli", "connection", "load", str(path)],
-        ["nmcli", "--wait", "15", "connection", "up", "uuid", uuid, "ifname", "kv3"]]
+    # The host has its answer once the keyfile is written; activation follows it.
+    expected = [["nmcli", "connection", "load", str(path)],
+                ["nmcli", "--wait", "15", "connection", "up", "uuid", uuid, "ifname", "kv3"]]
+    wait_for(lambda: kvpfs_ns.recorded()[-2:] == expected, 10,
+             what=f"the activation's nmcli calls {expected}")
+    wait_for(lambda: "SET_IP_INFO for kv3: configuration active" in kvpfs_ns.output(), 10,
+             what="the activation's outcome in the log")
     if os.access(SYSTEM_PYTHON, os.X_OK):  # NetworkManager's own reader, when available
         parsed = subprocess.run([SYSTEM_PYTHON, str(REPO / "tests/nmkeyfile.py")],
                                 input=json.dumps([text]), capture_output=True, text=True,
