@@ -1,11 +1,13 @@
-"""Lifecycle of one kvpfs instance: device, store, filesystem, all in one nursery.
+"""Lifecycle of one kvpfs instance: store, device, filesystem, torn down in reverse.
 
 Order matters. The pool files are opened and the device is registered before
 anything is mounted, so a missing or busy device is reported without leaving
 a mount behind. Then the filesystem is mounted, readiness is announced (stdout
 line, systemd's READY=1), and every task runs until SIGINT/SIGTERM or an
-unmount from outside ends pyfuse3's main loop; cancelling the nursery then
-unwinds everything and the mount is removed.
+unmount from outside ends pyfuse3's main loop. Then, in reverse: the tasks that
+use the mount end, the mount is removed, the services (device, control socket,
+simulated host) end, and the store is closed last. Under systemd's watchdog
+(WatchdogSec=), kvpfs/watchdog.py pings while every part makes progress.
 """
 
 from __future__ import annotations
@@ -13,10 +15,10 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import faulthandler
 import logging
 import os
 import signal
-import socket
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,6 +37,7 @@ from kvpfs.pools import pool_number
 from kvpfs.server import DeviceServer, RegistrationRefused
 from kvpfs.simulator import SimulatedHost
 from kvpfs.store import Store, default_pool_dir
+from kvpfs.watchdog import PINGS_PER_PERIOD, Watchdog, sd_notify, watchdog_period
 
 log = logging.getLogger(__name__)
 
@@ -107,21 +110,6 @@ def fuse_options(config: MountConfig) -> set[str]:
     return options
 
 
-def sd_notify(message: str) -> None:
-    """Tell systemd (Type=notify) we are ready; a no-op outside systemd."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return
-    if address.startswith("@"):
-        address = "\0" + address[1:]
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-            sock.connect(address)
-            sock.sendall(message.encode())
-    except OSError as exc:
-        log.warning("could not notify systemd at %s: %s", address, exc)
-
-
 async def _host_control(host: SimulatedHost | None, server: DeviceServer, store: Store, request):
     op = request.get("op")
     if op == "status":
@@ -171,13 +159,29 @@ async def _host_ip(host: SimulatedHost, request: dict) -> dict:
 
 
 async def serve(config: MountConfig) -> None:
-    mountpoint = config.mountpoint
+    """Set up store, services, mount and tasks; tear them down in the reverse order.
+
+    The store is opened first and closed last, once every task that could queue a
+    pool-file change has ended (a change queued after the close would reopen a pool
+    file); a start-up failure at any later step closes it too. The tasks that use
+    the mount end before it is closed, and on SIGINT/SIGTERM the invalidations stop
+    while pyfuse3 still answers (see `_terminate_on_signals`).
+    """
     pool_dir = config.resolved_pool_dir()
     store = Store(pool_dir, lock_timeout=config.lock_timeout)
     try:
-        await store.open()
-    except PoolFileError as exc:
-        raise StartupError(str(exc)) from None
+        try:
+            await store.open()
+        except PoolFileError as exc:
+            raise StartupError(str(exc)) from None
+        await _serve_store(config, store, pool_dir)
+    finally:
+        store.close()
+    log.info("kvpfs stopped; %s unmounted", config.mountpoint)
+
+
+async def _serve_store(config: MountConfig, store: Store, pool_dir: Path) -> None:
+    mountpoint = config.mountpoint
     fqdn = FqdnCache()
     intrinsics = Intrinsics(fqdn)
     host = SimulatedHost() if config.simulate else None
@@ -196,20 +200,20 @@ async def serve(config: MountConfig) -> None:
     async def handle_control(request: dict) -> dict:
         return await _host_control(host, server, store, request)
 
-    # Never touch the mount point's path from this thread once mounted: until
+    # Never touch the mount point's path from this process once mounted: until
     # pyfuse3.main() runs, nothing answers, and the kernel waits for us forever.
     where = control.canonical_mountpoint(mountpoint)
     # First, before the device: a previous kvpfs stuck on its way out still holds it.
     await clear_stale_mount(mountpoint, where)
-    async with trio.open_nursery() as nursery:
+    async with trio.open_nursery() as services:
         if host is not None:
-            await nursery.start(host.run)
-        nursery.start_soon(fqdn.run)
+            await services.start(host.run)
+        services.start_soon(fqdn.run)
         try:
-            await nursery.start(server.run)
+            await services.start(server.run)
         except (DeviceUnavailable, RegistrationRefused) as exc:
             raise StartupError(str(exc)) from None
-        await nursery.start(control.serve, control_path, handle_control)
+        await services.start(control.serve, control_path, handle_control)
         try:
             pyfuse3.init(operations, str(mountpoint), fuse_options(config))
         except RuntimeError as exc:
@@ -218,40 +222,70 @@ async def serve(config: MountConfig) -> None:
                 " is /dev/fuse available and are you root?)"
             ) from None
         try:
-            nursery.start_soon(store.watch)
-            nursery.start_soon(operations.invalidator)
-            # Handlers in place before READY=1: a stop right after it must unmount cleanly,
-            # not kill us with SIGTERM's default action and leave a dead mount.
-            await nursery.start(_terminate_on_signals, operations)
-            nursery.start_soon(_end_feed_when_unmounted, operations, mountpoint, where)
-            log.info(
-                "kvpfs %s ready: %s mounted on %s, pools in %s, control socket %s",
-                __version__, "simulated host" if host else config.device, mountpoint,
-                pool_dir, control_path,
-            )
-            sd_notify("READY=1")
-            if config.on_ready:
-                config.on_ready()
-            await pyfuse3.main()
-        except BaseException:
-            pyfuse3.close(unmount=True)
-            raise
-        else:
-            pyfuse3.close(unmount=True)
+            async with trio.open_nursery() as mounted:  # the tasks that use the mount
+                invalidations = _Invalidations(operations)
+                mounted.start_soon(invalidations.run)
+                mounted.start_soon(store.watch)
+                # Handlers in place before READY=1: a stop right after it must unmount
+                # cleanly, not kill us with SIGTERM's default action and leave a dead mount.
+                await mounted.start(_terminate_on_signals, operations, invalidations)
+                mounted.start_soon(_end_feed_when_unmounted, operations, mountpoint, where)
+                period = watchdog_period()
+                if period is not None:
+                    dog = Watchdog(period, device_stalled_for=server.stalled_for,
+                                   mountpoint=where)
+                    mounted.start_soon(dog.run)
+                log.info(
+                    "kvpfs %s ready: %s mounted on %s, pools in %s, control socket %s%s",
+                    __version__, "simulated host" if host else config.device, mountpoint,
+                    pool_dir, control_path,
+                    f", watchdog pings every {period / PINGS_PER_PERIOD:g} s" if period else "",
+                )
+                sd_notify("READY=1")
+                if config.on_ready:
+                    config.on_ready()
+                await pyfuse3.main()
+                mounted.cancel_scope.cancel()
         finally:
-            nursery.cancel_scope.cancel()
-            store.close()
-    log.info("kvpfs stopped; %s unmounted", mountpoint)
+            pyfuse3.close(unmount=True)
+        services.cancel_scope.cancel()
+    # Every task has ended here, so no pool-file change is queued: `serve` closes the store.
+
+
+class _Invalidations:
+    """The invalidator task, which a stop ends before pyfuse3 stops answering."""
+
+    def __init__(self, operations: KvpOperations) -> None:
+        self.operations = operations
+        self.scope = trio.CancelScope()
+        self.ended = trio.Event()
+
+    async def run(self) -> None:
+        try:
+            with self.scope:
+                await self.operations.invalidator()
+        finally:
+            self.ended.set()
+
+    async def stop(self, bound: float = 5.0) -> None:
+        """End the invalidations; one in flight finishes first (it may wait for the kernel,
+        which may wait for one of our answers: so pyfuse3 must still be answering)."""
+        self.scope.cancel()
+        with trio.move_on_after(bound):
+            await self.ended.wait()
 
 
 async def _terminate_on_signals(
-    operations: KvpOperations, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    operations: KvpOperations, invalidations: _Invalidations, *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
 ) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         task_status.started()
         async for signum in signals:
             log.info("%s received: unmounting", signal.Signals(signum).name)
+            sd_notify("STOPPING=1")
             operations.shutdown()
+            await invalidations.stop()
             pyfuse3.terminate()
             return
 
@@ -293,6 +327,8 @@ def _one_malloc_arena() -> None:
 
 def run(config: MountConfig) -> None:
     _one_malloc_arena()
+    # A watchdog timeout sends SIGABRT: log where every thread was (stderr, the journal).
+    faulthandler.enable()
     try:
         trio.run(serve, config)
     except BaseExceptionGroup as group:

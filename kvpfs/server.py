@@ -22,6 +22,7 @@ import logging
 import os
 import queue
 import select
+import time
 from collections.abc import Awaitable, Callable
 
 import trio
@@ -63,6 +64,14 @@ class DeviceServer:
         self.registrations = 0
         self.requests = 0
         self.version: str | None = None
+        # Monotonic start of the request (or registration) in progress, for the
+        # watchdog (kvpfs/watchdog.py): waiting for the host is idle, not stalled.
+        self.busy_since: float | None = None
+
+    def stalled_for(self, now: float) -> float:
+        """Seconds the request or registration in progress has taken (0 when idle)."""
+        since = self.busy_since
+        return 0.0 if since is None else now - since
 
     # ---------------------------------------------------------------- lifecycle
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -92,12 +101,16 @@ class DeviceServer:
                                 self.opener.name, exc, delay)
 
     async def _open_and_register(self) -> Channel:
-        channel = await self.opener.open()
+        self.busy_since = time.monotonic()
         try:
-            await self._register(channel)
-        except BaseException:
-            channel.close()
-            raise
+            channel = await self.opener.open()
+            try:
+                await self._register(channel)
+            except BaseException:
+                channel.close()
+                raise
+        finally:
+            self.busy_since = None
         return channel
 
     async def _register(self, channel: Channel) -> None:
@@ -165,6 +178,7 @@ class DeviceServer:
                 message = channel.read_ready_message()
                 if message is None:
                     continue
+                self.busy_since = time.monotonic()
                 reply = self._answer_read(message)
                 if reply is None:
                     outcome = handover.answer_in_trio(message)
@@ -172,12 +186,16 @@ class DeviceServer:
                         return None
                     if isinstance(outcome, OSError):
                         return outcome
+                    self.busy_since = None
                     continue
                 while not channel.write_ready_message(reply):
                     if not writable():
                         return None
+                self.busy_since = None
         except OSError as exc:
             return exc
+        finally:
+            self.busy_since = None
         return None
 
     async def _answer_handed_over(self, channel: Channel, handover: _Handover,
