@@ -153,7 +153,24 @@ def test_unit_commands_parse():
     pre = [expand(cmd.lstrip("-"), env) for cmd in settings["ExecStartPre"]]
     assert ["fusermount3", "-u", "-z", "/run/kvp"] in pre
     assert settings["ExecStartPre"][0].startswith("-")  # nothing to clear is no failure
-    assert expand(settings["ExecStopPost"][0].lstrip("-"), env) == pre[0]
+    (stop_post,) = settings["ExecStopPost"]
+    words = expand(stop_post.lstrip("-"), env)
+    assert words == ["/usr/local/bin/kvpfs", "recover", "/run/kvp"]
+    args = cli.build_parser().parse_args(words[1:])
+    assert (args.command, str(args.mountpoint)) == ("recover", "/run/kvp")
+
+
+def test_unit_watchdog_and_memory_settings():
+    """The watchdog restarts kvpfs, and kvpfs has time to ping and to stop cleanly."""
+    settings = unit_settings(UNIT.read_text())
+    seconds = {name: int(settings[name][0]) for name in
+               ("WatchdogSec", "TimeoutStopSec", "TimeoutAbortSec")}
+    assert seconds["WatchdogSec"] >= 10  # pings every WatchdogSec/4: room for a busy machine
+    assert seconds["TimeoutStopSec"] >= 5 and seconds["TimeoutAbortSec"] >= 2
+    assert settings["Restart"] == ["on-failure"]  # includes a watchdog timeout
+    assert "WatchdogSignal" not in settings  # SIGABRT: faulthandler logs every stack
+    mega = {name: int(settings[name][0].rstrip("M")) for name in ("MemoryHigh", "MemoryMax")}
+    assert 100 <= mega["MemoryHigh"] < mega["MemoryMax"]
 
 
 @requires_fuse
@@ -365,6 +382,54 @@ def test_unit_under_real_systemd(systemd):
     assert systemd.state("kvpfs.service") == "inactive"
     assert systemd.run("systemctl", "show", "-P", "ConditionResult",
                        "kvpfs.service").stdout.strip() == "no"
+
+
+def served_after_restart(systemd: NamespacedSystemd, old_pid: int) -> bool:
+    """A new kvpfs is active and a read through its mount succeeds (never hangs the test)."""
+    pid = systemd.main_pid()
+    if pid in (0, old_pid) or systemd.state("kvpfs.service") != "active":
+        return False
+    done = systemd.run("timeout", "5", "cat", "/run/kvp/guest/Status", check=False)
+    return done.returncode == 0 and done.stdout == "Ready"
+
+
+# Bounds the tests assert, generous for a loaded machine; the figures measured are printed.
+KILL_RECOVERY_BOUND = 30.0  # RestartSec=2 + a start
+WATCHDOG_RECOVERY_BOUND = 60.0  # WatchdogSec=15 + SIGABRT + RestartSec=2 + a start
+
+
+def test_watchdog_and_recovery_under_real_systemd(systemd):
+    """SIGKILL, then SIGSTOP (only the watchdog notices): systemd brings a working kvpfs
+    back each time, with no human, and ExecStopPost's `kvpfs recover` cleans up."""
+    wait_for(lambda: systemd.state("kvpfs.service") in ("active", "failed"), timeout=30,
+             what="kvpfs.service to start")
+    assert systemd.state("kvpfs.service") == "active", systemd.log()
+    assert "watchdog pings every 3.75 s" in systemd.log()
+    systemd.run("sh", "-c", "echo Ready > /run/kvp/guest/Status")
+
+    old_pid = systemd.main_pid()
+    started = time.monotonic()
+    systemd.run("systemctl", "kill", "--signal=KILL", "kvpfs.service")
+    wait_for(lambda: served_after_restart(systemd, old_pid), timeout=KILL_RECOVERY_BOUND,
+             interval=0.2, what="kvpfs to be back after SIGKILL")
+    after_kill = time.monotonic() - started
+    assert "/run/kvp: unmounted" in systemd.log()  # the dead mount, by `kvpfs recover`
+
+    old_pid = systemd.main_pid()
+    time.sleep(1.5)  # a stop right after the start is test_stop_right_after_ready_is_clean's
+    started = time.monotonic()
+    systemd.run("systemctl", "kill", "--signal=STOP", "kvpfs.service")
+    assert systemd.main_pid() == old_pid  # stopped, not dead: only the watchdog can tell
+    wait_for(lambda: served_after_restart(systemd, old_pid), timeout=WATCHDOG_RECOVERY_BOUND,
+             interval=0.2, what="the watchdog to restart a stopped kvpfs")
+    after_stop = time.monotonic() - started
+    result = systemd.run("systemctl", "show", "-P", "NRestarts", "kvpfs.service").stdout
+    assert int(result) == 2
+    log = systemd.log()
+    assert "Fatal Python error: Aborted" in log  # SIGABRT, with every thread's stack
+    assert "File " in log[log.index("Fatal Python error: Aborted"):]
+    print(f"kvpfs served again {after_kill:.1f} s after SIGKILL and {after_stop:.1f} s after"
+          f" SIGSTOP (WatchdogSec=15)")
 
 
 def start_with_notify(base: Path, address: Path) -> KvpfsProcess:
