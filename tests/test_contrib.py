@@ -432,6 +432,72 @@ def test_watchdog_and_recovery_under_real_systemd(systemd):
           f" SIGSTOP (WatchdogSec=15)")
 
 
+def silent_fuse_mount(mnt: Path) -> int:
+    """A kvpfs-typed FUSE mount whose /dev/fuse nobody reads: what a stuck kvpfs leaves.
+    Every request on it waits (the kernel's FUSE_INIT is never answered). Returns the fd;
+    closing it (the last reference) aborts the connection."""
+    import ctypes
+
+    fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+    libc = ctypes.CDLL(None, use_errno=True)
+    options = f"fd={fd},rootmode=40000,user_id=0,group_id=0".encode()
+    if libc.mount(b"kvpfs", os.fsencode(mnt), b"fuse.kvpfs", 2 | 4, options) != 0:  # nosuid,nodev
+        error = ctypes.get_errno()
+        os.close(fd)
+        raise OSError(error, os.strerror(error), str(mnt))
+    return fd
+
+
+def waiting_in_fuse(pid: int) -> bool:
+    try:
+        return "fuse" in Path(f"/proc/{pid}/wchan").read_text()
+    except OSError:
+        return False
+
+
+@requires_fuse
+@pytest.mark.parametrize("fusectl", [False, True], ids=["forced-unmount", "fusectl"])
+def test_recover_aborts_a_wedged_connection(tmp_path, fusectl):
+    """`kvpfs recover` (the unit's ExecStopPost) frees a mount nobody answers, without ever
+    looking at it, and leaves nothing mounted; with /sys/fs/fuse/connections mounted it
+    aborts through fusectl, otherwise through a forced unmount."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    fd = silent_fuse_mount(mnt)
+    stuck = None
+    try:
+        stuck = subprocess.Popen(["stat", "-f", str(mnt)], stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.PIPE, text=True)
+        wait_for(lambda: waiting_in_fuse(stuck.pid), timeout=10, what="stat to wait on the mount")
+        command = [str(KVPFS), "recover", str(mnt)]
+        if fusectl:  # in a private mount namespace: the host keeps its /sys as it is
+            command = ["unshare", "--mount", "sh", "-c", "mount -t fusectl fusectl"
+                       " /sys/fs/fuse/connections && exec \"$@\"", "sh", *command]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0, done.stdout + done.stderr
+        aborted = re.search(r"aborted FUSE connection (\d+)( \(forced unmount\))?", done.stdout)
+        assert aborted, done.stdout
+        assert bool(aborted.group(2)) != fusectl
+        assert stuck.wait(timeout=10) != 0  # freed: the aborted connection failed its request
+        assert "Transport endpoint is not connected" in stuck.stderr.read()
+        if fusectl:  # detached in the private namespace only; here it is dead (aborted)
+            subprocess.run(["umount", "-l", str(mnt)], check=True)
+        assert str(mnt) not in Path("/proc/self/mountinfo").read_text()
+    finally:
+        os.close(fd)
+        if stuck is not None and stuck.poll() is None:
+            stuck.kill()
+            stuck.wait()
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_recover_without_a_mount_does_nothing(tmp_path):
+    done = subprocess.run([str(KVPFS), "recover", str(tmp_path)], capture_output=True,
+                          text=True, timeout=30)
+    assert (done.returncode, done.stderr) == (0, "")
+    assert done.stdout == f"{tmp_path}: no kvpfs mount, nothing to recover\n"
+
+
 def start_with_notify(base: Path, address: Path) -> KvpfsProcess:
     kvpfs = KvpfsProcess(base)
     kvpfs.mnt.mkdir(parents=True)
