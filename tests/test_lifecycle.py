@@ -55,7 +55,7 @@ def test_startup_failure_after_the_store_opened_closes_it(tmp_path, failure):
             startup, _ = group.split(StartupError)
             assert startup is not None, group
             raise startup.exceptions[0] from None
-    assert sorted(p.name for p in pools.iterdir()) == [f".kvp_pool_{i}" for i in range(5)]
+    assert {f".kvp_pool_{i}" for i in range(5)} <= {p.name for p in pools.iterdir()}
     assert open_fds_under(pools) == []
     assert not (tmp_path / "control.sock").exists()
 
@@ -129,7 +129,7 @@ print(json.dumps(results))
 def test_shutdown_under_load_leaves_no_pool_file_open(tmp_path):
     (tmp_path / "mnt").mkdir()
     (tmp_path / "pools").mkdir(mode=0o700)
-    rounds = 15
+    rounds = 40
     done = subprocess.run([sys.executable, "-c", SHUTDOWN_UNDER_LOAD, str(tmp_path),
                            str(rounds)], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
