@@ -38,6 +38,7 @@ from kvpfs import cli, mounthelper
 from kvpfs.pools import POOL_NAMES
 
 from .conftest import REPO, KvpfsProcess, _dead_mount, fuse_missing, requires_fuse, skip_unless_ci
+from .support.fusewedge import silent_fuse_mount, waiting_in_fuse
 from .support.waiting import wait_for
 
 CONTRIB = REPO / "contrib"
@@ -430,29 +431,6 @@ def test_watchdog_and_recovery_under_real_systemd(systemd):
     assert "File " in log[log.index("Fatal Python error: Aborted"):]
     print(f"kvpfs served again {after_kill:.1f} s after SIGKILL and {after_stop:.1f} s after"
           f" SIGSTOP (WatchdogSec=15)")
-
-
-def silent_fuse_mount(mnt: Path) -> int:
-    """A kvpfs-typed FUSE mount whose /dev/fuse nobody reads: what a stuck kvpfs leaves.
-    Every request on it waits (the kernel's FUSE_INIT is never answered). Returns the fd;
-    closing it (the last reference) aborts the connection."""
-    import ctypes
-
-    fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
-    libc = ctypes.CDLL(None, use_errno=True)
-    options = f"fd={fd},rootmode=40000,user_id=0,group_id=0".encode()
-    if libc.mount(b"kvpfs", os.fsencode(mnt), b"fuse.kvpfs", 2 | 4, options) != 0:  # nosuid,nodev
-        error = ctypes.get_errno()
-        os.close(fd)
-        raise OSError(error, os.strerror(error), str(mnt))
-    return fd
-
-
-def waiting_in_fuse(pid: int) -> bool:
-    try:
-        return "fuse" in Path(f"/proc/{pid}/wchan").read_text()
-    except OSError:
-        return False
 
 
 @requires_fuse
