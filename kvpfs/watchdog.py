@@ -150,6 +150,8 @@ class Watchdog:
                 if problem is None:
                     sd_notify("WATCHDOG=1")
                     self.pings += 1
+                    if reported:
+                        log.warning("every part of kvpfs makes progress again: pinging")
                     reported = False
                 elif not reported:
                     log.error("%s: no more watchdog pings, systemd will restart kvpfs", problem)
