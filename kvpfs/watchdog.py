@@ -52,7 +52,11 @@ PINGS_PER_PERIOD = 4  # systemd asks for at least two; four leave room for a bus
 
 
 def sd_notify(message: str) -> bool:
-    """Send `message` to systemd's $NOTIFY_SOCKET; a no-op (False) outside systemd."""
+    """Send `message` to systemd's $NOTIFY_SOCKET; a no-op (False) outside systemd.
+
+    Never blocks (it runs on the trio thread): a message the socket cannot take
+    now is lost and logged; the next ping follows a quarter period later.
+    """
     address = os.environ.get("NOTIFY_SOCKET")
     if not address:
         return False
@@ -60,8 +64,9 @@ def sd_notify(message: str) -> bool:
         address = "\0" + address[1:]
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.setblocking(False)
             sock.connect(address)
-            sock.sendall(message.encode())
+            sock.send(message.encode())
     except OSError as exc:
         log.warning("could not notify systemd at %s: %s", address, exc)
         return False
