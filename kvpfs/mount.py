@@ -1,11 +1,13 @@
-"""Lifecycle of one kvpfs instance: device, store, filesystem, all in one nursery.
+"""Lifecycle of one kvpfs instance: store, device, filesystem, torn down in reverse.
 
 Order matters. The pool files are opened and the device is registered before
 anything is mounted, so a missing or busy device is reported without leaving
 a mount behind. Then the filesystem is mounted, readiness is announced (stdout
 line, systemd's READY=1), and every task runs until SIGINT/SIGTERM or an
-unmount from outside ends pyfuse3's main loop; cancelling the nursery then
-unwinds everything and the mount is removed.
+unmount from outside ends pyfuse3's main loop. Then, in reverse: the tasks that
+use the mount end, the mount is removed, the services (device, control socket,
+simulated host) end, and the store is closed last. Under systemd's watchdog
+(WatchdogSec=), kvpfs/watchdog.py pings while every part makes progress.
 """
 
 from __future__ import annotations
@@ -13,10 +15,10 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import faulthandler
 import logging
 import os
 import signal
-import socket
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,6 +37,7 @@ from kvpfs.host.server import DeviceServer, RegistrationRefused
 from kvpfs.host.simulator import SimulatedHost
 from kvpfs.storage.poolfile import PoolFileError
 from kvpfs.storage.store import Store, default_pool_dir
+from kvpfs.watchdog import PINGS_PER_PERIOD, Watchdog, sd_notify, watchdog_period
 from kvpfs.wire.pools import pool_number
 
 log = logging.getLogger(__name__)
@@ -106,21 +109,6 @@ def fuse_options(config: MountConfig) -> set[str]:
         options.add("debug")
     options |= set(config.extra_fuse_options)
     return options
-
-
-def sd_notify(message: str) -> None:
-    """Tell systemd (Type=notify) we are ready; a no-op outside systemd."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return
-    if address.startswith("@"):
-        address = "\0" + address[1:]
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-            sock.connect(address)
-            sock.sendall(message.encode())
-    except OSError as exc:
-        log.warning("could not notify systemd at %s: %s", address, exc)
 
 
 async def _host_control(host: SimulatedHost | None, server: DeviceServer, store: Store, request):
@@ -201,6 +189,9 @@ async def _refuse_early(config: MountConfig, where: Path, control_path: Path
         await trio.to_thread.run_sync(control.check_control_path, control_path)
     except control.ControlSocketInUse as exc:
         raise StartupError(str(exc)) from None
+    except OSError as exc:
+        raise StartupError(f"cannot use {control_path} for the control socket:"
+                           f" {exc.strerror or exc}") from None
     if config.simulate:
         return None
     device = CharDevice(config.device)
@@ -211,28 +202,38 @@ async def _refuse_early(config: MountConfig, where: Path, control_path: Path
 
 
 async def serve(config: MountConfig) -> None:
+    """Set up device, store, services, mount and tasks; tear them down in reverse order.
+
+    Each resource is entered into one exit stack as soon as it exists, so a failure at any
+    later step unwinds exactly what was set up. The store is opened before the services and
+    closed after all of them have ended, because a change queued after its close would
+    reopen a pool file. The tasks that use the mount end before it is closed, and on
+    SIGINT/SIGTERM the invalidations stop while pyfuse3 still answers (see
+    `_terminate_on_signals`).
+    """
     mountpoint = config.mountpoint
     pool_dir = config.resolved_pool_dir()
     control_path = config.control_path or control.default_control_path(mountpoint)
     # Never touch the mount point's path from this thread once mounted: until
     # pyfuse3.main() runs, nothing answers, and the kernel waits for us forever.
     where = control.canonical_mountpoint(mountpoint)
-    device = await _refuse_early(config, where, control_path)
-    try:
-        await _serve(config, pool_dir, control_path, where, device)
-    finally:
+    async with contextlib.AsyncExitStack() as stack:
+        device = await _refuse_early(config, where, control_path)
         if device is not None:
-            device.close()
+            stack.callback(device.close)
+        store = Store(pool_dir, lock_timeout=config.lock_timeout)
+        stack.callback(store.close)
+        try:
+            await store.open()
+        except PoolFileError as exc:
+            raise StartupError(str(exc)) from None
+        await _serve_store(config, store, pool_dir, control_path, where, device)
+    log.info("kvpfs stopped; %s unmounted", mountpoint)
 
 
-async def _serve(config: MountConfig, pool_dir: Path, control_path: Path, where: Path,
-                 device: _OpenedEarly | None) -> None:
+async def _serve_store(config: MountConfig, store: Store, pool_dir: Path, control_path: Path,
+                       where: Path, device: _OpenedEarly | None) -> None:
     mountpoint = config.mountpoint
-    store = Store(pool_dir, lock_timeout=config.lock_timeout)
-    try:
-        await store.open()
-    except PoolFileError as exc:
-        raise StartupError(str(exc)) from None
     fqdn = FqdnCache()
     intrinsics = Intrinsics(fqdn)
     host = SimulatedHost() if config.simulate else None
@@ -251,17 +252,17 @@ async def _serve(config: MountConfig, pool_dir: Path, control_path: Path, where:
     async def handle_control(request: dict) -> dict:
         return await _host_control(host, server, store, request)
 
-    async with trio.open_nursery() as nursery:
+    async with trio.open_nursery() as services:  # everything that does not need the mount
         if host is not None:
-            await compat.start(nursery, host.run)
-        nursery.start_soon(fqdn.run)
-        await nursery.start(ip_info.run)  # SET_IP_INFO activations, after the host's answer
+            await compat.start(services, host.run)
+        services.start_soon(fqdn.run)
+        await compat.start(services, ip_info.run)  # SET_IP_INFO activations, after the answer
         try:
-            await compat.start(nursery, server.run)
+            await compat.start(services, server.run)
         except (DeviceUnavailable, RegistrationRefused) as exc:
             raise StartupError(str(exc)) from None
         try:
-            await compat.start(nursery, control.serve, control_path, handle_control)
+            await compat.start(services, control.serve, control_path, handle_control)
         except control.ControlSocketInUse as exc:
             raise StartupError(str(exc)) from None
         except OSError as exc:
@@ -275,42 +276,72 @@ async def _serve(config: MountConfig, pool_dir: Path, control_path: Path, where:
                 " is /dev/fuse available and are you root?)"
             ) from None
         try:
-            nursery.start_soon(store.watch)
-            nursery.start_soon(operations.invalidator)
-            nursery.start_soon(operations.events.watch_interrupts)
-            # Handlers in place before READY=1: a stop right after it must unmount cleanly,
-            # not kill us with SIGTERM's default action and leave a dead mount.
-            await compat.start(nursery, _terminate_on_signals, operations)
-            nursery.start_soon(_end_feed_when_unmounted, operations, mountpoint, where)
-            log.info(
-                "kvpfs %s ready: %s mounted on %s, pools in %s, control socket %s",
-                __version__, "simulated host" if host else config.device, mountpoint,
-                pool_dir, control_path,
-            )
-            sd_notify("READY=1")
-            if config.on_ready:
-                config.on_ready()
-            # Blocked reads of /.events hold handler tasks: room for them (events.py).
-            await pyfuse3.main(max_tasks=events.HANDLER_TASKS)
-        except BaseException:
-            pyfuse3.close(unmount=True)
-            raise
-        else:
-            pyfuse3.close(unmount=True)
+            async with trio.open_nursery() as mounted:  # the tasks that use the mount
+                invalidations = _Invalidations(operations)
+                mounted.start_soon(invalidations.run)
+                mounted.start_soon(store.watch)
+                mounted.start_soon(operations.events.watch_interrupts)
+                # Handlers in place before READY=1: a stop right after it must unmount
+                # cleanly, not kill us with SIGTERM's default action and leave a dead mount.
+                await compat.start(mounted, _terminate_on_signals, operations, invalidations)
+                mounted.start_soon(_end_feed_when_unmounted, operations, mountpoint, where)
+                period = watchdog_period()
+                if period is not None:
+                    dog = Watchdog(period, device_stalled_for=server.stalled_for,
+                                   mountpoint=where)
+                    mounted.start_soon(dog.run)
+                log.info(
+                    "kvpfs %s ready: %s mounted on %s, pools in %s, control socket %s%s",
+                    __version__, "simulated host" if host else config.device, mountpoint,
+                    pool_dir, control_path,
+                    f", watchdog pings every {period / PINGS_PER_PERIOD:g} s" if period else "",
+                )
+                sd_notify("READY=1")
+                if config.on_ready:
+                    config.on_ready()
+                # Blocked reads of /.events hold handler tasks: room for them (events.py).
+                await pyfuse3.main(max_tasks=events.HANDLER_TASKS)
+                mounted.cancel_scope.cancel()
         finally:
-            nursery.cancel_scope.cancel()
-            store.close()
-    log.info("kvpfs stopped; %s unmounted", mountpoint)
+            pyfuse3.close(unmount=True)
+        services.cancel_scope.cancel()
+    # Every task has ended here, so no pool-file change is queued: `serve` closes the store.
+
+
+class _Invalidations:
+    """The invalidator task, which a stop ends before pyfuse3 stops answering."""
+
+    def __init__(self, operations: KvpOperations) -> None:
+        self.operations = operations
+        self.scope = trio.CancelScope()
+        self.ended = trio.Event()
+
+    async def run(self) -> None:
+        try:
+            with self.scope:
+                await self.operations.invalidator()
+        finally:
+            self.ended.set()
+
+    async def stop(self, bound: float = 5.0) -> None:
+        """End the invalidations; one in flight finishes first (it may wait for the kernel,
+        which may wait for one of our answers: so pyfuse3 must still be answering)."""
+        self.scope.cancel()
+        with trio.move_on_after(bound):
+            await self.ended.wait()
 
 
 async def _terminate_on_signals(
-    operations: KvpOperations, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    operations: KvpOperations, invalidations: _Invalidations, *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
 ) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         task_status.started()
         async for signum in signals:
             log.info("%s received: unmounting", signal.Signals(signum).name)
+            sd_notify("STOPPING=1")
             operations.shutdown()
+            await invalidations.stop()
             pyfuse3.terminate()
             return
 
@@ -352,6 +383,8 @@ def _one_malloc_arena() -> None:
 
 def run(config: MountConfig) -> None:
     _one_malloc_arena()
+    # A watchdog timeout sends SIGABRT: log where every thread was (stderr, the journal).
+    faulthandler.enable()
     try:
         compat.run(serve, config)
     except BaseExceptionGroup as group:

@@ -119,6 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="watch pool files in DIR instead of a mount (default without a"
                            " running kvpfs: /var/lib/hyperv)")
     wait.add_argument("-q", "--quiet", action="store_true", help="do not print the value")
+    recover = sub.add_parser(
+        "recover", help="abort and unmount what a dead or stuck kvpfs left on a mount point"
+                        " (the service's ExecStopPost; never on a working kvpfs)")
+    recover.add_argument("mountpoint", type=Path)
     _add_tool_parsers(sub)
     return parser
 
@@ -409,6 +413,13 @@ def main(argv: list[str] | None = None) -> int:
         return _run_tool(args)
     if args.command == "wait":
         return _run_wait(args)
+    if args.command == "recover":
+        from kvpfs.recovery import recover
+
+        done = recover(args.mountpoint)
+        for line in done or [f"{args.mountpoint}: no kvpfs mount, nothing to recover"]:
+            print(line, flush=True)
+        return 1 if any("could not" in line for line in done) else 0
     return EXIT_USAGE
 
 

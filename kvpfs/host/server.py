@@ -98,6 +98,14 @@ class DeviceServer:
         self.late_replies_dropped = 0
         self.deadline_misses = 0
         self.version: str | None = None
+        # Monotonic start of the request (or registration) in progress, for the
+        # watchdog (kvpfs/watchdog.py): waiting for the host is idle, not stalled.
+        self.busy_since: float | None = None
+
+    def stalled_for(self, now: float) -> float:
+        """Seconds the request or registration in progress has taken (0 when idle)."""
+        since = self.busy_since
+        return 0.0 if since is None else now - since
 
     # ---------------------------------------------------------------- lifecycle
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -155,12 +163,16 @@ class DeviceServer:
             delay = min(delay * 2, self.max_reopen_delay)
 
     async def _open_and_register(self) -> Channel:
-        channel = await self.opener.open()
+        self.busy_since = time.monotonic()
         try:
-            await self._register(channel)
-        except BaseException:
-            channel.close()
-            raise
+            channel = await self.opener.open()
+            try:
+                await self._register(channel)
+            except BaseException:
+                channel.close()
+                raise
+        finally:
+            self.busy_since = None
         return channel
 
     async def _register(self, channel: Channel) -> None:
@@ -228,6 +240,7 @@ class DeviceServer:
                 message = channel.read_ready_message()
                 if message is None:
                     continue
+                self.busy_since = time.monotonic()
                 reply = self._answer_read(message)
                 if reply is None:
                     outcome = handover.answer_in_trio(message)
@@ -235,12 +248,16 @@ class DeviceServer:
                         return None
                     if isinstance(outcome, OSError):
                         return outcome
+                    self.busy_since = None
                     continue
                 while not channel.write_ready_message(reply):
                     if not writable():
                         return None
+                self.busy_since = None
         except OSError as exc:
             return exc
+        finally:
+            self.busy_since = None
         return None
 
     async def _answer_handed_over(self, channel: Channel, handover: _Handover,

@@ -1,0 +1,78 @@
+"""`kvpfs recover MOUNTPOINT`: free a kvpfs mount whose process is gone or stuck.
+
+What it is for: a kvpfs killed while one of its threads waits in the kernel (a
+SIGKILL during an entry invalidation: the thread waits for a directory lock held by
+a process that waits for kvpfs's answer) never exits, so it never closes /dev/fuse,
+and nothing else ends the connection. systemd cannot kill it either. Aborting the
+FUSE connection fails every request in flight; the stuck thread returns, the process
+exits, and systemd restarts kvpfs. The unit runs this as ExecStopPost=, so it runs
+after every stop, crash, kill and watchdog timeout, once systemd has done its own
+killing (see contrib/kvpfs.service).
+
+It never looks at the mount point itself (a stat there could hang on the very
+connection it is meant to free): the connection number is the mount's device minor
+in /proc/self/mountinfo, and the abort goes to /sys/fs/fuse/connections/N/abort.
+Without the fusectl filesystem there, umount2(MNT_FORCE) aborts the same connection
+(the kernel's fuse_umount_begin). Then the mount is detached lazily.
+
+Do not run it on a kvpfs that works: it cuts that kvpfs's mount off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+from pathlib import Path
+
+from kvpfs import control
+
+log = logging.getLogger(__name__)
+
+FUSECTL = Path("/sys/fs/fuse/connections")
+MNT_FORCE = 1
+MNT_DETACH = 2
+
+
+def _umount2(target: Path, flags: int) -> int:
+    """umount2(2); 0 or the errno. Called directly: umount(8) may look at the path."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.umount2(os.fsencode(target), flags) == 0:
+        return 0
+    return ctypes.get_errno()
+
+
+def abort_connection(device: str, mountpoint: Path) -> str:
+    """Abort the FUSE connection of the mount with device number `device` ("0:NN")."""
+    minor = int(device.split(":")[1])
+    abort = FUSECTL / str(minor) / "abort"
+    try:
+        abort.write_text("1")
+        return f"aborted FUSE connection {minor}"
+    except OSError as exc:
+        if exc.errno not in (errno.ENOENT, errno.ENOTDIR):
+            return f"could not abort FUSE connection {minor}: {exc.strerror}"
+    # No fusectl mounted here: a forced unmount aborts the connection too.
+    error = _umount2(mountpoint, MNT_FORCE)
+    if error in (0, errno.EBUSY):  # busy: not unmounted, but aborted all the same
+        return f"aborted FUSE connection {minor} (forced unmount)"
+    return f"could not abort FUSE connection {minor}: {os.strerror(error)}"
+
+
+def recover(mountpoint: Path) -> list[str]:
+    """Abort and lazily unmount every kvpfs mount on `mountpoint`; what was done, line by line."""
+    where = control.canonical_mountpoint(mountpoint)
+    done = []
+    # Topmost first: a detach removes the top mount and uncovers the one below.
+    for device, point in reversed(control.kvpfs_mount_table()):
+        if point != where:
+            continue
+        done.append(f"{where}: " + abort_connection(device, where))
+        if (device, point) not in control.kvpfs_mount_table():
+            done.append(f"{where}: unmounted")  # by the forced unmount
+            continue
+        error = _umount2(where, MNT_DETACH)
+        done.append(f"{where}: " + (f"could not unmount: {os.strerror(error)}" if error
+                                    else "unmounted"))
+    return done
