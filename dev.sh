@@ -10,7 +10,7 @@ VENV=${KVPFS_VENV:-$PWD/.venv}
 setup() {
     local missing=()
     for pkg in fuse3 libfuse3-dev pkg-config hyperv-daemons iproute2 util-linux attr \
-               systemd udev python3-gi gir1.2-nm-1.0; do
+               systemd udev python3-gi gir1.2-nm-1.0 inotify-tools; do
         dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")
     done
     if [ ${#missing[@]} -gt 0 ]; then

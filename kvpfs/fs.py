@@ -18,6 +18,7 @@ leave a dead mount.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import logging
@@ -28,11 +29,13 @@ import time
 from bisect import bisect_right
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pyfuse3
 import trio
 
 from kvpfs import limits, names
+from kvpfs.fsnotify_echo import CREATE, DELETE, MODIFY, EchoHelper, EchoOp, EchoQueue
 from kvpfs.intrinsic import KEYS as INTRINSIC_KEYS
 from kvpfs.intrinsic import Intrinsics
 from kvpfs.limits import VALUE_MAX_BYTES, VALUE_MAX_UNITS
@@ -210,6 +213,13 @@ class KvpOperations(pyfuse3.Operations):
         self._streams: dict[int, EventStream] = {}
         self.closing = False
         self._invalidations_send, self._invalidations = trio.open_memory_channel(float("inf"))
+        # inotify echoes of host changes (fsnotify_echo.py); the helper starts with the
+        # invalidator, which is given the mount point.
+        self._echo_queue = EchoQueue({pool: store.states[pool].unique_keys()
+                                      for pool in range(len(POOL_NAMES)) if pool != AUTO_POOL})
+        self._echo: EchoHelper | None = None
+        self._echo_op: EchoOp | None = None
+        self._echo_fhs: dict[int, Node] = {}
         store.add_listener(self.on_store_change)
 
     # ================================================================ nodes
@@ -349,6 +359,8 @@ class KvpOperations(pyfuse3.Operations):
     # ================================================================ lookup & dirs
     @_handler
     async def lookup(self, parent_inode, name, ctx=None):
+        if self._echo_owns(ctx):  # echo: kvpfs's helper replaying a host change (host changes)
+            return await self._echo_lookup(parent_inode, name)
         if parent_inode == ROOT_INODE:
             if name in (b".", b".."):
                 return await self._attr(ROOT_INODE)
@@ -379,6 +391,8 @@ class KvpOperations(pyfuse3.Operations):
 
     @_handler
     async def getattr(self, inode, ctx=None):
+        if self._echo_owns(ctx):  # echo (host changes)
+            return await self._echo_getattr(inode)
         return await self._attr(inode)
 
     @_handler
@@ -450,6 +464,8 @@ class KvpOperations(pyfuse3.Operations):
     # ================================================================ reading
     @_handler
     async def open(self, inode, flags, ctx):
+        if self._echo_owns(ctx):  # echo (host changes)
+            return self._echo_open(inode)
         if inode == EVENTS_INODE:
             return self._open_events(flags, ctx)
         node = self._nodes.get(inode)
@@ -546,6 +562,8 @@ class KvpOperations(pyfuse3.Operations):
     # ================================================================ writing
     @_handler
     async def write(self, fh, off, buf):
+        if fh in self._echo_fhs:  # echo (host changes): the byte is discarded
+            return len(buf)
         handle = self._handle(fh)
         if not handle.writable:
             raise pyfuse3.FUSEError(errno.EBADF)
@@ -653,6 +671,8 @@ class KvpOperations(pyfuse3.Operations):
 
     @_handler
     async def flush(self, fh):
+        if fh in self._echo_fhs:  # echo (host changes)
+            return
         # Shells open, dup2 and close the original fd before writing: that
         # first close must not publish an empty value. An open that only
         # truncated (`: > file`) is published at release.
@@ -664,11 +684,15 @@ class KvpOperations(pyfuse3.Operations):
 
     @_handler
     async def fsync(self, fh, datasync):
+        if fh in self._echo_fhs:  # echo (host changes)
+            return
         if fh not in self._streams:
             await self._commit(self._handle(fh))
 
     @_handler
     async def release(self, fh):
+        if self._echo_fhs.pop(fh, None) is not None:  # echo (host changes)
+            return
         stream = self._streams.pop(fh, None)
         if stream is not None:
             stream.closed = True
@@ -692,6 +716,8 @@ class KvpOperations(pyfuse3.Operations):
 
     @_handler
     async def create(self, parent_inode, name, mode, flags, ctx):
+        if self._echo_owns(ctx):  # echo (host changes)
+            return await self._echo_create(parent_inode, name)
         pool = self._pool_of_dir(parent_inode)
         if pool != GUEST:
             raise pyfuse3.FUSEError(errno.EACCES)
@@ -773,6 +799,8 @@ class KvpOperations(pyfuse3.Operations):
 
     @_handler
     async def unlink(self, parent_inode, name, ctx):
+        if self._echo_owns(ctx):  # echo (host changes): the key is gone already
+            return self._echo_unlink(parent_inode, name)
         pool = self._pool_of_dir(parent_inode)
         if pool != GUEST:
             raise pyfuse3.FUSEError(errno.EACCES)
@@ -885,60 +913,54 @@ class KvpOperations(pyfuse3.Operations):
 
     # ================================================================ host changes
     async def on_store_change(self, changes: list[Change]) -> None:
-        """Store listener: bring our nodes and the kernel's caches up to date.
+        """Store listener: bring our nodes up to date and queue the kernel's side.
+
+        Never waits for the kernel: the host's reply (and the store's caller) must
+        not depend on the kernel's cache. Our own state changes here, before the
+        first await, so lookups, getattr and open answer the new value at once;
+        invalidations and inotify echoes are queued to `invalidator()`.
 
         Changes made through the mount are already known to the kernel, except
         that a dropped trailing newline makes a value shorter than written:
-        those get an attribute refresh without waiting. For changes from the
-        host or other programs, wait (bounded) until the kernel has dropped its
-        caches, so that the host's next request and the next `cat` agree.
-        A changed value is not invalidated when the kernel holds nothing it
-        would use: the attributes' timeout has run out, or an invalidation
-        since has dropped them, and no file is open (a page cache left by an
-        earlier read is dropped by the next open, as `cached` is now False).
-        A deleted key is always invalidated while the kernel knows its inode:
-        that is what tells inotify watchers (IN_DELETE_SELF) and the parent
-        directory's cached attributes.
+        those get an attribute refresh. For changes from the host or other
+        programs, a changed value is invalidated only while the kernel may hold
+        something it would use (its attributes' timeout, an open file; a page
+        cache left by an earlier read is dropped by the next open, as `cached` is
+        now False). A deleted key the kernel knows is unlinked by the echo (which
+        drops the kernel's entry and raises IN_DELETE and IN_DELETE_SELF), or,
+        without one, invalidated as before.
         """
         self._publish_events(changes)
-        pending: list[trio.Event] = []
-        refreshed: list[tuple[Node, float, trio.Event]] = []
+        echo = self._echo_mountpoint is not None
         for change in changes:
             node = self._by_key.get((change.pool, change.key))
-            if node is None:
-                continue
             if change.origin is Origin.MOUNT:
-                if change.kind == "set":
+                self._echo_queue.seen_by_kernel(change.pool, change.key, change.kind == "set")
+                if node is not None and change.kind == "set":
                     self._invalidations_send.send_nowait(("attr", node.ino, None, None))
+                continue
+            deleted = None
+            if change.kind == "delete":
+                deleted = node or Node(self._new_ino(), change.pool, change.key,
+                                       names.key_to_name(change.key), linked=False)
+            due = self._echo_queue.note(change.pool, change.key, deleted) if echo else None
+            if due:
+                self._invalidations_send.send_nowait(("echo", 0, None, None))
+            if node is None:
                 continue
             node.mtime_ns = node.ctime_ns = time.time_ns()
             node.cached = False
             if change.kind == "set":
-                if not node.handles and time.monotonic() >= node.kernel_attr_until:
-                    continue
-            elif node.lookups <= 0 and not node.handles:
-                self._unlink_node(node)  # the kernel never had it or has forgotten it
+                if node.handles or time.monotonic() < node.kernel_attr_until:
+                    self._invalidations_send.send_nowait(
+                        ("inode", node.ino, (node, node.kernel_attr_until), None))
                 continue
-            done = trio.Event()
-            if change.kind == "set":
-                self._invalidations_send.send_nowait(("inode", node.ino, None, done))
-                refreshed.append((node, node.kernel_attr_until, done))
-            else:
-                name = node.name
-                self._unlink_node(node)
+            name = node.name
+            known = node.lookups > 0 or node.handles > 0
+            self._unlink_node(node)
+            if known and due is None:  # no echo will unlink it: drop the entry ourselves
                 self._invalidations_send.send_nowait(
-                    ("entry", DIR_INODES[change.pool], (name, node.ino), done)
-                )
-            pending.append(done)
-        if pending:
-            with trio.move_on_after(1.0):
-                for done in pending:
-                    await done.wait()
-        for node, given_until, done in refreshed:
-            # Attributes and pages dropped (the name stays), unless the kernel asked
-            # again meanwhile and has a new deadline.
-            if done.is_set() and node.kernel_attr_until == given_until:
-                node.kernel_attr_until = 0.0
+                    ("entry", DIR_INODES[change.pool], (name, node.ino), None))
 
     def _publish_events(self, changes: list[Change]) -> None:
         if not self._streams:
@@ -952,22 +974,37 @@ class KvpOperations(pyfuse3.Operations):
                 handle, stream.poll_handle = stream.poll_handle, None
                 self._invalidations_send.send_nowait(("poll", 0, handle, None))
 
-    async def invalidator(self) -> None:
-        """Run kernel cache invalidations, one at a time, in a worker thread.
+    async def invalidator(self, mountpoint: Path | None = None) -> None:
+        """Run kernel cache invalidations and inotify echoes, one at a time, in order.
 
-        Never from a handler: invalidating inside one can deadlock the kernel
-        against our own single thread (fuse-pyfuse3.md 1.8).
+        Invalidations run in a worker thread, never from a handler: invalidating
+        inside one can deadlock the kernel against our own single thread
+        (fuse-pyfuse3.md 1.8). Echoes run in the helper process (fsnotify_echo.py),
+        never while an invalidation is in the kernel: a SIGKILL during an entry
+        invalidation must never find our own helper holding the directory's lock.
+        Without `mountpoint` (no mount to echo through) deleted keys are
+        invalidated instead of echoed.
         """
         worker = Worker("kvpfs invalidations")
+        if mountpoint is not None:
+            self._echo = EchoHelper(mountpoint)
         try:
             async for kind, ino, arg, done in self._invalidations:
                 try:
-                    if kind == "poll":
+                    if kind == "echo":
+                        await self._run_echo(worker)
+                    elif kind == "poll":
                         arg.notify()
                     elif kind == "attr":
                         await worker.run(pyfuse3.invalidate_inode, ino, True)
                     elif kind == "inode":
                         await worker.run(pyfuse3.invalidate_inode, ino)
+                        if arg is not None:
+                            node, given_until = arg
+                            # Attributes and pages dropped (the name stays), unless the
+                            # kernel asked again meanwhile and has a new deadline.
+                            if node.kernel_attr_until == given_until:
+                                node.kernel_attr_until = 0.0
                     else:
                         name, deleted = arg
                         await worker.run(pyfuse3.invalidate_entry, ino, name, deleted)
@@ -978,3 +1015,109 @@ class KvpOperations(pyfuse3.Operations):
                         done.set()
         finally:
             worker.close()
+            if self._echo is not None:
+                self._echo.close()
+
+    @property
+    def _echo_mountpoint(self) -> Path | None:
+        return self._echo.mountpoint if self._echo is not None and not self._echo.disabled \
+            else None
+
+    async def _run_echo(self, worker: Worker) -> None:
+        """The echoes for one key whose change watchers have not seen yet."""
+        ops = self._echo_queue.next_ops(
+            lambda pool, key: self.store.get(pool, key) is not None, names.key_to_name)
+        for op in ops:
+            error = errno.ENOTCONN
+            if self._echo is not None and not self._echo.disabled:
+                self._echo_op = op
+                try:
+                    error = await self._echo.run(op, POOL_NAMES[op.pool].encode())
+                finally:
+                    self._echo_op = None
+            if error:
+                log.debug("inotify echo %s of %s/%r: %s", op.kind, POOL_NAMES[op.pool],
+                          op.name, os.strerror(error))
+            node = op.node
+            if error and op.kind == DELETE and (node.lookups > 0 or node.handles > 0):
+                with contextlib.suppress(OSError):  # the kernel may have dropped it already
+                    await worker.run(pyfuse3.invalidate_entry, DIR_INODES[op.pool],
+                                     op.name, node.ino)
+            for ino in op.touched:  # echo-only attributes: the next stat asks again
+                with contextlib.suppress(OSError):
+                    await worker.run(pyfuse3.invalidate_inode, ino, True)
+
+    # ---------------------------------------------------------------- the echo's requests
+    def _echo_owns(self, ctx) -> bool:
+        """A request from the echo helper: answered for the echo, never stored."""
+        return (self._echo is not None and ctx is not None and self._echo.pid is not None
+                and ctx.pid == self._echo.pid)
+
+    def _echo_target(self, parent_inode: int, name: bytes) -> EchoOp | None:
+        op = self._echo_op
+        if op is None or parent_inode != DIR_INODES[op.pool] or name != op.name:
+            return None
+        return op
+
+    async def _echo_lookup(self, parent_inode: int, name: bytes):
+        op = self._echo_target(parent_inode, name)
+        if op is None or op.kind == MODIFY:
+            return await self.lookup(parent_inode, name)  # path components: as for anyone
+        if op.kind == CREATE:
+            raise pyfuse3.FUSEError(errno.ENOENT)  # so that the kernel creates it
+        node = op.node  # DELETE: the deleted key, for the kernel to unlink
+        self._nodes.setdefault(node.ino, node)
+        attr = await self._node_attr(node)
+        attr.st_nlink = 1
+        attr.entry_timeout = attr.attr_timeout = 0
+        node.lookups += 1
+        return attr
+
+    async def _echo_getattr(self, inode: int):
+        """The file or pool directory, writable by its owner (our uid) for the echo only.
+
+        Without CAP_DAC_OVERRIDE (the shipped unit's sandbox) the kernel would refuse
+        the helper's write to a 0400 file in a 0500 directory before asking us; when
+        it refuses, it asks for fresh attributes first (fuse_permission), and gets
+        these. They are never cached (timeout 0) and are dropped after the echo.
+        """
+        attr = await self._attr(inode)
+        op = self._echo_op
+        targets = () if op is None else (DIR_INODES[op.pool], getattr(op.node, "ino", None))
+        node = self._by_key.get((op.pool, op.key)) if op is not None else None
+        if op is not None and (inode in targets or (node is not None and node.ino == inode)):
+            attr.st_mode |= 0o300 if stat.S_ISDIR(attr.st_mode) else 0o200
+            attr.st_uid = self.perm.uid
+            attr.attr_timeout = 0
+            op.touched.add(inode)
+        return attr
+
+    def _echo_open(self, inode: int):
+        op = self._echo_op
+        node = self._nodes.get(inode)
+        if op is None or op.kind == DELETE or node is None or node.key != op.key \
+                or node.pool != op.pool:
+            raise pyfuse3.FUSEError(errno.EACCES)
+        return self._echo_handle(node)
+
+    def _echo_handle(self, node: Node):
+        fh = self._next_fh
+        self._next_fh += 1
+        self._echo_fhs[fh] = node
+        # direct_io: the discarded byte never reaches the page cache.
+        return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
+
+    async def _echo_create(self, parent_inode: int, name: bytes):
+        op = self._echo_target(parent_inode, name)
+        node = self._find(op.pool, name) if op is not None and op.kind == CREATE else None
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)  # gone again: its echo is due too
+        info = self._echo_handle(node)
+        attr = await self._node_attr(node)
+        node.lookups += 1
+        return info, attr
+
+    def _echo_unlink(self, parent_inode: int, name: bytes) -> None:
+        op = self._echo_target(parent_inode, name)
+        if op is None or op.kind != DELETE:
+            raise pyfuse3.FUSEError(errno.EACCES)

@@ -219,7 +219,7 @@ async def serve(config: MountConfig) -> None:
             ) from None
         try:
             nursery.start_soon(store.watch)
-            nursery.start_soon(operations.invalidator)
+            nursery.start_soon(operations.invalidator, where)
             # Handlers in place before READY=1: a stop right after it must unmount cleanly,
             # not kill us with SIGTERM's default action and leave a dead mount.
             await nursery.start(_terminate_on_signals, operations)
