@@ -35,6 +35,7 @@ import pyfuse3
 import trio
 
 from kvpfs import limits, names
+from kvpfs.attr_invalidation import AttrInvalidator
 from kvpfs.fsnotify_echo import CREATE, DELETE, MODIFY, EchoHelper, EchoOp, EchoQueue
 from kvpfs.intrinsic import KEYS as INTRINSIC_KEYS
 from kvpfs.intrinsic import Intrinsics
@@ -213,6 +214,9 @@ class KvpOperations(pyfuse3.Operations):
         self._streams: dict[int, EventStream] = {}
         self.closing = False
         self._invalidations_send, self._invalidations = trio.open_memory_channel(float("inf"))
+        # Attribute-only invalidations take no lock in the kernel: a thread of their own,
+        # never behind an echo or an entry invalidation (host changes).
+        self._attrs = AttrInvalidator(lambda ino: pyfuse3.invalidate_inode(ino, True))
         # inotify echoes of host changes (fsnotify_echo.py); the helper starts with the
         # invalidator, which is given the mount point.
         self._echo_queue = EchoQueue({pool: store.states[pool].unique_keys()
@@ -220,6 +224,7 @@ class KvpOperations(pyfuse3.Operations):
         self._echo: EchoHelper | None = None
         self._echo_op: EchoOp | None = None
         self._echo_fhs: dict[int, Node] = {}
+        self._host_deleted: set[int] = set()  # inodes whose kernel entry is still to drop
         store.add_listener(self.on_store_change)
 
     # ================================================================ nodes
@@ -393,6 +398,10 @@ class KvpOperations(pyfuse3.Operations):
     async def getattr(self, inode, ctx=None):
         if self._echo_owns(ctx):  # echo (host changes)
             return await self._echo_getattr(inode)
+        if inode in self._host_deleted and self._host_deleted_gone(inode):
+            # Deleted by the host (host changes): `stat PATH` fails at once, while the
+            # kernel's entry for it waits for the echo to drop it.
+            raise pyfuse3.FUSEError(errno.ENOENT)
         return await self._attr(inode)
 
     @_handler
@@ -494,7 +503,10 @@ class KvpOperations(pyfuse3.Operations):
         # changed since (every change clears `cached`); pool 2 is computed per read.
         keep = node.cached and not handle.writable and node.pool != AUTO_POOL
         node.cached = not handle.writable
-        return pyfuse3.FileInfo(fh=fh, keep_cache=keep, direct_io=False)
+        # (host changes) direct I/O while the kernel may still hold a size from before a
+        # host change: a read must not stop there.
+        return pyfuse3.FileInfo(fh=fh, keep_cache=keep,
+                                direct_io=self._attrs.pending(node.ino))
 
     def _handle(self, fh: int) -> Handle:
         handle = self._handles.get(fh)
@@ -937,8 +949,18 @@ class KvpOperations(pyfuse3.Operations):
             if change.origin is Origin.MOUNT:
                 self._echo_queue.seen_by_kernel(change.pool, change.key, change.kind == "set")
                 if node is not None and change.kind == "set":
-                    self._invalidations_send.send_nowait(("attr", node.ino, None, None))
+                    self._attr_invalidate(node, None)
                 continue
+            if node is not None:
+                node.mtime_ns = node.ctime_ns = time.time_ns()
+                node.cached = False
+                if node.handles or time.monotonic() < node.kernel_attr_until:
+                    # First of all: a `stat` or `cat` right after the host's reply must
+                    # not get the old size from the kernel's attribute cache.
+                    self._attr_invalidate(node, node.kernel_attr_until)
+                if change.kind == "set" and node.handles:
+                    # Pages an open file holds; a later open drops them itself (`cached`).
+                    self._invalidations_send.send_nowait(("inode", node.ino, None, None))
             deleted = None
             if change.kind == "delete":
                 deleted = node or Node(self._new_ino(), change.pool, change.key,
@@ -946,18 +968,13 @@ class KvpOperations(pyfuse3.Operations):
             due = self._echo_queue.note(change.pool, change.key, deleted) if echo else None
             if due:
                 self._invalidations_send.send_nowait(("echo", 0, None, None))
-            if node is None:
-                continue
-            node.mtime_ns = node.ctime_ns = time.time_ns()
-            node.cached = False
-            if change.kind == "set":
-                if node.handles or time.monotonic() < node.kernel_attr_until:
-                    self._invalidations_send.send_nowait(
-                        ("inode", node.ino, (node, node.kernel_attr_until), None))
+            if node is None or change.kind == "set":
                 continue
             name = node.name
             known = node.lookups > 0 or node.handles > 0
             self._unlink_node(node)
+            if known:
+                self._host_deleted.add(node.ino)
             if known and due is None:  # no echo will unlink it: drop the entry ourselves
                 self._invalidations_send.send_nowait(
                     ("entry", DIR_INODES[change.pool], (name, node.ino), None))
@@ -985,9 +1002,18 @@ class KvpOperations(pyfuse3.Operations):
         Without `mountpoint` (no mount to echo through) deleted keys are
         invalidated instead of echoed.
         """
-        worker = Worker("kvpfs invalidations")
         if mountpoint is not None:
             self._echo = EchoHelper(mountpoint)
+        self._attrs.start(trio.lowlevel.current_trio_token())
+        try:
+            await self._serial_lane()
+        finally:
+            self._attrs.close()
+            if self._echo is not None:
+                self._echo.close()
+
+    async def _serial_lane(self) -> None:
+        worker = Worker("kvpfs invalidations")
         try:
             async for kind, ino, arg, done in self._invalidations:
                 try:
@@ -999,15 +1025,12 @@ class KvpOperations(pyfuse3.Operations):
                         await worker.run(pyfuse3.invalidate_inode, ino, True)
                     elif kind == "inode":
                         await worker.run(pyfuse3.invalidate_inode, ino)
-                        if arg is not None:
-                            node, given_until = arg
-                            # Attributes and pages dropped (the name stays), unless the
-                            # kernel asked again meanwhile and has a new deadline.
-                            if node.kernel_attr_until == given_until:
-                                node.kernel_attr_until = 0.0
                     else:
                         name, deleted = arg
-                        await worker.run(pyfuse3.invalidate_entry, ino, name, deleted)
+                        try:
+                            await worker.run(pyfuse3.invalidate_entry, ino, name, deleted)
+                        finally:
+                            self._host_deleted.discard(deleted)
                 except (FileNotFoundError, OSError) as exc:
                     log.debug("invalidation %s of %d: %s", kind, ino, exc)
                 finally:
@@ -1015,8 +1038,14 @@ class KvpOperations(pyfuse3.Operations):
                         done.set()
         finally:
             worker.close()
-            if self._echo is not None:
-                self._echo.close()
+
+    def _attr_invalidate(self, node: Node, given_until: float | None) -> None:
+        def done() -> None:
+            # The kernel asks again next time, unless it already has (a new deadline).
+            if given_until is not None and node.kernel_attr_until == given_until:
+                node.kernel_attr_until = 0.0
+
+        self._attrs.submit(node.ino, done)
 
     @property
     def _echo_mountpoint(self) -> Path | None:
@@ -1043,9 +1072,23 @@ class KvpOperations(pyfuse3.Operations):
                 with contextlib.suppress(OSError):  # the kernel may have dropped it already
                     await worker.run(pyfuse3.invalidate_entry, DIR_INODES[op.pool],
                                      op.name, node.ino)
+            if op.kind == DELETE:
+                self._host_deleted.discard(node.ino)
             for ino in op.touched:  # echo-only attributes: the next stat asks again
-                with contextlib.suppress(OSError):
-                    await worker.run(pyfuse3.invalidate_inode, ino, True)
+                touched = self._nodes.get(ino)
+                if touched is not None:
+                    self._attr_invalidate(touched, None)
+                else:
+                    with contextlib.suppress(OSError):
+                        await worker.run(pyfuse3.invalidate_inode, ino, True)
+
+    def _host_deleted_gone(self, inode: int) -> bool:
+        """A key deleted by the host or another program, no file open on it."""
+        node = self._nodes.get(inode)
+        if node is None or node.linked:
+            self._host_deleted.discard(inode)
+            return False
+        return node.handles <= 0
 
     # ---------------------------------------------------------------- the echo's requests
     def _echo_owns(self, ctx) -> bool:
