@@ -4,7 +4,9 @@ This module only translates between the kernel's requests and the `Store`
 (plus `Intrinsics` for pool 2); it never mounts anything (see `mount.py`) and
 never calls pyfuse3's invalidation functions from a handler: invalidations
 are queued to `invalidator()`, a separate task that runs them in a worker
-thread.
+thread. Host changes reach inotify watchers through echoes: a helper process
+repeats each one through the mount (fsnotify_echo.py), and the handlers answer
+that process's requests (`_echo_*`) without touching the store.
 
 Writes are buffered per open file and committed when the file is closed
 (flush), so the host never sees half a value. Only `guest` (pool 1) is
@@ -1000,7 +1002,8 @@ class KvpOperations(pyfuse3.Operations):
         never while an invalidation is in the kernel: a SIGKILL during an entry
         invalidation must never find our own helper holding the directory's lock.
         Without `mountpoint` (no mount to echo through) deleted keys are
-        invalidated instead of echoed.
+        invalidated instead of echoed. Attribute-only invalidations do not queue
+        here: they take no kernel lock and run at once in `AttrInvalidator`'s thread.
         """
         if mountpoint is not None:
             self._echo = EchoHelper(mountpoint)
