@@ -1096,8 +1096,7 @@ class KvpOperations(pyfuse3.Operations):
     # ---------------------------------------------------------------- the echo's requests
     def _echo_owns(self, ctx) -> bool:
         """A request from the echo helper: answered for the echo, never stored."""
-        return (self._echo is not None and ctx is not None and self._echo.pid is not None
-                and ctx.pid == self._echo.pid)
+        return self._echo is not None and ctx is not None and self._echo.owns(ctx.pid)
 
     def _echo_target(self, parent_inode: int, name: bytes) -> EchoOp | None:
         op = self._echo_op

@@ -192,6 +192,10 @@ class EchoHelper:
             return errno.EIO
         return answer
 
+    def owns(self, pid: int) -> bool:
+        """A request from the helper (and not from a process that reused its pid)."""
+        return pid == self.pid and self._process is not None and self._process.poll() is None
+
     def close(self) -> None:
         process, self._process, self.pid = self._process, None, None
         if process is not None:
