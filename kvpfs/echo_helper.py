@@ -16,7 +16,8 @@ library, so it starts in a few tens of milliseconds, and dies with kvpfs
 (PR_SET_PDEATHSIG, and the end of its stdin).
 
 Protocol on stdin/stdout: a request is `!BH` (kind, length) and that many
-bytes `POOLDIR/NAME`; the answer is `!i`, 0 or an errno.
+bytes `POOLDIR/NAME`; the answer is `!i`, 0 or an errno. The first request
+(kind 0) names the mount point (kept out of argv, where `ps` and pgrep look).
 """
 
 from __future__ import annotations
@@ -95,11 +96,15 @@ def read_exactly(size: int) -> bytes | None:
 
 
 def main(argv: list[str]) -> int:
-    mountpoint, parent = argv[0], int(argv[1])
+    parent = int(argv[0])
     with contextlib.suppress(OSError, AttributeError):  # stdin's end still tells us
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:
         return 1  # kvpfs is gone already
+    header = read_exactly(REQUEST.size)
+    if header is None:
+        return 1
+    mountpoint = os.fsdecode(read_exactly(REQUEST.unpack(header)[1]) or b"")
     expected = mount_id(mountpoint)
     if expected is None:
         os.write(1, ANSWER.pack(-errno.ENOENT))

@@ -401,9 +401,7 @@ class KvpOperations(pyfuse3.Operations):
         if self._echo_owns(ctx):  # echo (host changes)
             return await self._echo_getattr(inode)
         if inode in self._host_deleted and self._host_deleted_gone(inode):
-            # Deleted by the host (host changes): `stat PATH` fails at once, while the
-            # kernel's entry for it waits for the echo to drop it.
-            raise pyfuse3.FUSEError(errno.ENOENT)
+            raise pyfuse3.FUSEError(errno.ESTALE)  # (host changes) see _host_deleted_gone
         return await self._attr(inode)
 
     @_handler
@@ -480,6 +478,8 @@ class KvpOperations(pyfuse3.Operations):
         if inode == EVENTS_INODE:
             return self._open_events(flags, ctx)
         node = self._nodes.get(inode)
+        if node is not None and inode in self._host_deleted and self._host_deleted_gone(inode):
+            raise pyfuse3.FUSEError(errno.ESTALE)  # (host changes) see _host_deleted_gone
         if node is None or not node.linked:
             raise pyfuse3.FUSEError(errno.ENOENT)
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
@@ -1086,7 +1086,15 @@ class KvpOperations(pyfuse3.Operations):
                         await worker.run(pyfuse3.invalidate_inode, ino, True)
 
     def _host_deleted_gone(self, inode: int) -> bool:
-        """A key deleted by the host or another program, no file open on it."""
+        """A key deleted by the host or another program, no file open on it.
+
+        The kernel may still hold its name (entry timeout) until the echo or an
+        invalidation drops it, and the host's reply does not wait for that. Its
+        GETATTR and OPEN answer ESTALE: the VFS then repeats the path walk with
+        LOOKUP_REVAL, our LOOKUP says ENOENT, and the kernel drops the name itself,
+        in the caller's context: `stat` fails with ENOENT, `echo x > KEY` creates
+        the key anew, as if the name had already gone.
+        """
         node = self._nodes.get(inode)
         if node is None or node.linked:
             self._host_deleted.discard(inode)

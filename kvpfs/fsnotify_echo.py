@@ -133,15 +133,19 @@ class EchoHelper:
             return False
         try:
             process = await trio.lowlevel.open_process(
-                [sys.executable, "-m", "kvpfs.echo_helper", str(self.mountpoint),
-                 str(os.getpid())],
+                [sys.executable, "-m", "kvpfs.echo_helper", str(os.getpid())],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True)
         except OSError as exc:
             self._failed(f"cannot start it: {exc}")
             return False
         self._process, self.pid = process, process.pid
+        where = os.fsencode(self.mountpoint)
         with trio.move_on_after(HELPER_START_TIMEOUT):
-            answer = await self._answer()
+            try:
+                await process.stdin.send_all(REQUEST.pack(0, len(where)) + where)
+                answer = await self._answer()
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                answer = None
             if answer == 0:
                 self._failures = 0
                 return True

@@ -36,11 +36,20 @@ def test_path_through_the_pool_number_link_and_an_escaped_name(kvpfs):
     kvpfs.host("set", "guest", "a/b 100%", "there")
     result = run_wait(str(kvpfs.path("1", "a%2Fb 100%25")), "--timeout", "5")
     assert (result.returncode, result.stdout) == (0, "there\n"), result.stderr
-    thread = later(kvpfs, "set", "guest", "a/b 100%", "changed")
-    result = run_wait(str(kvpfs.path("guest", "a%2Fb 100%25")), "--changed", "-q",
-                      "--timeout", "10")
-    thread.join()
-    assert (result.returncode, result.stdout) == (0, ""), result.stderr
+    # --changed: a value other than the one at its start. It may start after a change,
+    # so the host keeps changing the value until it returns.
+    waiter = subprocess.Popen([sys.executable, "-m", "kvpfs", "wait", "--changed",
+                               str(kvpfs.path("guest", "a%2Fb 100%25")), "--timeout", "20"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              cwd=REPO)
+    for round_ in range(100):
+        if waiter.poll() is not None:
+            break
+        kvpfs.host("set", "guest", "a/b 100%", f"changed {round_}")
+        time.sleep(0.2)
+    out, err = waiter.communicate(timeout=20)
+    assert waiter.returncode == 0, err
+    assert out.startswith("changed ")
 
 
 def test_a_shortened_name_is_read_from_the_files_xattr(kvpfs):
