@@ -68,9 +68,10 @@ class EchoQueue:
         return len(self._pending)
 
     def seen_by_kernel(self, pool: int, key: bytes, exists: bool) -> None:
-        """A change made through the mount: the kernel raised its events itself."""
-        if (pool, key) in self._pending:
-            return  # its echo, when it runs, decides from the state then
+        """A change made through the mount: the kernel raised its events itself, and its
+        entry for the name is now current, so an echo still due for the key is moot
+        (it would undo the kernel's entry and redo it)."""
+        self._pending.pop((pool, key), None)
         keys = self.announced.setdefault(pool, set())
         if exists:
             keys.add(key)

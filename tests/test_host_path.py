@@ -9,9 +9,12 @@ only bound is a real-time timer far above what the answer takes.
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 
+import pyfuse3
+import pytest
 import trio
 
 from kvpfs.fs import DIR_INODES, KvpOperations
@@ -67,5 +70,15 @@ async def test_host_is_answered_while_invalidations_are_stuck(tmp_path, mock_clo
         assert ops._invalidations.statistics().current_buffer_used > stuck
         await ops.release(held.fh)
         await ops.release(fresh.fh)
+        # The kernel may still hold the deleted key's name: its GETATTR and OPEN get
+        # ESTALE, on which the VFS looks the name up again (and gets ENOENT).
+        for call in (lambda: ops.getattr(attr.st_ino, Ctx()),
+                     lambda: ops.open(attr.st_ino, os.O_RDONLY, Ctx())):
+            with pytest.raises(pyfuse3.FUSEError) as error:
+                await call()
+            assert error.value.errno == errno.ESTALE
+        with pytest.raises(pyfuse3.FUSEError) as error:
+            await ops.lookup(DIR_INODES[0], b"Config", Ctx())
+        assert error.value.errno == errno.ENOENT
         nursery.cancel_scope.cancel()
     rig.store.close()
