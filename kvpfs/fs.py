@@ -967,7 +967,11 @@ class KvpOperations(pyfuse3.Operations):
             if change.kind == "delete":
                 deleted = node or Node(self._new_ino(), change.pool, change.key,
                                        names.key_to_name(change.key), linked=False)
-            due = self._echo_queue.note(change.pool, change.key, deleted) if echo else None
+            if echo:
+                due = self._echo_queue.note(change.pool, change.key, deleted)
+            else:  # not mounted yet (or no echo possible): nobody could watch
+                due = None
+                self._echo_queue.seen_by_kernel(change.pool, change.key, change.kind == "set")
             if due:
                 self._invalidations_send.send_nowait(("echo", 0, None, None))
             if node is None or change.kind == "set":
