@@ -12,8 +12,10 @@ byte is discarded, the unlink removes nothing.
 It is a process and not a thread of kvpfs so that a SIGKILL of kvpfs closes
 /dev/fuse and aborts whatever request this process has in flight, instead
 of leaving kvpfs's own thread stuck in the kernel. It runs only the standard
-library, so it starts in a few tens of milliseconds, and dies with kvpfs
-(PR_SET_PDEATHSIG, and the end of its stdin).
+library, so it starts in a few tens of milliseconds, and ends with kvpfs: its
+stdin reaches EOF, or its answer EPIPE. (Not PR_SET_PDEATHSIG: that follows
+the *thread* that started it, one of trio's worker threads, which may end
+any time.)
 
 Protocol on stdin/stdout: a request is `!BH` (kind, length) and that many
 bytes `POOLDIR/NAME`; the answer is `!i`, 0 or an errno. The first request
@@ -22,19 +24,15 @@ bytes `POOLDIR/NAME`; the answer is `!i`, 0 or an errno. The first request
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import errno
 import os
 import re
-import signal
 import struct
 import sys
 
 CREATE, MODIFY, DELETE = 1, 2, 3
 REQUEST = struct.Struct("!BH")
 ANSWER = struct.Struct("!i")
-PR_SET_PDEATHSIG = 1
 
 
 def mount_id(mountpoint: str) -> int | None:
@@ -97,8 +95,6 @@ def read_exactly(size: int) -> bytes | None:
 
 def main(argv: list[str]) -> int:
     parent = int(argv[0])
-    with contextlib.suppress(OSError, AttributeError):  # stdin's end still tells us
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:
         return 1  # kvpfs is gone already
     header = read_exactly(REQUEST.size)

@@ -9,6 +9,7 @@ must change nothing the host sees or the pool files hold.
 from __future__ import annotations
 
 import fcntl
+import os
 import shutil
 import subprocess
 import sys
@@ -184,3 +185,27 @@ def test_many_changes_coalesce_and_end_in_the_right_state(kvpfs, watch):
     for key in ("k0", "k1", "k2"):
         assert sum("CREATE" in e for e in w.named(key)) == 1
         assert sum("CLOSE_WRITE" in e for e in w.named(key)) <= 11
+
+
+def helper_pids(kvpfs: KvpfsProcess) -> list[int]:
+    """The echo helper: a child of one of kvpfs's threads."""
+    tasks = Path(f"/proc/{kvpfs.proc.pid}/task")
+    children = [pid for task in tasks.iterdir() for pid in (task / "children").read_text().split()]
+    return [int(pid) for pid in children
+            if b"kvpfs.echo_helper" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+
+
+def test_the_echo_helper_holds_no_fuse_connection_and_dies_with_kvpfs(kvpfs, watch):
+    """A SIGKILL of kvpfs must close /dev/fuse (aborting the helper's request) and end the
+    helper: it is a separate process that never holds the FUSE device."""
+    w = watch(kvpfs.path("external"))
+    kvpfs.host("set", "external", "k", "v")
+    w.wait("k", "CLOSE_WRITE")
+    (helper,) = helper_pids(kvpfs)
+    fds = [os.readlink(f"/proc/{helper}/fd/{fd}") for fd in os.listdir(f"/proc/{helper}/fd")]
+    assert "/dev/fuse" not in fds, fds
+    kvpfs.proc.kill()
+    kvpfs.proc.wait(10)
+    wait_for(lambda: not Path(f"/proc/{helper}").exists()
+             or "Z" in Path(f"/proc/{helper}/stat").read_text().split()[2],
+             timeout=10, what="the echo helper to end with kvpfs")
