@@ -70,8 +70,16 @@ def perform(mountpoint: str, expected: int, kind: int, target: bytes) -> int:
         if kind == DELETE:
             os.unlink(name, dir_fd=dfd)
             return 0
-        flags = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_CREAT if kind == CREATE else 0)
-        fd = os.open(name, flags, 0o600, dir_fd=dfd)
+        flags = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+        if kind == CREATE:
+            # O_EXCL makes the kernel ask kvpfs about a name it may have cached since
+            # (someone listed the directory): kvpfs says "not there", the kernel creates.
+            try:
+                fd = os.open(name, flags | os.O_CREAT | os.O_EXCL, 0o600, dir_fd=dfd)
+            except FileExistsError:
+                fd = os.open(name, flags, dir_fd=dfd)  # still IN_MODIFY, IN_CLOSE_WRITE
+        else:
+            fd = os.open(name, flags, dir_fd=dfd)
         try:
             os.write(fd, b"\n")  # IN_MODIFY; kvpfs discards it
         finally:

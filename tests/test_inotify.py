@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -109,10 +110,12 @@ def test_host_new_changed_and_deleted_key_never_looked_up(kvpfs, watch):
 
 
 def test_host_changes_of_a_key_that_was_read(kvpfs, watch):
-    kvpfs.host("set", "external", "Config", "one")
-    assert kvpfs.path("external", "Config").read_text() == "one"
     w = watch(kvpfs.path("external"))
+    kvpfs.host("set", "external", "Config", "one")
+    w.wait("Config", "CLOSE_WRITE")  # its echo is done
+    assert kvpfs.path("external", "Config").read_text() == "one"
     file_watch = watch(kvpfs.path("external", "Config"))
+    w.events.clear()
     kvpfs.host("set", "external", "Config", "two, longer")
     w.wait("Config", "CLOSE_WRITE")
     file_watch.wait("", "MODIFY")
@@ -209,3 +212,21 @@ def test_the_echo_helper_holds_no_fuse_connection_and_dies_with_kvpfs(kvpfs, wat
     wait_for(lambda: not Path(f"/proc/{helper}").exists()
              or "Z" in Path(f"/proc/{helper}/stat").read_text().split()[2],
              timeout=10, what="the echo helper to end with kvpfs")
+
+
+def test_a_new_key_listed_before_its_echo_still_gives_in_create(kvpfs, watch):
+    """Someone lists or stats the key between the host's SET and the echo: the kernel then
+    holds the name, and the echo must still make it raise IN_CREATE."""
+    w = watch(kvpfs.path("external"))
+    kvpfs.host("set", "external", "warm", "up")  # the helper is running
+    w.wait("warm", "CLOSE_WRITE")
+    (helper,) = helper_pids(kvpfs)
+    os.kill(helper, signal.SIGSTOP)  # echoes wait (kvpfs gives one up after 5 s)
+    try:
+        kvpfs.host("set", "external", "Listed", "v")
+        assert kvpfs.path("external", "Listed").stat().st_size == 1  # the kernel has it now
+    finally:
+        os.kill(helper, signal.SIGCONT)
+    w.wait("Listed", "CREATE")
+    w.wait("Listed", "CLOSE_WRITE")
+    assert kvpfs.path("external", "Listed").read_text() == "v"
