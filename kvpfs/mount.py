@@ -277,7 +277,7 @@ async def _serve_store(config: MountConfig, store: Store, pool_dir: Path, contro
             ) from None
         try:
             async with trio.open_nursery() as mounted:  # the tasks that use the mount
-                invalidations = _Invalidations(operations)
+                invalidations = _Invalidations(operations, where)
                 mounted.start_soon(invalidations.run)
                 mounted.start_soon(store.watch)
                 mounted.start_soon(operations.events.watch_interrupts)
@@ -311,15 +311,16 @@ async def _serve_store(config: MountConfig, store: Store, pool_dir: Path, contro
 class _Invalidations:
     """The invalidator task, which a stop ends before pyfuse3 stops answering."""
 
-    def __init__(self, operations: KvpOperations) -> None:
+    def __init__(self, operations: KvpOperations, where: Path) -> None:
         self.operations = operations
+        self.where = where  # the mount point, where echoes of host changes are made
         self.scope = trio.CancelScope()
         self.ended = trio.Event()
 
     async def run(self) -> None:
         try:
             with self.scope:
-                await self.operations.invalidator()
+                await self.operations.invalidator(self.where)
         finally:
             self.ended.set()
 

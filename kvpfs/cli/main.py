@@ -108,9 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
     h_list.add_argument("--json", action="store_true")
     _add_host_ip_parser(host_sub, anywhere)
 
-    wait = sub.add_parser("wait", help="wait until a key exists (or changes)")
-    wait.add_argument("pool", type=parse_pool)
-    wait.add_argument("key")
+    wait = sub.add_parser(
+        "wait", help="wait until a key exists (or changes)",
+        usage="kvpfs wait [options] (POOL KEY | PATH)",
+        description="Wait until a key exists (or changes). Name it as POOL KEY, or as the"
+                    " path of its file in a kvpfs mount (/run/kvp/external/Ready).")
+    wait.add_argument("pool", metavar="POOL|PATH")
+    wait.add_argument("key", nargs="?")
     wait.add_argument("--timeout", type=float, help="give up after SECONDS (exit 124)")
     wait.add_argument("--changed", action="store_true",
                       help="wait for a new value rather than for the key to exist")
@@ -140,7 +144,23 @@ def _add_instance_options(parser: argparse.ArgumentParser, **defaults: object) -
 def _run_wait(args: argparse.Namespace) -> int:
     from kvpfs.cli import wait
 
-    key = os.fsencode(args.key)  # the bytes given on the command line
+    if args.key is None:  # a path to a key's file in a kvpfs mount
+        if args.pool_dir is not None or args.mount is not None:
+            print("kvpfs wait: PATH names its mount; --mount and --pool-dir go with POOL KEY",
+                  file=sys.stderr)
+            return EXIT_USAGE
+        try:
+            args.mount, args.pool, key = wait.resolve_path(Path(args.pool))
+        except wait.NotAKvpfsPath as exc:
+            print(f"kvpfs wait: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+    else:
+        try:
+            args.pool = parse_pool(args.pool)
+        except argparse.ArgumentTypeError as exc:
+            print(f"kvpfs wait: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        key = os.fsencode(args.key)  # the bytes given on the command line
     try:
         key.decode("utf-8")
     except UnicodeDecodeError:

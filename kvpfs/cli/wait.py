@@ -1,5 +1,10 @@
 """`kvpfs wait`: block until a key exists (or changes) instead of `sleep 90`.
 
+The key is named as POOL KEY or as a path to its file in a kvpfs mount
+(`kvpfs wait /run/kvp/external/Ready`), which `resolve_path` turns into the
+mount (from /proc/self/mountinfo), the pool (the directory's name) and the
+key (the file's `user.kvp.key` when it exists, else its name unescaped).
+
 With a kvpfs mount, it reads the mount's change feed (`/.events`) and wakes
 on the change itself. Without one (initramfs, hv_kvp_daemon still in charge)
 it watches the pool file's signature and re-reads the file only when that
@@ -14,9 +19,54 @@ import select
 import time
 from pathlib import Path
 
+from kvpfs import control
 from kvpfs.storage.poolfile import pool_path, read_pool, stat_signature
 from kvpfs.wire import names
 from kvpfs.wire.pools import POOL_NAMES
+
+XATTR_KEY = "user.kvp.key"
+XATTR_POOL = "user.kvp.pool"
+
+
+class NotAKvpfsPath(ValueError):
+    """The path does not name a key file in a kvpfs mount; the message says why."""
+
+
+def resolve_path(path: Path) -> tuple[Path, int, bytes]:
+    """(mount point, pool, key) of a key file's path, which need not exist yet."""
+    path = Path(os.path.abspath(path))
+    if path.name in ("", ".", ".."):
+        raise NotAKvpfsPath(f"{path} is not a key's file (POOLDIR/NAME in a kvpfs mount)")
+    mounts = control.kvpfs_mounts()
+    # The pool directory's real path: `0`..`4` are links to the pools' directories.
+    try:
+        parent = Path(os.path.realpath(path.parent, strict=True))
+    except OSError as exc:
+        raise NotAKvpfsPath(f"{path.parent}: {exc.strerror}") from None
+    mount = parent.parent
+    if mount not in mounts:
+        where = ", ".join(map(str, mounts)) or "none is mounted"
+        raise NotAKvpfsPath(f"{path} is not a key's file in a pool directory of a kvpfs mount"
+                            f" (kvpfs mounts: {where})")
+    if parent.name not in POOL_NAMES:
+        raise NotAKvpfsPath(f"{parent} is not a pool directory ({', '.join(POOL_NAMES)})")
+    pool = POOL_NAMES.index(parent.name)
+    target = parent / path.name
+    try:  # the exact key, also for a name shortened past 255 bytes
+        key = os.getxattr(target, XATTR_KEY)
+        if int(os.getxattr(target, XATTR_POOL)) == pool:
+            return mount, pool, key
+    except OSError:
+        pass  # not there yet (or not readable): the name says it
+    try:
+        key = names.name_to_key(os.fsencode(path.name))
+    except names.InvalidName as exc:
+        raise NotAKvpfsPath(f"{path.name!r} is not a file name kvpfs gives a key: {exc}"
+                            ) from None
+    if names.is_shortened(os.fsencode(path.name)):
+        raise NotAKvpfsPath(f"{path.name!r} is a shortened name and no such file exists;"
+                            " give POOL KEY instead")
+    return mount, pool, key
 
 POLL_INTERVAL = 0.1
 

@@ -4,7 +4,9 @@ This module only translates between the kernel's requests and the `Store`
 (plus `Intrinsics` for pool 2); it never mounts anything (see `mount.py`) and
 never calls pyfuse3's invalidation functions from a handler: invalidations
 are queued to `invalidator()`, a separate task that runs them in a worker
-thread.
+thread. Host changes reach inotify watchers through echoes: a helper process
+repeats each one through the mount (fsnotify_echo.py), and the handlers answer
+that process's requests (`_echo_*`) without touching the store.
 
 Writes are buffered per open file and committed when the file is closed
 (flush), so the host never sees half a value; O_APPEND writes of all open
@@ -28,6 +30,7 @@ leave a dead mount.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import logging
@@ -37,11 +40,14 @@ import stat
 import time
 from bisect import bisect_right
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pyfuse3
 import trio
 
+from kvpfs.fuse.attr_invalidation import AttrInvalidator
 from kvpfs.fuse.events import EventFeed
+from kvpfs.fuse.fsnotify_echo import CREATE, DELETE, MODIFY, EchoHelper, EchoOp, EchoQueue
 from kvpfs.host.intrinsic import KEYS as INTRINSIC_KEYS
 from kvpfs.host.intrinsic import Intrinsics
 from kvpfs.storage.poolfile import LockTimeout, PoolFileError
@@ -210,6 +216,17 @@ class KvpOperations(pyfuse3.Operations):
         self._invalidations_send, self._invalidations = trio.open_memory_channel(float("inf"))
         self.events = EventFeed(
             lambda handle: self._invalidations_send.send_nowait(("poll", 0, handle, None)))
+        # Attribute-only invalidations take no lock in the kernel: a thread of their own,
+        # never behind an echo or an entry invalidation (host changes).
+        self._attrs = AttrInvalidator(lambda ino: pyfuse3.invalidate_inode(ino, True))
+        # inotify echoes of host changes (fsnotify_echo.py); the helper starts with the
+        # invalidator, which is given the mount point.
+        self._echo_queue = EchoQueue({pool: store.states[pool].unique_keys()
+                                      for pool in range(len(POOL_NAMES)) if pool != AUTO_POOL})
+        self._echo: EchoHelper | None = None
+        self._echo_op: EchoOp | None = None
+        self._echo_fhs: dict[int, Node] = {}
+        self._host_deleted: set[int] = set()  # inodes whose kernel entry is still to drop
         store.add_listener(self.on_store_change)
 
     # ================================================================ nodes
@@ -363,6 +380,8 @@ class KvpOperations(pyfuse3.Operations):
     # ================================================================ lookup & dirs
     @_handler
     async def lookup(self, parent_inode, name, ctx=None):
+        if self._echo_owns(ctx):  # echo: kvpfs's helper replaying a host change (host changes)
+            return await self._echo_lookup(parent_inode, name)
         if parent_inode == ROOT_INODE:
             if name in (b".", b".."):
                 return await self._attr(ROOT_INODE)
@@ -393,6 +412,10 @@ class KvpOperations(pyfuse3.Operations):
 
     @_handler
     async def getattr(self, inode, ctx=None):
+        if self._echo_owns(ctx):  # echo (host changes)
+            return await self._echo_getattr(inode)
+        if inode in self._host_deleted and self._host_deleted_gone(inode):
+            raise pyfuse3.FUSEError(errno.ESTALE)  # (host changes) see _host_deleted_gone
         return await self._attr(inode)
 
     @_handler
@@ -464,9 +487,13 @@ class KvpOperations(pyfuse3.Operations):
     # ================================================================ reading
     @_handler
     async def open(self, inode, flags, ctx):
+        if self._echo_owns(ctx):  # echo (host changes)
+            return self._echo_open(inode)
         if inode == EVENTS_INODE:
             return self._open_events(flags, ctx)
         node = self._nodes.get(inode)
+        if node is not None and inode in self._host_deleted and self._host_deleted_gone(inode):
+            raise pyfuse3.FUSEError(errno.ESTALE)  # (host changes) see _host_deleted_gone
         if node is None or not node.linked:
             raise pyfuse3.FUSEError(errno.ENOENT)
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
@@ -502,7 +529,10 @@ class KvpOperations(pyfuse3.Operations):
         # changed since (every change clears `cached`); pool 2 is computed per read.
         keep = node.cached and not handle.writable and node.pool != AUTO_POOL
         node.cached = not handle.writable
-        return pyfuse3.FileInfo(fh=fh, keep_cache=keep, direct_io=False)
+        # (host changes) direct I/O while the kernel may still hold a size from before a
+        # host change: a read must not stop there.
+        return pyfuse3.FileInfo(fh=fh, keep_cache=keep,
+                                direct_io=self._attrs.pending(node.ino))
 
     def _handle(self, fh: int) -> Handle:
         handle = self._handles.get(fh)
@@ -541,6 +571,8 @@ class KvpOperations(pyfuse3.Operations):
     # ================================================================ writing
     @_handler
     async def write(self, fh, off, buf):
+        if fh in self._echo_fhs:  # echo (host changes): the byte is discarded
+            return len(buf)
         handle = self._handle(fh)
         if not handle.writable:
             raise pyfuse3.FUSEError(errno.EBADF)
@@ -790,6 +822,8 @@ class KvpOperations(pyfuse3.Operations):
 
     @_handler
     async def flush(self, fh):
+        if fh in self._echo_fhs:  # echo (host changes)
+            return
         # Shells open, dup2 and close the original fd before writing: that
         # first close must not publish an empty value. An open that only
         # truncated (`: > file`) is published at release.
@@ -801,11 +835,15 @@ class KvpOperations(pyfuse3.Operations):
 
     @_handler
     async def fsync(self, fh, datasync):
+        if fh in self._echo_fhs:  # echo (host changes)
+            return
         if not self.events.owns(fh):
             await self._commit(self._handle(fh))
 
     @_handler
     async def release(self, fh):
+        if self._echo_fhs.pop(fh, None) is not None:  # echo (host changes)
+            return
         if self.events.release(fh):
             return
         handle = self._handles.pop(fh, None)
@@ -832,6 +870,8 @@ class KvpOperations(pyfuse3.Operations):
     async def create(self, parent_inode, name, mode, flags, ctx):
         if parent_inode == ROOT_INODE:
             raise pyfuse3.FUSEError(errno.EACCES)  # the root holds only the pools
+        if self._echo_owns(ctx):  # echo (host changes)
+            return await self._echo_create(parent_inode, name)
         pool = self._pool_of_dir(parent_inode)
         if pool != GUEST:
             raise pyfuse3.FUSEError(errno.EACCES)
@@ -933,6 +973,8 @@ class KvpOperations(pyfuse3.Operations):
     async def unlink(self, parent_inode, name, ctx):
         if parent_inode == ROOT_INODE:
             raise pyfuse3.FUSEError(errno.EACCES)
+        if self._echo_owns(ctx):  # echo (host changes): the key is gone already
+            return self._echo_unlink(parent_inode, name)
         pool = self._pool_of_dir(parent_inode)
         if pool != GUEST:
             raise pyfuse3.FUSEError(errno.EACCES)
@@ -1063,72 +1105,94 @@ class KvpOperations(pyfuse3.Operations):
 
     # ================================================================ host changes
     async def on_store_change(self, changes: list[Change]) -> None:
-        """Store listener: bring our nodes and the kernel's caches up to date.
+        """Store listener: bring our nodes up to date and queue the kernel's side.
+
+        Never waits for the kernel: the host's reply (and the store's caller) must
+        not depend on the kernel's cache. Our own state changes here, before the
+        first await, so lookups, getattr and open answer the new value at once;
+        invalidations and inotify echoes are queued to `invalidator()`.
 
         Changes made through the mount are already known to the kernel, except
         that a dropped trailing newline makes a value shorter than written:
-        those get an attribute refresh without waiting. For changes from the
-        host or other programs, wait (bounded) until the kernel has dropped its
-        caches, so that the host's next request and the next `cat` agree.
-        A changed value is not invalidated when the kernel holds nothing it
-        would use: the attributes' timeout has run out, or an invalidation
-        since has dropped them, and no file is open (a page cache left by an
-        earlier read is dropped by the next open, as `cached` is now False).
-        A deleted key is always invalidated while the kernel knows its inode:
-        that is what tells inotify watchers (IN_DELETE_SELF) and the parent
-        directory's cached attributes.
+        those get an attribute refresh. For changes from the host or other
+        programs, a changed value is invalidated only while the kernel may hold
+        something it would use (its attributes' timeout, an open file; a page
+        cache left by an earlier read is dropped by the next open, as `cached` is
+        now False). A deleted key the kernel knows is unlinked by the echo (which
+        drops the kernel's entry and raises IN_DELETE and IN_DELETE_SELF), or,
+        without one, invalidated as before.
         """
         self.events.publish(changes)
-        pending: list[trio.Event] = []
-        refreshed: list[tuple[Node, float, trio.Event]] = []
+        echo = self._echo_mountpoint is not None
         for change in changes:
             node = self._by_key.get((change.pool, change.key))
-            if node is None:
-                continue
             if change.origin is Origin.MOUNT:
-                if change.kind == "set":
-                    self._invalidations_send.send_nowait(("attr", node.ino, None, None))
+                self._echo_queue.seen_by_kernel(change.pool, change.key, change.kind == "set")
+                if node is not None and change.kind == "set":
+                    self._attr_invalidate(node, None)
                 continue
-            node.mtime_ns = node.ctime_ns = time.time_ns()
-            node.cached = False
-            if change.kind == "set":
-                if not node.handles and time.monotonic() >= node.kernel_attr_until:
-                    continue
-            elif node.lookups <= 0 and not node.handles:
-                self._unlink_node(node)  # the kernel never had it or has forgotten it
+            if node is not None:
+                node.mtime_ns = node.ctime_ns = time.time_ns()
+                node.cached = False
+                if node.handles or time.monotonic() < node.kernel_attr_until:
+                    # First of all: a `stat` or `cat` right after the host's reply must
+                    # not get the old size from the kernel's attribute cache.
+                    self._attr_invalidate(node, node.kernel_attr_until)
+                if change.kind == "set" and node.handles:
+                    # Pages an open file holds; a later open drops them itself (`cached`).
+                    self._invalidations_send.send_nowait(("inode", node.ino, None, None))
+            deleted = None
+            if change.kind == "delete":
+                deleted = node or Node(self._new_ino(), change.pool, change.key,
+                                       names.key_to_name(change.key), linked=False)
+            if echo:
+                due = self._echo_queue.note(change.pool, change.key, deleted)
+            else:  # not mounted yet (or no echo possible): nobody could watch
+                due = None
+                self._echo_queue.seen_by_kernel(change.pool, change.key, change.kind == "set")
+            if due:
+                self._invalidations_send.send_nowait(("echo", 0, None, None))
+            if node is None or change.kind == "set":
                 continue
-            done = trio.Event()
-            if change.kind == "set":
-                self._invalidations_send.send_nowait(("inode", node.ino, None, done))
-                refreshed.append((node, node.kernel_attr_until, done))
-            else:
-                name = node.name
-                self._unlink_node(node)
+            name = node.name
+            known = node.lookups > 0 or node.handles > 0
+            self._unlink_node(node)
+            if known:
+                self._host_deleted.add(node.ino)
+            if known and due is None:  # no echo will unlink it: drop the entry ourselves
                 self._invalidations_send.send_nowait(
-                    ("entry", DIR_INODES[change.pool], (name, node.ino), done)
-                )
-            pending.append(done)
-        if pending:
-            with trio.move_on_after(1.0):
-                for done in pending:
-                    await done.wait()
-        for node, given_until, done in refreshed:
-            # Attributes and pages dropped (the name stays), unless the kernel asked
-            # again meanwhile and has a new deadline.
-            if done.is_set() and node.kernel_attr_until == given_until:
-                node.kernel_attr_until = 0.0
+                    ("entry", DIR_INODES[change.pool], (name, node.ino), None))
 
-    async def invalidator(self) -> None:
-        """Run kernel cache invalidations, one at a time, in a worker thread.
+    async def invalidator(self, mountpoint: Path | None = None) -> None:
+        """Run kernel cache invalidations and inotify echoes, one at a time, in order.
 
-        Never from a handler: invalidating inside one can deadlock the kernel
-        against our own single thread (fuse-pyfuse3.md 1.8).
+        Invalidations run in a worker thread, never from a handler: invalidating
+        inside one can deadlock the kernel against our own single thread
+        (fuse-pyfuse3.md 1.8). Echoes run in the helper process (fsnotify_echo.py),
+        never while an invalidation is in the kernel: a SIGKILL during an entry
+        invalidation must never find our own helper holding the directory's lock.
+        Without `mountpoint` (no mount to echo through) deleted keys are
+        invalidated instead of echoed. Attribute-only invalidations do not queue
+        here: they take no kernel lock and run at once in `AttrInvalidator`'s thread.
         """
+        if mountpoint is not None:
+            self._echo = EchoHelper(mountpoint)
+        self._attrs.start(trio.lowlevel.current_trio_token())
+        try:
+            await self._serial_lane()
+        finally:
+            self._attrs.close()
+            if self._echo is not None:
+                await self._echo.aclose()
+
+    async def _serial_lane(self) -> None:
         worker = Worker("kvpfs invalidations")
         try:
             async for kind, ino, arg, done in self._invalidations:
                 try:
-                    if kind == "poll":
+                    if kind == "echo":
+                        await self._run_echo(worker)
+                    elif kind == "poll":
                         arg.notify()
                     elif kind == "attr":
                         await worker.run(pyfuse3.invalidate_inode, ino, True)
@@ -1136,7 +1200,10 @@ class KvpOperations(pyfuse3.Operations):
                         await worker.run(pyfuse3.invalidate_inode, ino)
                     else:
                         name, deleted = arg
-                        await worker.run(pyfuse3.invalidate_entry, ino, name, deleted)
+                        try:
+                            await worker.run(pyfuse3.invalidate_entry, ino, name, deleted)
+                        finally:
+                            self._host_deleted.discard(deleted)
                 except (FileNotFoundError, OSError) as exc:
                     log.debug("invalidation %s of %d: %s", kind, ino, exc)
                 finally:
@@ -1144,3 +1211,143 @@ class KvpOperations(pyfuse3.Operations):
                         done.set()
         finally:
             worker.close()
+
+    def _attr_invalidate(self, node: Node, given_until: float | None) -> None:
+        def done() -> None:
+            # The kernel asks again next time, unless it already has (a new deadline).
+            if given_until is not None and node.kernel_attr_until == given_until:
+                node.kernel_attr_until = 0.0
+
+        self._attrs.submit(node.ino, done)
+
+    @property
+    def _echo_mountpoint(self) -> Path | None:
+        return self._echo.mountpoint if self._echo is not None and not self._echo.disabled \
+            else None
+
+    async def _run_echo(self, worker: Worker) -> None:
+        """The echoes for one key whose change watchers have not seen yet."""
+        ops = self._echo_queue.next_ops(self._key_exists, names.key_to_name)
+        for op in ops:
+            error = errno.ENOTCONN
+            if self._echo is not None and not self._echo.disabled:
+                self._echo_op = op
+                try:
+                    error = await self._echo.run(op, POOL_NAMES[op.pool].encode())
+                finally:
+                    self._echo_op = None
+            if error:
+                log.debug("inotify echo %s of %s/%r: %s", op.kind, POOL_NAMES[op.pool],
+                          op.name, os.strerror(error))
+            node = op.node
+            if error and op.kind == DELETE and (node.lookups > 0 or node.handles > 0):
+                with contextlib.suppress(OSError):  # the kernel may have dropped it already
+                    await worker.run(pyfuse3.invalidate_entry, DIR_INODES[op.pool],
+                                     op.name, node.ino)
+            if op.kind == DELETE:
+                self._host_deleted.discard(node.ino)
+            for ino in op.touched:  # echo-only attributes: the next stat asks again
+                touched = self._nodes.get(ino)
+                if touched is not None:
+                    self._attr_invalidate(touched, None)
+                else:
+                    with contextlib.suppress(OSError):
+                        await worker.run(pyfuse3.invalidate_inode, ino, True)
+
+    def _key_exists(self, pool: int, key: bytes) -> bool:
+        """What an echo must show: a stored key, or one a guest is creating right now (its
+        file exists before its value is stored, and an echoed unlink must not remove it)."""
+        if self.store.get(pool, key) is not None:
+            return True
+        node = self._by_key.get((pool, key))
+        return node is not None and node.pending and node.linked
+
+    def _host_deleted_gone(self, inode: int) -> bool:
+        """A key deleted by the host or another program, no file open on it.
+
+        The kernel may still hold its name (entry timeout) until the echo or an
+        invalidation drops it, and the host's reply does not wait for that. Its
+        GETATTR and OPEN answer ESTALE: the VFS then repeats the path walk with
+        LOOKUP_REVAL, our LOOKUP says ENOENT, and the kernel drops the name itself,
+        in the caller's context: `stat` fails with ENOENT, `echo x > KEY` creates
+        the key anew, as if the name had already gone.
+        """
+        node = self._nodes.get(inode)
+        if node is None or node.linked:
+            self._host_deleted.discard(inode)
+            return False
+        return node.handles <= 0
+
+    # ---------------------------------------------------------------- the echo's requests
+    def _echo_owns(self, ctx) -> bool:
+        """A request from the echo helper: answered for the echo, never stored."""
+        return self._echo is not None and ctx is not None and self._echo.owns(ctx.pid)
+
+    def _echo_target(self, parent_inode: int, name: bytes) -> EchoOp | None:
+        op = self._echo_op
+        if op is None or parent_inode != DIR_INODES[op.pool] or name != op.name:
+            return None
+        return op
+
+    async def _echo_lookup(self, parent_inode: int, name: bytes):
+        op = self._echo_target(parent_inode, name)
+        if op is None or op.kind == MODIFY:
+            return await self.lookup(parent_inode, name)  # path components: as for anyone
+        if op.kind == CREATE:
+            raise pyfuse3.FUSEError(errno.ENOENT)  # so that the kernel creates it
+        node = op.node  # DELETE: the deleted key, for the kernel to unlink
+        self._nodes.setdefault(node.ino, node)
+        attr = await self._node_attr(node)
+        attr.st_nlink = 1
+        attr.entry_timeout = attr.attr_timeout = 0
+        node.lookups += 1
+        return attr
+
+    async def _echo_getattr(self, inode: int):
+        """The file or pool directory, writable by its owner (our uid) for the echo only.
+
+        Without CAP_DAC_OVERRIDE (the shipped unit's sandbox) the kernel would refuse
+        the helper's write to a 0400 file in a 0500 directory before asking us; when
+        it refuses, it asks for fresh attributes first (fuse_permission), and gets
+        these. They are never cached (timeout 0) and are dropped after the echo.
+        """
+        attr = await self._attr(inode)
+        op = self._echo_op
+        targets = () if op is None else (DIR_INODES[op.pool], getattr(op.node, "ino", None))
+        node = self._by_key.get((op.pool, op.key)) if op is not None else None
+        if op is not None and (inode in targets or (node is not None and node.ino == inode)):
+            attr.st_mode |= 0o300 if stat.S_ISDIR(attr.st_mode) else 0o200
+            attr.st_uid = self.perm.uid
+            attr.attr_timeout = 0
+            op.touched.add(inode)
+        return attr
+
+    def _echo_open(self, inode: int):
+        op = self._echo_op
+        node = self._nodes.get(inode)
+        if op is None or op.kind == DELETE or node is None or node.key != op.key \
+                or node.pool != op.pool:
+            raise pyfuse3.FUSEError(errno.EACCES)
+        return self._echo_handle(node)
+
+    def _echo_handle(self, node: Node):
+        fh = self._next_fh
+        self._next_fh += 1
+        self._echo_fhs[fh] = node
+        # direct_io: the discarded byte never reaches the page cache.
+        return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
+
+    async def _echo_create(self, parent_inode: int, name: bytes):
+        op = self._echo_target(parent_inode, name)
+        node = self._find(op.pool, name) if op is not None and op.kind == CREATE else None
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)  # gone again: its echo is due too
+        info = self._echo_handle(node)
+        attr = await self._node_attr(node)
+        node.lookups += 1
+        return info, attr
+
+    def _echo_unlink(self, parent_inode: int, name: bytes) -> None:
+        op = self._echo_target(parent_inode, name)
+        if op is None or op.kind != DELETE:
+            raise pyfuse3.FUSEError(errno.EACCES)

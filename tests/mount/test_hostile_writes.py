@@ -35,6 +35,7 @@ from kvpfs.storage.poolfile import parse_pool, pool_path
 from kvpfs.wire import limits
 from tests.conftest import KvpfsProcess, requires_fuse, skip_unless_ci
 from tests.support.lockholder import start_locker, stop_locker
+from tests.support.waiting import wait_for
 
 pytestmark = requires_fuse
 
@@ -134,7 +135,9 @@ def test_a_refused_append_stores_nothing_and_keeps_earlier_appends(mount):
     new = mount.path("guest", unique("new"))
     done = as_member([shell("bash"), "-c", 'printf "%02000d" 0 >> "$1"', "sh", str(new)])
     assert done.returncode != 0 and "File too large" in done.stderr
-    assert not new.exists() and new.name not in host_items(mount)
+    # The kernel sends RELEASE, which drops the refused new name, after close(2) returned.
+    wait_for(lambda: not new.exists(), what="the refused new key to vanish")
+    assert new.name not in host_items(mount)
     log = mount.path("guest", unique("log"))
     done = as_member([system_python(), "-c", """
 import os, sys
