@@ -33,7 +33,7 @@ from kvpfs.host.intrinsic import FqdnCache, Intrinsics
 from kvpfs.host.netconfig import IpInfoService, NetSettings
 from kvpfs.host.server import DeviceServer, RegistrationRefused
 from kvpfs.host.simulator import SimulatedHost
-from kvpfs.storage.poolfile import PoolFileError
+from kvpfs.storage.errors import PoolFileError
 from kvpfs.storage.store import Store, default_pool_dir
 from kvpfs.wire.pools import pool_number
 

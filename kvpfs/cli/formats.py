@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 from kvpfs.cli.results import JsonObject, Output, UsageError, json_bytes
-from kvpfs.storage.poolfile import PoolContents
+from kvpfs.storage.readonly import PoolContents
 from kvpfs.storage.records import Record
 
 DEFAULT_EXPORT_PREFIX = "KVP_"

@@ -34,7 +34,9 @@ from kvpfs.cli.formats import (
 )
 from kvpfs.cli.results import EXIT_NOT_FOUND, Output, UsageError
 from kvpfs.storage import writeplan
-from kvpfs.storage.poolfile import DEFAULT_LOCK_TIMEOUT, PoolFile, pool_path, read_pool
+from kvpfs.storage.locks import DEFAULT_LOCK_TIMEOUT
+from kvpfs.storage.poolfile import PoolFile, pool_path
+from kvpfs.storage.readonly import read_pool
 from kvpfs.wire import limits
 from kvpfs.wire.pools import AUTO, GUEST, POOL_NAMES
 

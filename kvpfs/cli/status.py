@@ -11,15 +11,11 @@ import threading
 from pathlib import Path
 
 from kvpfs.cli.results import EXIT_IO, EXIT_OK, JsonObject, Output, json_bytes
-from kvpfs.storage.poolfile import (
-    DEFAULT_LOCK_TIMEOUT,
-    POOL_COUNT,
-    PoolContents,
-    PoolFileError,
-    pool_path,
-    read_pool,
-)
-from kvpfs.wire.pools import AUTO, POOL_NAMES
+from kvpfs.storage.errors import PoolFileError
+from kvpfs.storage.locks import DEFAULT_LOCK_TIMEOUT
+from kvpfs.storage.poolfile import pool_path
+from kvpfs.storage.readonly import PoolContents, read_pool
+from kvpfs.wire.pools import AUTO, POOL_COUNT, POOL_NAMES
 
 HV_KVP_DAEMON_NAMES = ("hv_kvp_daemon", "hypervkvpd")  # Debian/Ubuntu, RHEL/SUSE
 MOUNT_PROBE_TIMEOUT = 3.0

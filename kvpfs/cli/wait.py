@@ -14,7 +14,9 @@ import select
 import time
 from pathlib import Path
 
-from kvpfs.storage.poolfile import pool_path, read_pool, stat_signature
+from kvpfs.storage.poolfile import pool_path
+from kvpfs.storage.poolrecords import stat_signature
+from kvpfs.storage.readonly import read_pool
 from kvpfs.wire import names
 from kvpfs.wire.pools import POOL_NAMES
 

@@ -44,7 +44,7 @@ import trio
 from kvpfs.fuse.events import EventFeed
 from kvpfs.host.intrinsic import KEYS as INTRINSIC_KEYS
 from kvpfs.host.intrinsic import Intrinsics
-from kvpfs.storage.poolfile import LockTimeout, PoolFileError
+from kvpfs.storage.errors import LockTimeout, PoolFileError
 from kvpfs.storage.store import AUTO_POOL, Change, Origin, Store
 from kvpfs.storage.worker import Worker
 from kvpfs.wire import limits, names

@@ -29,7 +29,7 @@ import trio
 from kvpfs.host.device import Channel, DeviceUnavailable, Opener
 from kvpfs.host.intrinsic import KEYS as INTRINSIC_KEYS
 from kvpfs.host.intrinsic import Intrinsics
-from kvpfs.storage.poolfile import LockTimeout, PoolFileError
+from kvpfs.storage.errors import LockTimeout, PoolFileError
 from kvpfs.storage.store import Origin, Store
 from kvpfs.wire import protocol
 from kvpfs.wire.protocol import Op, Pool, ProtocolError, Status

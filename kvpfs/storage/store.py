@@ -34,19 +34,13 @@ from pathlib import Path
 import trio
 
 from kvpfs.quietlog import QuietLog
-from kvpfs.storage.poolfile import (
-    POOL_COUNT,
-    LockTimeout,
-    PoolFile,
-    PoolFileError,
-    Record,
-    Signature,
-    Snapshot,
-    pool_path,
-    stat_signature,
-)
+from kvpfs.storage.errors import LockTimeout, PoolFileError
+from kvpfs.storage.poolfile import PoolFile, pool_path
+from kvpfs.storage.poolrecords import Signature, Snapshot, stat_signature
+from kvpfs.storage.records import Record
 from kvpfs.storage.worker import Worker
 from kvpfs.wire.limits import KEY_MAX_BYTES, VALUE_MAX_BYTES
+from kvpfs.wire.pools import POOL_COUNT
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from kvpfs.storage.poolfile import LockTimeout
+from kvpfs.storage.errors import LockTimeout
 from kvpfs.storage.store import Change, Origin, Store
 from tests.support.lockholder import start_locker, stop_locker
 
