@@ -136,7 +136,7 @@ def cmd_get(pool_dir: Path, pool: int, key: str, *, raw: bool = False,
     """The value of the key's last valid record, then a newline unless `raw`."""
     key_bytes = _key_bytes(key)
     contents = read_pool(pool_dir, pool, lock_timeout=lock_timeout)
-    value = contents.lookup(key_bytes)
+    value = contents.get(key_bytes)
     if value is not None:
         return Output(value if raw else value + b"\n")
     notes = []

@@ -87,7 +87,7 @@ def wait_on_files(pool_dir: Path, pool: int, key: bytes, *, timeout: float | Non
     path = pool_path(pool_dir, pool)
 
     def current() -> bytes | None:
-        return read_pool(pool_dir, pool).lookup(key)
+        return read_pool(pool_dir, pool).get(key)
 
     signature = stat_signature(path)
     initial = current()

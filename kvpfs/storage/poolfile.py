@@ -36,8 +36,8 @@ from kvpfs.storage.locks import (
     lock_timeout_error,
     release_locks,
 )
-from kvpfs.storage.poolrecords import Signature, Snapshot
-from kvpfs.storage.records import RECORD_SIZE, Record, encode_record, parse_pool, slot_bytes
+from kvpfs.storage.poolrecords import PoolRecords, Signature
+from kvpfs.storage.records import RECORD_SIZE, Record, encode_record, slot_bytes
 from kvpfs.wire.pools import POOL_COUNT
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ def pool_path(pool_dir: Path, pool: int) -> Path:
 class PoolFile:
     """One pool file, kept open for the life of the process and modified in place.
 
-    Use `with pool.locked(): snapshot = pool.read(); pool.write_record(...)`: `locked()`
+    Use `with pool.locked(): records = pool.read().records; pool.write_record(...)`: `locked()`
     (re)opens the file, takes both locks, and first finishes a delete that a crash interrupted.
     All other methods expect the caller to hold the lock.
     """
@@ -294,7 +294,7 @@ class PoolFile:
         except OSError as exc:
             raise io_error("stat of pool file", self.path, exc) from exc
 
-    def read(self) -> Snapshot:
+    def read(self) -> PoolRecords:
         """Read and parse the whole file (caller holds the lock)."""
         fd = self._require_fd()
         try:
@@ -302,8 +302,7 @@ class PoolFile:
             signature = Signature.from_stat(os.fstat(fd))
         except OSError as exc:
             raise io_error("reading pool file", self.path, exc) from exc
-        records, trailing = parse_pool(data)
-        return Snapshot(tuple(records), trailing, signature)
+        return PoolRecords.parse(data, signature)
 
     # ---- writing
 

@@ -21,20 +21,19 @@ from kvpfs.storage.locks import (
     release_locks,
 )
 from kvpfs.storage.poolfile import pool_path
+from kvpfs.storage.poolrecords import PoolRecords, Signature
 from kvpfs.storage.records import Record, parse_pool
 from kvpfs.wire.pools import POOL_COUNT, POOL_NAMES
 
 
-@dataclass(frozen=True)
-class PoolContents:
-    """One pool file as read under the shared locks: bytes, records and stat of one moment."""
+@dataclass(kw_only=True)
+class PoolFileRead(PoolRecords):
+    """A pool's records as a tool read them, with the facts of the file at that moment."""
 
     pool: int
     path: Path
-    data: bytes
-    records: tuple[Record, ...]
-    trailing_bytes: int
-    stat_result: os.stat_result | None  # None: the file does not exist (an empty pool)
+    data: bytes | bytearray = b""  # the whole file, as read
+    stat_result: os.stat_result | None = None  # None: the file does not exist (an empty pool)
     # A kvpfs change was cut short; its journal still holds it for the next writer to finish.
     unfinished_change: bool = False
 
@@ -46,31 +45,9 @@ class PoolContents:
     def name(self) -> str:
         return POOL_NAMES[self.pool]
 
-    def valid_items(self) -> list[tuple[bytes, bytes]]:
-        """Every record the host may see, in file order, duplicates included."""
-        return [(r.key, r.value) for r in self.records if r.valid]
-
-    def last_wins(self) -> dict[bytes, bytes]:
-        """Key -> value of its last valid record (what the mount and lookups show), ordered by
-        each key's first appearance."""
-        values: dict[bytes, bytes] = {}
-        for key, value in self.valid_items():
-            values[key] = value
-        return values
-
-    def invalid_slots(self) -> list[int]:
-        return [slot for slot, r in enumerate(self.records) if not r.valid]
-
-    def lookup(self, key: bytes) -> bytes | None:
-        """The value of the last valid record with `key`, or None."""
-        for record in reversed(self.records):
-            if record.valid and record.key == key:
-                return record.value
-        return None
-
 
 def read_pool(pool_dir: Path, pool: int, *, lock_timeout: float = DEFAULT_LOCK_TIMEOUT
-              ) -> PoolContents:
+              ) -> PoolFileRead:
     """Read one pool under the shared locks; a missing file is an empty pool.
 
     Never creates, modifies or recovers anything (that is the writers' job), so it is safe on
@@ -79,7 +56,7 @@ def read_pool(pool_dir: Path, pool: int, *, lock_timeout: float = DEFAULT_LOCK_T
     (`kvpfs get/ls/status`, `kvpfs wait`) read with.
     """
     path = pool_path(pool_dir, pool)
-    missing = PoolContents(pool, path, b"", (), 0, None)
+    missing = PoolFileRead(pool=pool, path=path)
     try:
         refuse_special(os.lstat(path), path)
     except FileNotFoundError:
@@ -112,7 +89,8 @@ def read_pool(pool_dir: Path, pool: int, *, lock_timeout: float = DEFAULT_LOCK_T
     finally:
         os.close(fd)
     records, trailing = parse_pool(data)
-    return PoolContents(pool, path, data, tuple(records), trailing, st, unfinished)
+    return PoolFileRead(records, trailing, Signature.from_stat(st), st.st_mtime_ns, pool=pool,
+                        path=path, data=data, stat_result=st, unfinished_change=unfinished)
 
 
 def load_pool_dir(pool_dir: Path, *, lock_timeout: float = DEFAULT_LOCK_TIMEOUT
@@ -122,7 +100,7 @@ def load_pool_dir(pool_dir: Path, *, lock_timeout: float = DEFAULT_LOCK_TIMEOUT
     Missing files (or a missing directory) are empty pools. Nothing is created or modified.
     """
     return {
-        pool: list(read_pool(pool_dir, pool, lock_timeout=lock_timeout).records)
+        pool: read_pool(pool_dir, pool, lock_timeout=lock_timeout).records
         for pool in range(POOL_COUNT)
     }
 

@@ -1,6 +1,6 @@
 """The pools in memory, kept in step with the pool files on disk.
 
-One `PoolState` per pool file mirrors its records in file order. Reads (the
+One `PoolRecords` per pool file mirrors its records in file order. Reads (the
 host's GET and ENUMERATE, the filesystem's lookups and reads) are answered from
 memory at a cost that does not depend on the pool's size. Every change goes to
 the file first, in a worker thread, under both the fcntl and the flock lock,
@@ -27,8 +27,8 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import trio
@@ -36,7 +36,7 @@ import trio
 from kvpfs.quietlog import QuietLog
 from kvpfs.storage.errors import LockTimeout, PoolFileError
 from kvpfs.storage.poolfile import PoolFile, pool_path
-from kvpfs.storage.poolrecords import Signature, Snapshot, stat_signature
+from kvpfs.storage.poolrecords import PoolRecords, Signature, stat_signature
 from kvpfs.storage.records import Record
 from kvpfs.storage.worker import Worker
 from kvpfs.wire.limits import KEY_MAX_BYTES, VALUE_MAX_BYTES
@@ -135,67 +135,9 @@ class RequestLock:
             _request_deadline.reset(token)
 
 
-@dataclass
-class PoolState:
-    """Records of one pool in file order, with a last-wins index by key."""
-
-    records: list[Record] = field(default_factory=list)
-    signature: Signature | None = None
-    trailing_bytes: int = 0
-    mtime_ns: int = 0
-    # key -> every slot holding it, in file order (duplicates are normal in pool 1).
-    slots: dict[bytes, list[int]] = field(default_factory=dict)
-    # Slots of records the host may see; None while every record is valid.
-    visible: list[int] | None = None
-
-    @classmethod
-    def from_snapshot(cls, snapshot: Snapshot) -> PoolState:
-        state = cls(
-            records=list(snapshot.records),
-            signature=snapshot.signature,
-            trailing_bytes=snapshot.trailing_bytes,
-            mtime_ns=snapshot.signature.mtime_ns,
-        )
-        state.reindex()
-        return state
-
-    def reindex(self) -> None:
-        self.slots = {}
-        invalid = False
-        for slot, record in enumerate(self.records):
-            if record.valid:
-                self.slots.setdefault(record.key, []).append(slot)
-            else:
-                invalid = True
-        self.visible = (
-            [slot for slot, r in enumerate(self.records) if r.valid] if invalid else None
-        )
-
-    def get(self, key: bytes) -> bytes | None:
-        slots = self.slots.get(key)
-        return self.records[slots[-1]].value if slots else None
-
-    def visible_count(self) -> int:
-        return len(self.records) if self.visible is None else len(self.visible)
-
-    def visible_record(self, index: int) -> Record | None:
-        if index < 0 or index >= self.visible_count():
-            return None
-        return self.records[index if self.visible is None else self.visible[index]]
-
-    def invalid_records(self) -> list[int]:
-        return [slot for slot, r in enumerate(self.records) if not r.valid]
-
-    def unique_keys(self) -> Iterator[bytes]:
-        return iter(self.slots)
-
-    def values(self) -> dict[bytes, bytes]:
-        return {key: self.records[slots[-1]].value for key, slots in self.slots.items()}
-
-
-def diff(old: PoolState, new: PoolState, pool: int, origin: Origin) -> list[Change]:
+def diff(old: PoolRecords, new: PoolRecords, pool: int, origin: Origin) -> list[Change]:
     """What changed between two loads of a pool, key by key (last-wins view)."""
-    before, after = old.values(), new.values()
+    before, after = old.last_wins(), new.last_wins()
     changes = [
         Change("set", pool, key, origin)
         for key, value in after.items()
@@ -222,7 +164,7 @@ class Store:
             PoolFile(pool_path(pool_dir, pool), lock_timeout=lock_timeout)
             for pool in range(POOL_COUNT)
         ]
-        self.states = [PoolState() for _ in range(POOL_COUNT)]
+        self.states = [PoolRecords() for _ in range(POOL_COUNT)]
         self._locks = [trio.Lock() for _ in range(POOL_COUNT)]
         # Pool-file work runs in one thread per pool: its lock serializes it anyway.
         self._workers = [Worker(f"kvpfs pool {pool}") for pool in range(POOL_COUNT)]
@@ -242,10 +184,10 @@ class Store:
 
     async def open(self) -> None:
         for pool in range(POOL_COUNT):
-            snapshot = await trio.to_thread.run_sync(self._open_and_read, pool)
-            self._install(pool, PoolState.from_snapshot(snapshot))
+            records = await trio.to_thread.run_sync(self._open_and_read, pool)
+            self._install(pool, records)
 
-    def _open_and_read(self, pool: int) -> Snapshot:
+    def _open_and_read(self, pool: int) -> PoolRecords:
         pf = self.files[pool]
         pf.open()
         with pf.locked():
@@ -257,16 +199,16 @@ class Store:
         for pf in self.files:
             pf.close()
 
-    def _install(self, pool: int, state: PoolState) -> None:
+    def _install(self, pool: int, state: PoolRecords) -> None:
         with self.memory_lock:
             self.states[pool] = state
         self.generation += 1
         self._report_invalid(pool, state)
 
-    def _report_invalid(self, pool: int, state: PoolState) -> None:
+    def _report_invalid(self, pool: int, state: PoolRecords) -> None:
         """One line for the invalid records not reported yet, however many (a pool full
         of garbage is one line, not one per record), and the partial record once."""
-        invalid = state.invalid_records() if state.visible is not None else []
+        invalid = state.invalid_slots() if state.visible is not None else []
         seen = {(state.records[slot].raw or b"")[:64] for slot in invalid}
         known = self._warned_invalid[pool]
         new = [slot for slot in invalid if (state.records[slot].raw or b"")[:64] not in known]
@@ -418,7 +360,7 @@ class Store:
         await self._notify(changes)
         return done or (kind == "set")
 
-    def _locked_change(self, pool: int, state: PoolState, kind: str, key: bytes, value: bytes,
+    def _locked_change(self, pool: int, state: PoolRecords, kind: str, key: bytes, value: bytes,
                        deadline: float):
         """Worker thread: lock, reload if someone else wrote, change the file.
 
@@ -430,7 +372,7 @@ class Store:
             reloaded = None
             # locked() reopens a deleted or replaced file: its signature then differs.
             if pf.fstat_signature() != state.signature:
-                reloaded = state = PoolState.from_snapshot(pf.read())
+                reloaded = state = pf.read()
             slots = state.slots.get(key)
             action: tuple = ("none",)
             if kind == "set":
@@ -450,8 +392,7 @@ class Store:
                 if slots[0] == len(records):
                     action = ("truncate", len(records))  # they were the last records
                 else:
-                    replacement = PoolState(records=records)
-                    replacement.reindex()
+                    replacement = PoolRecords(records)
                     action = ("replace", replacement)
             return reloaded, action, pf.fstat_signature()
 
@@ -503,13 +444,13 @@ class Store:
                 log.info("pool %d changed on disk: %d key(s) affected", pool, len(changes))
                 await self._notify(changes)
 
-    def _reload(self, pool: int, known: Signature | None, timeout: float) -> PoolState | None:
+    def _reload(self, pool: int, known: Signature | None, timeout: float) -> PoolRecords | None:
         """Worker thread: the pool as on disk now, or None if it is still `known`."""
         pf = self.files[pool]
         with pf.locked(timeout):
             if known is not None and pf.fstat_signature() == known:
                 return None
-            return PoolState.from_snapshot(pf.read())
+            return pf.read()
 
     async def watch(self) -> None:
         while True:

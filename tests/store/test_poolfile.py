@@ -295,7 +295,7 @@ def test_deleted_file_is_recreated(pool: PoolFile) -> None:
     assert pool.ensure_open() is True
     assert stat.S_IMODE(os.stat(pool.path).st_mode) == 0o600
     with pool.locked():
-        assert pool.read().records == ()
+        assert pool.read().records == []
     # locked() does it by itself too
     pool.path.unlink()
     with pool.locked():
