@@ -34,6 +34,7 @@ from pathlib import Path
 import trio
 
 from kvpfs.quietlog import QuietLog
+from kvpfs.storage import writeplan
 from kvpfs.storage.errors import LockTimeout, PoolFileError
 from kvpfs.storage.poolfile import PoolFile, pool_path
 from kvpfs.storage.poolrecords import PoolRecords, Signature, stat_signature
@@ -253,12 +254,12 @@ class Store:
             raise ValueError(f"key must be 1..{KEY_MAX_BYTES} bytes without NUL")
         if len(value) > VALUE_MAX_BYTES or b"\0" in value:
             raise ValueError(f"value must be at most {VALUE_MAX_BYTES} bytes without NUL")
-        await self._change(pool, origin, "set", key, value)
+        await self._change(pool, origin, writeplan.Upsert(key, value))
 
     async def delete(self, pool: int, key: bytes, origin: Origin) -> bool:
         """Remove every record with this key; False if there was none."""
         _check_writable(pool)
-        return await self._change(pool, origin, "delete", key, b"")
+        return await self._change(pool, origin, writeplan.Delete(key))
 
     def request_lock(self, pool: int) -> RequestLock:
         """A lock for a caller's own queue of changes to `pool`, bounded like the store's."""
@@ -298,7 +299,7 @@ class Store:
             self._holders[pool] = exc.holders or "holder unknown"
             raise
 
-    async def _change(self, pool: int, origin: Origin, kind: str, key: bytes, value: bytes) -> bool:
+    async def _change(self, pool: int, origin: Origin, edit: writeplan.Edit) -> bool:
         # Fixed on arrival (or by the caller's RequestLock): queueing counts against it.
         deadline = _request_deadline.get() or Deadline.after(self.lock_timeout)
         if not await _acquire_by(self._locks[pool], deadline):
@@ -310,8 +311,8 @@ class Store:
             # otherwise wait again, one timeout per step. Any success ends this.
             stuck = bool(self._holders[pool])
             try:
-                reloaded, action, signature = await self._workers[pool].run(
-                    self._locked_change, pool, before, kind, key, value,
+                reloaded, change, signature = await self._workers[pool].run(
+                    self._locked_change, pool, before, edit,
                     time.monotonic() if stuck else deadline.monotonic_at,
                 )
             except LockTimeout as exc:
@@ -327,45 +328,30 @@ class Store:
                 before.signature = None  # the file may be half-changed: reload next time
                 raise
             changes = diff(before, reloaded, pool, Origin.EXTERNAL) if reloaded else []
-            state = reloaded or before
-            # Memory changes only here, on the trio thread, never while a reader iterates.
+            # Memory changes only here, on the trio thread, never while a reader iterates,
+            # and by the very plan the worker carried out on the file.
             with self.memory_lock:
-                if action[0] == "modify":
-                    state.records[action[1]] = Record(key, value)
-                elif action[0] == "append":
-                    slot = action[1]
-                    del state.records[slot:]
-                    state.records.append(Record(key, value))
-                    state.slots.setdefault(key, []).append(slot)
-                    if state.visible is not None:
-                        state.visible.append(slot)
-                elif action[0] == "truncate":
-                    # The common delete (the newest key): no later slot moves, no reindex.
-                    del state.records[action[1]:]
-                    del state.slots[key]
-                    if state.visible is not None:
-                        state.visible = [slot for slot in state.visible if slot < action[1]]
-                elif action[0] == "replace":
-                    state = action[1]
+                state = (reloaded or before).apply(change)
                 state.signature = signature
-            done = action[0] != "none"
+            done = not isinstance(change, writeplan.Unchanged)
             if done:
                 state.mtime_ns = time.time_ns()
-                changes.append(Change(kind, pool, key, origin))
+                kind = "set" if isinstance(edit, writeplan.Upsert) else "delete"
+                changes.append(Change(kind, pool, edit.key, origin))
             if state is not before:
                 self._install(pool, state)
             self._holders[pool] = ""
         finally:
             self._locks[pool].release()
         await self._notify(changes)
-        return done or (kind == "set")
+        return done or isinstance(edit, writeplan.Upsert)
 
-    def _locked_change(self, pool: int, state: PoolRecords, kind: str, key: bytes, value: bytes,
-                       deadline: float):
-        """Worker thread: lock, reload if someone else wrote, change the file.
+    def _locked_change(self, pool: int, state: PoolRecords, edit: writeplan.Edit,
+                       deadline: float) -> tuple[PoolRecords | None, writeplan.Plan, Signature]:
+        """Worker thread: lock, reload if someone else wrote, plan the edit and carry it out.
 
-        Reads `state` but never modifies it (the trio thread owns it); returns
-        the reloaded state (or None), what was done, and the new signature.
+        Reads `state` but never modifies it (the trio thread owns it); returns the reloaded
+        records (or None), the plan that was carried out, and the file's new signature.
         """
         pf = self.files[pool]
         with pf.locked(deadline=deadline):
@@ -373,28 +359,9 @@ class Store:
             # locked() reopens a deleted or replaced file: its signature then differs.
             if pf.fstat_signature() != state.signature:
                 reloaded = state = pf.read()
-            slots = state.slots.get(key)
-            action: tuple = ("none",)
-            if kind == "set":
-                if slots and state.records[slots[-1]].value == value:
-                    pass
-                elif slots:
-                    pf.write_record(slots[-1], key, value)
-                    action = ("modify", slots[-1])
-                else:
-                    action = ("append", pf.append_record(key, value))
-            elif slots:
-                records = list(state.records)
-                # Last to first, so each removal leaves the earlier slot numbers valid.
-                for slot in reversed(slots):
-                    pf.delete_record(slot, records)
-                    del records[slot]
-                if slots[0] == len(records):
-                    action = ("truncate", len(records))  # they were the last records
-                else:
-                    replacement = PoolRecords(records)
-                    action = ("replace", replacement)
-            return reloaded, action, pf.fstat_signature()
+            change = writeplan.plan(state.records, edit, state.slots.get(edit.key, []))
+            pf.apply(change, state.records)
+            return reloaded, change, pf.fstat_signature()
 
     # ------------------------------------------------------------------ watching
     async def check_external_changes(self) -> None:
