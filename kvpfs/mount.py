@@ -34,6 +34,7 @@ from kvpfs.host.netconfig import IpInfoService, NetSettings
 from kvpfs.host.server import DeviceServer, RegistrationRefused
 from kvpfs.host.simulator import SimulatedHost
 from kvpfs.storage.errors import PoolFileError
+from kvpfs.storage.locks import DEFAULT_LOCK_TIMEOUT
 from kvpfs.storage.store import Store, default_pool_dir
 from kvpfs.wire.pools import pool_number
 
@@ -56,7 +57,7 @@ class MountConfig:
     control_path: Path | None = None
     guest_gid: int | None = None
     external_readable: bool = False
-    lock_timeout: float = 5.0
+    lock_timeout: float = DEFAULT_LOCK_TIMEOUT
     extra_fuse_options: list[str] = field(default_factory=list)
     on_ready: Callable[[], None] | None = None
 

@@ -36,17 +36,15 @@ import trio
 from kvpfs.quietlog import QuietLog
 from kvpfs.storage import writeplan
 from kvpfs.storage.errors import LockTimeout, PoolFileError
+from kvpfs.storage.locks import DEFAULT_LOCK_TIMEOUT
 from kvpfs.storage.poolfile import PoolFile, pool_path
 from kvpfs.storage.poolrecords import PoolRecords, Signature, stat_signature
 from kvpfs.storage.records import Record
 from kvpfs.storage.worker import Worker
 from kvpfs.wire.limits import KEY_MAX_BYTES, VALUE_MAX_BYTES
-from kvpfs.wire.pools import POOL_COUNT
+from kvpfs.wire.pools import AUTO, POOL_COUNT
 
 log = logging.getLogger(__name__)
-
-AUTO_POOL = 2
-
 
 class Origin(enum.Enum):
     HOST = "host"
@@ -155,7 +153,7 @@ class Store:
         self,
         pool_dir: Path,
         *,
-        lock_timeout: float = 5.0,
+        lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
         poll_interval: float = 0.25,
     ) -> None:
         self.pool_dir = pool_dir
@@ -176,7 +174,6 @@ class Store:
         self._warned_invalid: list[set[bytes]] = [set() for _ in range(POOL_COUNT)]
         self._quiet = QuietLog(log)
         self._reload_busy_since: list[float | None] = [None] * POOL_COUNT
-        self.generation = 0  # bumped on every change, for cheap cache checks
         self.memory_lock = threading.Lock()
 
     # ------------------------------------------------------------------ set-up
@@ -203,7 +200,6 @@ class Store:
     def _install(self, pool: int, state: PoolRecords) -> None:
         with self.memory_lock:
             self.states[pool] = state
-        self.generation += 1
         self._report_invalid(pool, state)
 
     def _report_invalid(self, pool: int, state: PoolRecords) -> None:
@@ -430,13 +426,12 @@ class Store:
     async def _notify(self, changes: list[Change]) -> None:
         if not changes:
             return
-        self.generation += 1
         for listener in self._listeners:
             await listener(changes)
 
 
 def _check_writable(pool: int) -> None:
-    if pool == AUTO_POOL:
+    if pool == AUTO:
         raise ValueError("pool 2 (auto) is computed, not stored")
     if not 0 <= pool < POOL_COUNT:
         raise ValueError(f"no pool {pool}: pools are 0..{POOL_COUNT - 1}")
