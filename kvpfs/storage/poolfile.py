@@ -306,9 +306,6 @@ class PoolFile:
 
     # ---- writing
 
-    def _pwrite(self, fd: int, data: bytes, offset: int, what: str) -> None:
-        pwrite_all(fd, data, offset, self.path, what)
-
     def write_record(self, index: int, key: bytes, value: bytes) -> None:
         """Overwrite whole record `index` in place (caller holds the lock)."""
         fd = self._require_fd()
@@ -349,7 +346,7 @@ class PoolFile:
     def delete_record(self, index: int, records: Sequence[Record]) -> None:
         """Remove slot `index`, keeping the order of the others (as the reference daemon does).
 
-        `records` is the snapshot read under the same lock. The later records are written one
+        `records` are the records read under the same lock. The later records are written one
         slot up (valid ones re-encoded zero-padded, others copied from `raw`), then the file
         is truncated by one record. No fsync: like the reference daemon we do not try to
         survive power loss, only the death of the process (see `_change`).
@@ -400,14 +397,14 @@ class PoolFile:
         journaled = self._journal.write(fst, offset, data, size_after, before)
         try:
             if data:
-                self._pwrite(fd, data, offset, what)
+                pwrite_all(fd, data, offset, self.path, what)
             if max(fst.st_size, offset + len(data)) != size_after:
-                self._truncate(fd, size_after)
+                truncate(fd, size_after, self.path)
         except BaseException:
             # Reported as failed, so it must not be redone later: put the old bytes back.
             try:
-                self._pwrite(fd, before, offset, "restoring after a failed change to")
-                self._truncate(fd, fst.st_size)
+                pwrite_all(fd, before, offset, self.path, "restoring after a failed change to")
+                truncate(fd, fst.st_size, self.path)
             except PoolFileError:
                 raise  # the journal stays: the next writer rolls the change forward
             if journaled:
@@ -424,9 +421,6 @@ class PoolFile:
             return os.pread(fd, max(0, end - offset), offset)
         except OSError as exc:
             raise io_error("reading pool file", self.path, exc) from exc
-
-    def _truncate(self, fd: int, size: int) -> None:
-        truncate(fd, size, self.path)
 
     def _stat(self, fd: int) -> os.stat_result:
         return fstat(fd, self.path)
