@@ -20,7 +20,9 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvpfs.storage.poolfile import POOL_COUNT, encode_record, pool_path
+from kvpfs.storage.poolfile import pool_path
+from kvpfs.storage.records import encode_record
+from kvpfs.wire.pools import POOL_COUNT
 
 REPO = Path(__file__).resolve().parent.parent
 KVPFS_SOURCE = REPO  # where `python -m kvpfs` finds the package it runs (--kvpfs-src)

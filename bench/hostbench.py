@@ -51,7 +51,8 @@ from bench.profiling import maybe_profile
 from emulation.kvphost import EmulatedHost, run_emulated_device
 from emulation.refdaemon import run_reference_daemon
 from kvpfs.host.intrinsic import KEYS as INTRINSIC_KEYS
-from kvpfs.storage.poolfile import KEY_FIELD, RECORD_SIZE, PoolFile, pool_path
+from kvpfs.storage.poolfile import PoolFile, pool_path
+from kvpfs.storage.records import KEY_FIELD, RECORD_SIZE
 from kvpfs.wire.protocol import Status
 
 KVPFS = "kvpfs"

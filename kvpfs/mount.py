@@ -35,7 +35,8 @@ from kvpfs.host.intrinsic import FqdnCache, Intrinsics
 from kvpfs.host.netconfig import IpInfoService, NetSettings
 from kvpfs.host.server import DeviceServer, RegistrationRefused
 from kvpfs.host.simulator import SimulatedHost
-from kvpfs.storage.poolfile import PoolFileError
+from kvpfs.storage.errors import PoolFileError
+from kvpfs.storage.locks import DEFAULT_LOCK_TIMEOUT
 from kvpfs.storage.store import Store, default_pool_dir
 from kvpfs.watchdog import PINGS_PER_PERIOD, Watchdog, sd_notify, watchdog_period
 from kvpfs.wire.pools import pool_number
@@ -59,7 +60,7 @@ class MountConfig:
     control_path: Path | None = None
     guest_gid: int | None = None
     external_readable: bool = False
-    lock_timeout: float = 5.0
+    lock_timeout: float = DEFAULT_LOCK_TIMEOUT
     extra_fuse_options: list[str] = field(default_factory=list)
     on_ready: Callable[[], None] | None = None
 

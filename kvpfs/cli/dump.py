@@ -17,7 +17,8 @@ from kvpfs import __version__
 from kvpfs.cli.formats import invalid_entry, utf8_text
 from kvpfs.cli.results import EXIT_IO, EXIT_OK, JsonObject, Output, UsageError, json_bytes
 from kvpfs.cli.status import collect_status, iso_time, status_notes
-from kvpfs.storage.poolfile import DEFAULT_LOCK_TIMEOUT, pool_path
+from kvpfs.storage.locks import DEFAULT_LOCK_TIMEOUT
+from kvpfs.storage.poolfile import pool_path
 from kvpfs.storage.records import Record
 
 

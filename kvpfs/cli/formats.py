@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 from kvpfs.cli.results import JsonObject, Output, UsageError, json_bytes
-from kvpfs.storage.poolfile import PoolContents
+from kvpfs.storage.readonly import PoolFileRead
 from kvpfs.storage.records import Record
 
 DEFAULT_EXPORT_PREFIX = "KVP_"
@@ -65,7 +65,7 @@ def utf8_text(data: bytes) -> str:
     return data.decode("utf-8")  # only called on records that are `valid`
 
 
-def _invalid_note(contents: PoolContents) -> list[str]:
+def _invalid_note(contents: PoolFileRead) -> list[str]:
     slots = contents.invalid_slots()
     if not slots:
         return []
@@ -75,7 +75,7 @@ def _invalid_note(contents: PoolContents) -> list[str]:
             f"either. `kvpfs ls {contents.name} --all-records` lists them"]
 
 
-def format_text(contents: PoolContents, *, all_records: bool = False) -> Output:
+def format_text(contents: PoolFileRead, *, all_records: bool = False) -> Output:
     """`KEY<TAB>VALUE` per key (last wins), or `SLOT<TAB>KEY<TAB>VALUE` per record."""
     lines = []
     if all_records:
@@ -94,7 +94,7 @@ def format_text(contents: PoolContents, *, all_records: bool = False) -> Output:
     return Output("".join(line + "\n" for line in lines).encode("utf-8"), notes)
 
 
-def format_json(contents: PoolContents, *, all_records: bool = False) -> Output:
+def format_json(contents: PoolFileRead, *, all_records: bool = False) -> Output:
     """An object key -> value (last wins), or a list of [key, value] in file order with
     duplicates and `invalid_entry` objects."""
     if all_records:
@@ -107,7 +107,7 @@ def format_json(contents: PoolContents, *, all_records: bool = False) -> Output:
     return Output(json_bytes(obj), _invalid_note(contents))
 
 
-def format_export(contents: PoolContents, *, prefix: str = DEFAULT_EXPORT_PREFIX) -> Output:
+def format_export(contents: PoolFileRead, *, prefix: str = DEFAULT_EXPORT_PREFIX) -> Output:
     """`export NAME='value'` per key (last wins), for `eval`. Keys that map to the same name
     are all printed, in file order (so the last one wins), and reported on stderr."""
     if not VALID_PREFIX.fullmatch(prefix):

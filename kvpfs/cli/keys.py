@@ -34,7 +34,9 @@ from kvpfs.cli.formats import (
 )
 from kvpfs.cli.results import EXIT_NOT_FOUND, Output, UsageError
 from kvpfs.storage import writeplan
-from kvpfs.storage.poolfile import DEFAULT_LOCK_TIMEOUT, PoolFile, pool_path, read_pool
+from kvpfs.storage.locks import DEFAULT_LOCK_TIMEOUT
+from kvpfs.storage.poolfile import PoolFile, pool_path
+from kvpfs.storage.readonly import read_pool
 from kvpfs.wire import limits
 from kvpfs.wire.pools import AUTO, GUEST, POOL_NAMES
 
@@ -134,7 +136,7 @@ def cmd_get(pool_dir: Path, pool: int, key: str, *, raw: bool = False,
     """The value of the key's last valid record, then a newline unless `raw`."""
     key_bytes = _key_bytes(key)
     contents = read_pool(pool_dir, pool, lock_timeout=lock_timeout)
-    value = contents.lookup(key_bytes)
+    value = contents.get(key_bytes)
     if value is not None:
         return Output(value if raw else value + b"\n")
     notes = []

@@ -29,6 +29,7 @@ from kvpfs.cli.results import (
     EXIT_UNAVAILABLE,
     EXIT_USAGE,
 )
+from kvpfs.storage.locks import DEFAULT_LOCK_TIMEOUT
 from kvpfs.wire.pools import pool_number
 
 log = logging.getLogger("kvpfs")
@@ -75,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     mount.add_argument("--raw", action="store_true",
                        help="store written bytes exactly (keep a trailing newline)")
     mount.add_argument("--control", type=Path, help="control socket path")
-    mount.add_argument("--lock-timeout", type=float, default=5.0,
+    mount.add_argument("--lock-timeout", type=float, default=DEFAULT_LOCK_TIMEOUT,
                        help="seconds to wait for another program's pool lock (default 5)")
     mount.add_argument("--debug", action="store_true", help="log every host message")
     mount.add_argument("--debug-fuse", action="store_true", help="libfuse request tracing")
@@ -356,7 +357,8 @@ def _add_tool_parsers(sub: argparse._SubParsersAction) -> None:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--pool-dir", type=Path, default=Path("/var/lib/hyperv"),
                         help="pool files directory (default /var/lib/hyperv)")
-    common.add_argument("--lock-timeout", type=float, default=5.0, metavar="SECONDS",
+    common.add_argument("--lock-timeout", type=float, default=DEFAULT_LOCK_TIMEOUT,
+                        metavar="SECONDS",
                         help="how long to wait for another program's pool lock (default 5)")
     get = sub.add_parser("get", parents=[common],
                          help="print a key's value from the pool files (exit 1 if missing)")

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvpfs.storage.poolfile import PoolFileError
+from kvpfs.storage.errors import PoolFileError
 
 # The exit statuses of every kvpfs command (README "exit status" tables, kvpfs(8)).
 EXIT_OK = 0

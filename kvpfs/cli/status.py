@@ -11,15 +11,11 @@ import threading
 from pathlib import Path
 
 from kvpfs.cli.results import EXIT_IO, EXIT_OK, JsonObject, Output, json_bytes
-from kvpfs.storage.poolfile import (
-    DEFAULT_LOCK_TIMEOUT,
-    POOL_COUNT,
-    PoolContents,
-    PoolFileError,
-    pool_path,
-    read_pool,
-)
-from kvpfs.wire.pools import AUTO, POOL_NAMES
+from kvpfs.storage.errors import PoolFileError
+from kvpfs.storage.locks import DEFAULT_LOCK_TIMEOUT
+from kvpfs.storage.poolfile import pool_path
+from kvpfs.storage.readonly import PoolFileRead, read_pool
+from kvpfs.wire.pools import AUTO, POOL_COUNT, POOL_NAMES
 
 HV_KVP_DAEMON_NAMES = ("hv_kvp_daemon", "hypervkvpd")  # Debian/Ubuntu, RHEL/SUSE
 MOUNT_PROBE_TIMEOUT = 3.0
@@ -128,10 +124,10 @@ def _owner(uid: int) -> str:
         return str(uid)
 
 
-def pool_status(contents: PoolContents, boot: float | None) -> JsonObject:
+def pool_status(contents: PoolFileRead, boot: float | None) -> JsonObject:
     """Counts, size, mode and age of one pool (as `kvpfs status --json` shows it)."""
-    valid = contents.valid_items()
-    unique = len({key for key, _ in valid})
+    valid = contents.visible_count()
+    unique = len(contents.slots)
     st = contents.stat_result
     info: JsonObject = {
         "pool": contents.pool,
@@ -140,8 +136,8 @@ def pool_status(contents: PoolContents, boot: float | None) -> JsonObject:
         "exists": st is not None,
         "records": len(contents.records),
         "unique_keys": unique,
-        "duplicates": len(valid) - unique,
-        "invalid": len(contents.records) - len(valid),
+        "duplicates": valid - unique,
+        "invalid": len(contents.records) - valid,
         "invalid_slots": contents.invalid_slots(),
         "trailing_bytes": contents.trailing_bytes,
         "size": 0 if st is None else st.st_size,
@@ -156,7 +152,7 @@ def pool_status(contents: PoolContents, boot: float | None) -> JsonObject:
 
 
 def collect_status(pool_dir: Path, *, lock_timeout: float = DEFAULT_LOCK_TIMEOUT
-                   ) -> tuple[JsonObject, dict[int, PoolContents]]:
+                   ) -> tuple[JsonObject, dict[int, PoolFileRead]]:
     """Status of the whole pool directory, plus the contents it was computed from.
 
     A pool that cannot be read gets an "error" entry instead of stopping the others.
@@ -171,7 +167,7 @@ def collect_status(pool_dir: Path, *, lock_timeout: float = DEFAULT_LOCK_TIMEOUT
         "hv_kvp_daemon": hv_kvp_daemons(),
         "pools": [],
     }
-    contents: dict[int, PoolContents] = {}
+    contents: dict[int, PoolFileRead] = {}
     for pool in range(POOL_COUNT):
         try:
             contents[pool] = read_pool(pool_dir, pool, lock_timeout=lock_timeout)

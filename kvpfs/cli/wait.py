@@ -20,7 +20,9 @@ import time
 from pathlib import Path
 
 from kvpfs import control
-from kvpfs.storage.poolfile import pool_path, read_pool, stat_signature
+from kvpfs.storage.poolfile import pool_path
+from kvpfs.storage.poolrecords import stat_signature
+from kvpfs.storage.readonly import read_pool
 from kvpfs.wire import names
 from kvpfs.wire.pools import POOL_NAMES
 
@@ -139,7 +141,7 @@ def wait_on_files(pool_dir: Path, pool: int, key: bytes, *, timeout: float | Non
     path = pool_path(pool_dir, pool)
 
     def current() -> bytes | None:
-        return read_pool(pool_dir, pool).lookup(key)
+        return read_pool(pool_dir, pool).get(key)
 
     signature = stat_signature(path)
     initial = current()

@@ -50,11 +50,12 @@ from kvpfs.fuse.events import EventFeed
 from kvpfs.fuse.fsnotify_echo import CREATE, DELETE, MODIFY, EchoHelper, EchoOp, EchoQueue
 from kvpfs.host.intrinsic import KEYS as INTRINSIC_KEYS
 from kvpfs.host.intrinsic import Intrinsics
-from kvpfs.storage.poolfile import LockTimeout, PoolFileError
-from kvpfs.storage.store import AUTO_POOL, Change, Origin, Store
+from kvpfs.storage.errors import LockTimeout, PoolFileError
+from kvpfs.storage.store import Change, Origin, Store
 from kvpfs.storage.worker import Worker
 from kvpfs.wire import limits, names
 from kvpfs.wire.limits import VALUE_MAX_BYTES, VALUE_MAX_UNITS
+from kvpfs.wire.pools import AUTO as AUTO_POOL
 from kvpfs.wire.pools import GUEST, POOL_NAMES
 
 log = logging.getLogger(__name__)

@@ -42,7 +42,7 @@ from kvpfs import compat
 from kvpfs.host.device import Channel, DeviceUnavailable, Opener
 from kvpfs.host.intrinsic import KEYS as INTRINSIC_KEYS
 from kvpfs.host.intrinsic import Intrinsics
-from kvpfs.storage.poolfile import LockTimeout, PoolFileError
+from kvpfs.storage.errors import LockTimeout, PoolFileError
 from kvpfs.storage.store import Origin, Store
 from kvpfs.wire import protocol
 from kvpfs.wire.protocol import Op, Pool, ProtocolError, Status

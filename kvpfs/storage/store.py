@@ -1,6 +1,6 @@
 """The pools in memory, kept in step with the pool files on disk.
 
-One `PoolState` per pool file mirrors its records in file order. Reads (the
+One `PoolRecords` per pool file mirrors its records in file order. Reads (the
 host's GET and ENUMERATE, the filesystem's lookups and reads) are answered from
 memory at a cost that does not depend on the pool's size. Every change goes to
 the file first, in a worker thread, under both the fcntl and the flock lock,
@@ -27,31 +27,24 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import trio
 
 from kvpfs.quietlog import QuietLog
-from kvpfs.storage.poolfile import (
-    POOL_COUNT,
-    LockTimeout,
-    PoolFile,
-    PoolFileError,
-    Record,
-    Signature,
-    Snapshot,
-    pool_path,
-    stat_signature,
-)
+from kvpfs.storage import writeplan
+from kvpfs.storage.errors import LockTimeout, PoolFileError
+from kvpfs.storage.locks import DEFAULT_LOCK_TIMEOUT
+from kvpfs.storage.poolfile import PoolFile, pool_path
+from kvpfs.storage.poolrecords import PoolRecords, Signature, stat_signature
+from kvpfs.storage.records import Record
 from kvpfs.storage.worker import Worker
 from kvpfs.wire.limits import KEY_MAX_BYTES, VALUE_MAX_BYTES
+from kvpfs.wire.pools import AUTO, POOL_COUNT
 
 log = logging.getLogger(__name__)
-
-AUTO_POOL = 2
-
 
 class Origin(enum.Enum):
     HOST = "host"
@@ -141,67 +134,9 @@ class RequestLock:
             _request_deadline.reset(token)
 
 
-@dataclass
-class PoolState:
-    """Records of one pool in file order, with a last-wins index by key."""
-
-    records: list[Record] = field(default_factory=list)
-    signature: Signature | None = None
-    trailing_bytes: int = 0
-    mtime_ns: int = 0
-    # key -> every slot holding it, in file order (duplicates are normal in pool 1).
-    slots: dict[bytes, list[int]] = field(default_factory=dict)
-    # Slots of records the host may see; None while every record is valid.
-    visible: list[int] | None = None
-
-    @classmethod
-    def from_snapshot(cls, snapshot: Snapshot) -> PoolState:
-        state = cls(
-            records=list(snapshot.records),
-            signature=snapshot.signature,
-            trailing_bytes=snapshot.trailing_bytes,
-            mtime_ns=snapshot.signature.mtime_ns,
-        )
-        state.reindex()
-        return state
-
-    def reindex(self) -> None:
-        self.slots = {}
-        invalid = False
-        for slot, record in enumerate(self.records):
-            if record.valid:
-                self.slots.setdefault(record.key, []).append(slot)
-            else:
-                invalid = True
-        self.visible = (
-            [slot for slot, r in enumerate(self.records) if r.valid] if invalid else None
-        )
-
-    def get(self, key: bytes) -> bytes | None:
-        slots = self.slots.get(key)
-        return self.records[slots[-1]].value if slots else None
-
-    def visible_count(self) -> int:
-        return len(self.records) if self.visible is None else len(self.visible)
-
-    def visible_record(self, index: int) -> Record | None:
-        if index < 0 or index >= self.visible_count():
-            return None
-        return self.records[index if self.visible is None else self.visible[index]]
-
-    def invalid_records(self) -> list[int]:
-        return [slot for slot, r in enumerate(self.records) if not r.valid]
-
-    def unique_keys(self) -> Iterator[bytes]:
-        return iter(self.slots)
-
-    def values(self) -> dict[bytes, bytes]:
-        return {key: self.records[slots[-1]].value for key, slots in self.slots.items()}
-
-
-def diff(old: PoolState, new: PoolState, pool: int, origin: Origin) -> list[Change]:
+def diff(old: PoolRecords, new: PoolRecords, pool: int, origin: Origin) -> list[Change]:
     """What changed between two loads of a pool, key by key (last-wins view)."""
-    before, after = old.values(), new.values()
+    before, after = old.last_wins(), new.last_wins()
     changes = [
         Change("set", pool, key, origin)
         for key, value in after.items()
@@ -218,7 +153,7 @@ class Store:
         self,
         pool_dir: Path,
         *,
-        lock_timeout: float = 5.0,
+        lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
         poll_interval: float = 0.25,
     ) -> None:
         self.pool_dir = pool_dir
@@ -228,7 +163,7 @@ class Store:
             PoolFile(pool_path(pool_dir, pool), lock_timeout=lock_timeout)
             for pool in range(POOL_COUNT)
         ]
-        self.states = [PoolState() for _ in range(POOL_COUNT)]
+        self.states = [PoolRecords() for _ in range(POOL_COUNT)]
         self._locks = [trio.Lock() for _ in range(POOL_COUNT)]
         # Pool-file work runs in one thread per pool: its lock serializes it anyway.
         self._workers = [Worker(f"kvpfs pool {pool}") for pool in range(POOL_COUNT)]
@@ -239,7 +174,6 @@ class Store:
         self._warned_invalid: list[set[bytes]] = [set() for _ in range(POOL_COUNT)]
         self._quiet = QuietLog(log)
         self._reload_busy_since: list[float | None] = [None] * POOL_COUNT
-        self.generation = 0  # bumped on every change, for cheap cache checks
         self.memory_lock = threading.Lock()
 
     # ------------------------------------------------------------------ set-up
@@ -248,10 +182,10 @@ class Store:
 
     async def open(self) -> None:
         for pool in range(POOL_COUNT):
-            snapshot = await trio.to_thread.run_sync(self._open_and_read, pool)
-            self._install(pool, PoolState.from_snapshot(snapshot))
+            records = await trio.to_thread.run_sync(self._open_and_read, pool)
+            self._install(pool, records)
 
-    def _open_and_read(self, pool: int) -> Snapshot:
+    def _open_and_read(self, pool: int) -> PoolRecords:
         pf = self.files[pool]
         pf.open()
         with pf.locked():
@@ -263,16 +197,15 @@ class Store:
         for pf in self.files:
             pf.close()
 
-    def _install(self, pool: int, state: PoolState) -> None:
+    def _install(self, pool: int, state: PoolRecords) -> None:
         with self.memory_lock:
             self.states[pool] = state
-        self.generation += 1
         self._report_invalid(pool, state)
 
-    def _report_invalid(self, pool: int, state: PoolState) -> None:
+    def _report_invalid(self, pool: int, state: PoolRecords) -> None:
         """One line for the invalid records not reported yet, however many (a pool full
         of garbage is one line, not one per record), and the partial record once."""
-        invalid = state.invalid_records() if state.visible is not None else []
+        invalid = state.invalid_slots() if state.visible is not None else []
         seen = {(state.records[slot].raw or b"")[:64] for slot in invalid}
         known = self._warned_invalid[pool]
         new = [slot for slot in invalid if (state.records[slot].raw or b"")[:64] not in known]
@@ -317,12 +250,12 @@ class Store:
             raise ValueError(f"key must be 1..{KEY_MAX_BYTES} bytes without NUL")
         if len(value) > VALUE_MAX_BYTES or b"\0" in value:
             raise ValueError(f"value must be at most {VALUE_MAX_BYTES} bytes without NUL")
-        await self._change(pool, origin, "set", key, value)
+        await self._change(pool, origin, writeplan.Upsert(key, value))
 
     async def delete(self, pool: int, key: bytes, origin: Origin) -> bool:
         """Remove every record with this key; False if there was none."""
         _check_writable(pool)
-        return await self._change(pool, origin, "delete", key, b"")
+        return await self._change(pool, origin, writeplan.Delete(key))
 
     def request_lock(self, pool: int) -> RequestLock:
         """A lock for a caller's own queue of changes to `pool`, bounded like the store's."""
@@ -362,7 +295,7 @@ class Store:
             self._holders[pool] = exc.holders or "holder unknown"
             raise
 
-    async def _change(self, pool: int, origin: Origin, kind: str, key: bytes, value: bytes) -> bool:
+    async def _change(self, pool: int, origin: Origin, edit: writeplan.Edit) -> bool:
         # Fixed on arrival (or by the caller's RequestLock): queueing counts against it.
         deadline = _request_deadline.get() or Deadline.after(self.lock_timeout)
         if not await _acquire_by(self._locks[pool], deadline):
@@ -374,8 +307,8 @@ class Store:
             # otherwise wait again, one timeout per step. Any success ends this.
             stuck = bool(self._holders[pool])
             try:
-                reloaded, action, signature = await self._workers[pool].run(
-                    self._locked_change, pool, before, kind, key, value,
+                reloaded, change, signature = await self._workers[pool].run(
+                    self._locked_change, pool, before, edit,
                     time.monotonic() if stuck else deadline.monotonic_at,
                 )
             except LockTimeout as exc:
@@ -391,75 +324,40 @@ class Store:
                 before.signature = None  # the file may be half-changed: reload next time
                 raise
             changes = diff(before, reloaded, pool, Origin.EXTERNAL) if reloaded else []
-            state = reloaded or before
-            # Memory changes only here, on the trio thread, never while a reader iterates.
+            # Memory changes only here, on the trio thread, never while a reader iterates,
+            # and by the very plan the worker carried out on the file.
             with self.memory_lock:
-                if action[0] == "modify":
-                    state.records[action[1]] = Record(key, value)
-                elif action[0] == "append":
-                    slot = action[1]
-                    del state.records[slot:]
-                    state.records.append(Record(key, value))
-                    state.slots.setdefault(key, []).append(slot)
-                    if state.visible is not None:
-                        state.visible.append(slot)
-                elif action[0] == "truncate":
-                    # The common delete (the newest key): no later slot moves, no reindex.
-                    del state.records[action[1]:]
-                    del state.slots[key]
-                    if state.visible is not None:
-                        state.visible = [slot for slot in state.visible if slot < action[1]]
-                elif action[0] == "replace":
-                    state = action[1]
+                state = (reloaded or before).apply(change)
                 state.signature = signature
-            done = action[0] != "none"
+            done = not isinstance(change, writeplan.Unchanged)
             if done:
                 state.mtime_ns = time.time_ns()
-                changes.append(Change(kind, pool, key, origin))
+                kind = "set" if isinstance(edit, writeplan.Upsert) else "delete"
+                changes.append(Change(kind, pool, edit.key, origin))
             if state is not before:
                 self._install(pool, state)
             self._holders[pool] = ""
         finally:
             self._locks[pool].release()
         await self._notify(changes)
-        return done or (kind == "set")
+        return done or isinstance(edit, writeplan.Upsert)
 
-    def _locked_change(self, pool: int, state: PoolState, kind: str, key: bytes, value: bytes,
-                       deadline: float):
-        """Worker thread: lock, reload if someone else wrote, change the file.
+    def _locked_change(self, pool: int, state: PoolRecords, edit: writeplan.Edit,
+                       deadline: float) -> tuple[PoolRecords | None, writeplan.Plan, Signature]:
+        """Worker thread: lock, reload if someone else wrote, plan the edit and carry it out.
 
-        Reads `state` but never modifies it (the trio thread owns it); returns
-        the reloaded state (or None), what was done, and the new signature.
+        Reads `state` but never modifies it (the trio thread owns it); returns the reloaded
+        records (or None), the plan that was carried out, and the file's new signature.
         """
         pf = self.files[pool]
         with pf.locked(deadline=deadline):
             reloaded = None
             # locked() reopens a deleted or replaced file: its signature then differs.
             if pf.fstat_signature() != state.signature:
-                reloaded = state = PoolState.from_snapshot(pf.read())
-            slots = state.slots.get(key)
-            action: tuple = ("none",)
-            if kind == "set":
-                if slots and state.records[slots[-1]].value == value:
-                    pass
-                elif slots:
-                    pf.write_record(slots[-1], key, value)
-                    action = ("modify", slots[-1])
-                else:
-                    action = ("append", pf.append_record(key, value))
-            elif slots:
-                records = list(state.records)
-                # Last to first, so each removal leaves the earlier slot numbers valid.
-                for slot in reversed(slots):
-                    pf.delete_record(slot, records)
-                    del records[slot]
-                if slots[0] == len(records):
-                    action = ("truncate", len(records))  # they were the last records
-                else:
-                    replacement = PoolState(records=records)
-                    replacement.reindex()
-                    action = ("replace", replacement)
-            return reloaded, action, pf.fstat_signature()
+                reloaded = state = pf.read()
+            change = writeplan.plan(state.records, edit, state.slots.get(edit.key, []))
+            pf.apply(change, state.records)
+            return reloaded, change, pf.fstat_signature()
 
     # ------------------------------------------------------------------ watching
     async def check_external_changes(self) -> None:
@@ -509,13 +407,13 @@ class Store:
                 log.info("pool %d changed on disk: %d key(s) affected", pool, len(changes))
                 await self._notify(changes)
 
-    def _reload(self, pool: int, known: Signature | None, timeout: float) -> PoolState | None:
+    def _reload(self, pool: int, known: Signature | None, timeout: float) -> PoolRecords | None:
         """Worker thread: the pool as on disk now, or None if it is still `known`."""
         pf = self.files[pool]
         with pf.locked(timeout):
             if known is not None and pf.fstat_signature() == known:
                 return None
-            return PoolState.from_snapshot(pf.read())
+            return pf.read()
 
     async def watch(self) -> None:
         while True:
@@ -528,13 +426,12 @@ class Store:
     async def _notify(self, changes: list[Change]) -> None:
         if not changes:
             return
-        self.generation += 1
         for listener in self._listeners:
             await listener(changes)
 
 
 def _check_writable(pool: int) -> None:
-    if pool == AUTO_POOL:
+    if pool == AUTO:
         raise ValueError("pool 2 (auto) is computed, not stored")
     if not 0 <= pool < POOL_COUNT:
         raise ValueError(f"no pool {pool}: pools are 0..{POOL_COUNT - 1}")

@@ -45,9 +45,10 @@ class Worker:
             self._thread.start()
         self._jobs.put((fn, args, trio.lowlevel.current_task(),
                         trio.lowlevel.current_trio_token()))
-        return await trio.lowlevel.wait_task_rescheduled(
+        result: T = await trio.lowlevel.wait_task_rescheduled(
             lambda _: trio.lowlevel.Abort.FAILED  # a started call is always waited for
         )
+        return result
 
     def close(self) -> None:
         """Let the thread end once it has finished what it was given. A later `run`

@@ -10,8 +10,8 @@ minus its bugs:
   they are the last records of the file that is only a truncation.
 
 `plan` decides; `storage.poolfile.PoolFile.apply` carries a plan out under the pool's lock,
-and the store updates its memory from the same plan. No I/O here, so the rules are tested
-with records alone.
+and the store updates its memory from the same plan (`storage.poolrecords.PoolRecords.apply`).
+No I/O here, so the rules are tested with records alone.
 """
 
 from __future__ import annotations
@@ -108,18 +108,3 @@ def plan(records: Sequence[Record], edit: Edit, slots: Sequence[int] | None = No
     doomed = set(slots)
     remaining = tuple(r for slot, r in enumerate(records) if slot not in doomed)
     return Remove(tuple(slots), edit.key, remaining)
-
-
-def apply_to_records(records: Sequence[Record], change: Plan) -> list[Record]:
-    """The records a plan leaves: what the file holds once it is carried out."""
-    out = list(records)
-    if isinstance(change, Modify):
-        out[change.slot] = change.record
-    elif isinstance(change, Append):
-        del out[change.slot:]
-        out.append(change.record)
-    elif isinstance(change, Truncate):
-        del out[change.slot:]
-    elif isinstance(change, Remove):
-        out = list(change.remaining)
-    return out

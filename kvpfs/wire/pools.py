@@ -4,7 +4,8 @@ from __future__ import annotations
 
 # Index = pool number (enum hv_kvp_exchg_pool); the name is its directory in the mount.
 POOL_NAMES = ("external", "guest", "auto", "auto_external", "auto_internal")
-EXTERNAL, GUEST, AUTO, AUTO_EXTERNAL, AUTO_INTERNAL = range(5)
+POOL_COUNT = len(POOL_NAMES)
+EXTERNAL, GUEST, AUTO, AUTO_EXTERNAL, AUTO_INTERNAL = range(POOL_COUNT)
 
 
 def pool_number(text: str | int) -> int:

@@ -6,7 +6,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from kvpfs.storage import writeplan
-from kvpfs.storage.records import Record, encode_record, parse_pool
+from kvpfs.storage.poolrecords import PoolRecords
+from kvpfs.storage.records import Record, encode_record, parse_pool, slot_bytes
 from kvpfs.storage.writeplan import (
     Append,
     Delete,
@@ -15,7 +16,6 @@ from kvpfs.storage.writeplan import (
     Truncate,
     Unchanged,
     Upsert,
-    apply_to_records,
     plan,
 )
 
@@ -35,7 +35,7 @@ def test_upsert_changes_the_last_duplicate_in_place_and_leaves_earlier_ones():
     records = recs((b"k", b"old"), (b"x", b"1"), (b"k", b"newer"))
     change = plan(records, Upsert(b"k", b"v"))
     assert change == Modify(2, Record(b"k", b"v"))
-    assert apply_to_records(records, change) == recs((b"k", b"old"), (b"x", b"1"), (b"k", b"v"))
+    assert after(records, change) == recs((b"k", b"old"), (b"x", b"1"), (b"k", b"v"))
 
 
 def test_upsert_of_the_same_value_writes_nothing():
@@ -61,7 +61,7 @@ def test_delete_of_the_last_records_is_a_truncation():
     change = plan(records, Delete(b"k"))
     assert change == Truncate((1, 2), b"k")
     assert change.slot == 1
-    assert apply_to_records(records, change) == recs((b"a", b"1"))
+    assert after(records, change) == recs((b"a", b"1"))
 
 
 def test_delete_elsewhere_removes_every_duplicate_and_keeps_the_order():
@@ -69,7 +69,7 @@ def test_delete_elsewhere_removes_every_duplicate_and_keeps_the_order():
     change = plan(records, Delete(b"k"))
     assert isinstance(change, Remove)
     assert change.slots == (0, 2)
-    assert apply_to_records(records, change) == recs((b"a", b"2"), (b"b", b"4"))
+    assert after(records, change) == recs((b"a", b"2"), (b"b", b"4"))
 
 
 def test_an_index_given_by_the_caller_is_used_as_is():
@@ -82,27 +82,36 @@ EDITS = st.one_of(st.builds(Upsert, KEYS, st.sampled_from([b"1", b"2", b""])),
                   st.builds(Delete, KEYS))
 
 
-@given(st.lists(st.tuples(KEYS, st.sampled_from([b"1", b"2"])), max_size=8),
-       st.lists(EDITS, max_size=8))
-def test_plans_follow_a_last_wins_model_through_the_bytes_of_a_pool_file(pairs, edits):
+def after(records: list[Record], change: writeplan.Plan) -> list[Record]:
+    """The records a plan leaves, as the store's memory takes it (`PoolRecords.apply`)."""
+    return PoolRecords(list(records)).apply(change).records
+
+
+RECORDS = st.one_of(st.builds(Record, KEYS, st.sampled_from([b"1", b"2"])), st.just(BAD))
+
+
+@given(st.lists(RECORDS, max_size=8), st.lists(EDITS, max_size=8))
+def test_plans_follow_a_last_wins_model_through_the_bytes_of_a_pool_file(initial, edits):
     """Carried out on the file's bytes, every plan leaves what a dict of last values predicts,
-    and upserts never disturb other records."""
-    records = recs(*pairs)
+    upserts never disturb other records, and the index kept in memory, changed by the same
+    plan, is the one a fresh read of the bytes builds."""
+    pool = PoolRecords(list(initial))
     model: dict[bytes, bytes] = {}
-    for key, value in pairs:
-        model[key] = value
+    for record in initial:
+        if record.valid:
+            model[record.key] = record.value
     for edit in edits:
-        change = plan(records, edit)
-        records = apply_to_records(records, change)
-        data = b"".join(encode_record(r.key, r.value) for r in records)
-        records, trailing = parse_pool(data)
+        change = plan(pool.records, edit, pool.slots.get(edit.key, []))
+        assert change == plan(pool.records, edit)  # the index gives what a scan gives
+        pool = pool.apply(change)
+        records, trailing = parse_pool(b"".join(slot_bytes(r) for r in pool.records))
         assert trailing == 0
+        fresh = PoolRecords(records)
+        assert (pool.records, pool.slots, pool.visible) == (records, fresh.slots, fresh.visible)
         if isinstance(edit, Upsert):
             model[edit.key] = edit.value
         else:
             model.pop(edit.key, None)
-        last: dict[bytes, bytes] = {}
-        for record in records:
-            last[record.key] = record.value
-        assert last == model
-    assert writeplan.key_slots(records, b"zzz") == []
+        assert fresh.last_wins() == model
+        assert [r for r in records if not r.valid] == [r for r in initial if not r.valid]
+    assert writeplan.key_slots(pool.records, b"zzz") == []

@@ -13,7 +13,8 @@ import time
 
 import pytest
 
-from kvpfs.storage.poolfile import encode_record, pool_path
+from kvpfs.storage.poolfile import pool_path
+from kvpfs.storage.records import encode_record
 from tests.conftest import KvpfsProcess, requires_fuse
 
 pytestmark = requires_fuse

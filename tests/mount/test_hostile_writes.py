@@ -31,7 +31,8 @@ from pathlib import Path
 import pytest
 
 from kvpfs.storage import room
-from kvpfs.storage.poolfile import parse_pool, pool_path
+from kvpfs.storage.poolfile import pool_path
+from kvpfs.storage.records import parse_pool
 from kvpfs.wire import limits
 from tests.conftest import KvpfsProcess, requires_fuse, skip_unless_ci
 from tests.support.lockholder import start_locker, stop_locker

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from kvpfs.storage.poolfile import read_pool
+from kvpfs.storage.readonly import read_pool
 from tests.conftest import REPO, KvpfsProcess, fuse_missing, skip_unless_ci
 from tests.support.waiting import wait_for
 

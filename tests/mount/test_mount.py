@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from kvpfs.storage.poolfile import RECORD_SIZE, encode_record, parse_pool, pool_path
+from kvpfs.storage.poolfile import pool_path
+from kvpfs.storage.records import RECORD_SIZE, encode_record, parse_pool
 from tests.conftest import KvpfsProcess, requires_fuse
 from tests.support.waiting import wait_for
 

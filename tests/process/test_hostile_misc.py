@@ -27,7 +27,8 @@ import pytest
 
 from kvpfs import control
 from kvpfs.quietlog import QuietLog
-from kvpfs.storage.poolfile import encode_record, pool_path
+from kvpfs.storage.poolfile import pool_path
+from kvpfs.storage.records import encode_record
 from kvpfs.wire.protocol import Status
 from tests.conftest import REPO, KvpfsProcess, requires_fuse
 from tests.support.figures import record_figure

@@ -22,13 +22,13 @@ import pytest
 from kvpfs import __version__
 from kvpfs.cli.formats import export_name
 from kvpfs.cli.status import boot_time
-from kvpfs.storage.poolfile import (
+from kvpfs.storage.poolfile import pool_path
+from kvpfs.storage.records import (
     KEY_FIELD,
     RECORD_SIZE,
     VALUE_FIELD,
     encode_record,
     parse_pool,
-    pool_path,
 )
 from kvpfs.wire import limits
 from tests.conftest import REPO, KvpfsProcess

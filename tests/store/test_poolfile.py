@@ -22,22 +22,20 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from kvpfs.storage import poolfile
-from kvpfs.storage.poolfile import (
+from kvpfs.storage.errors import LockTimeout, PoolFileError
+from kvpfs.storage.journal import Journal
+from kvpfs.storage.poolfile import PoolFile, pool_path
+from kvpfs.storage.poolrecords import Signature, stat_signature
+from kvpfs.storage.readonly import load_pool_dir
+from kvpfs.storage.records import (
     KEY_FIELD,
-    POOL_COUNT,
     RECORD_SIZE,
     VALUE_FIELD,
-    LockTimeout,
-    PoolFile,
-    PoolFileError,
     Record,
-    Signature,
     encode_record,
-    load_pool_dir,
     parse_pool,
-    pool_path,
-    stat_signature,
 )
+from kvpfs.wire.pools import POOL_COUNT
 from tests.support.lockholder import LOCKER, start_locker, stop_locker
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "reference-daemon"
@@ -297,7 +295,7 @@ def test_deleted_file_is_recreated(pool: PoolFile) -> None:
     assert pool.ensure_open() is True
     assert stat.S_IMODE(os.stat(pool.path).st_mode) == 0o600
     with pool.locked():
-        assert pool.read().records == ()
+        assert pool.read().records == []
     # locked() does it by itself too
     pool.path.unlink()
     with pool.locked():
@@ -658,7 +656,7 @@ def test_torn_journal_entry_is_ignored(pool: PoolFile, monkeypatch: pytest.Monke
     fill(pool, [(b"a", b"1"), (b"b", b"2"), (b"c", b"3")])
     before = pool.path.read_bytes()
     with monkeypatch.context() as patch:
-        patch.setattr(PoolFile, "_clear_journal", lambda self: None)
+        patch.setattr(Journal, "clear", lambda self: None)
         with pool.locked():
             pool.delete_record(0, pool.read().records)
     entry = intent(pool.path).read_bytes()
@@ -698,7 +696,7 @@ def test_journal_left_after_a_finished_change_never_undoes_a_later_foreign_write
     is neither the old, the new nor a torn state, and leave it alone."""
     fill(pool, [(b"a", b"1"), (b"b", b"2"), (b"c", b"3")])
     with monkeypatch.context() as patch:
-        patch.setattr(PoolFile, "_clear_journal", lambda self: None)
+        patch.setattr(Journal, "clear", lambda self: None)
         with pool.locked():
             pool.delete_record(2, pool.read().records)
     assert pending(pool.path)

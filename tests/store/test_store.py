@@ -9,6 +9,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import random
 import shutil
 import stat
 import time
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from kvpfs.storage.poolfile import LockTimeout
+from kvpfs.storage.errors import LockTimeout
 from kvpfs.storage.store import Change, Origin, Store
 from tests.support.lockholder import start_locker, stop_locker
 
@@ -348,6 +349,53 @@ async def test_invalid_record_survives_delete_byte_identical(tmp_path: Path) -> 
         assert after[0] == bad_key and after[2] == bad_value
         assert after[4] == canonical(b"bad-value", b"fixed")
         assert s.get(1, b"bad-value") == b"fixed"
+    finally:
+        s.close()
+
+
+def host_view(path: Path) -> list[tuple[bytes, bytes]]:
+    """The records the host may see, parsed here: non-empty key, both fields UTF-8."""
+    def valid(key: bytes, value: bytes) -> bool:
+        try:
+            key.decode("utf-8")
+            value.decode("utf-8")
+        except UnicodeDecodeError:
+            return False
+        return bool(key)
+    return [(k, v) for k, v in file_pairs(path) if valid(k, v)]
+
+
+async def test_memory_follows_the_file_through_every_kind_of_change(tmp_path: Path) -> None:
+    """Modify, append, truncate and a delete that shifts records, with duplicates and invalid
+    records in the pool: after each change, what the store answers from memory (the host's
+    ENUMERATE and GET, the keys) is what the file now holds."""
+    pool_dir = tmp_path / "pools"
+    pool_dir.mkdir(mode=0o700)
+    path = pool_file(pool_dir, 1)
+    path.write_bytes(record_bytes(b"k1", b"a") + record_bytes(b"bad-\xff", b"x")
+                     + record_bytes(b"k2", b"b") + record_bytes(b"k1", b"c"))
+    keys = [b"k%d" % i for i in range(5)]
+    rng = random.Random(7)
+    s = Store(pool_dir, lock_timeout=0.5)
+    await s.open()
+    try:
+        for step in range(150):
+            key = rng.choice(keys)
+            if rng.random() < 0.6:
+                await s.set(1, key, rng.choice([b"1", b"22", b"333"]), Origin.MOUNT)
+            else:
+                await s.delete(1, key, Origin.MOUNT)
+            if rng.random() < 0.1:  # a cloud-init style duplicate, picked up by a reload
+                external_append(path, record_bytes(rng.choice(keys), b"ext"))
+                await s.check_external_changes()
+            want = host_view(path)
+            seen = []
+            while (record := s.enumerate(1, len(seen))) is not None:
+                seen.append((record.key, record.value))
+            assert seen == want, f"step {step}"
+            assert {k: s.get(1, k) for k in keys} == {k: dict(want).get(k) for k in keys}
+            assert list(s.states[1].unique_keys()) == list(dict.fromkeys(k for k, _ in want))
+        assert b"bad-\xff" in dict(file_pairs(path))  # invalid: never shown, never deleted
     finally:
         s.close()
 
