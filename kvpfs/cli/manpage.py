@@ -20,8 +20,8 @@ import sys
 from collections.abc import Iterator
 
 from kvpfs import __version__
-from kvpfs.cli import main as cli
 from kvpfs.cli import mounthelper
+from kvpfs.cli.parser import build_parser
 
 SECTIONS = """\
 # DESCRIPTION
@@ -234,7 +234,7 @@ def command_section(words: tuple[str, ...], summary: str,
 
 def commands() -> list[str]:
     out: list[str] = []
-    for words, summary, parser in walk(cli.build_parser()):
+    for words, summary, parser in walk(build_parser()):
         if len(words) == 1:
             out += [".PP", "Options of \\fBkvpfs\\fR itself:"]
             out += command_section(words, summary, parser)[1:]
@@ -300,7 +300,7 @@ def prose(text: str, parts: dict[str, list[str]]) -> list[str]:
 
 
 def render() -> str:
-    parser = cli.build_parser()
+    parser = build_parser()
     lines = [
         f'.TH KVPFS 8 "" "kvpfs {escape(__version__)}" "System Administration"',
         ".SH NAME",

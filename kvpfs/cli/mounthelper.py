@@ -19,6 +19,8 @@ import argparse
 import os
 import sys
 
+from kvpfs.cli.results import EXIT_USAGE
+
 # SRC is free-form in the FUSE convention; these are the ones we accept besides a device path.
 SOURCE_NAMES = ("kvpfs", "none")
 
@@ -119,26 +121,27 @@ def translate(source: str | None, mountpoint: str, options: list[str]) -> list[s
 
 def main(argv: list[str], prog: str = "mount.kvpfs") -> int:
     """Mount as mount(8) expects: return once mounted (or in the foreground with -f)."""
-    from kvpfs.cli import main as cli
     from kvpfs.cli.daemonize import run_in_background
+    from kvpfs.cli.mountcmd import run_mount
+    from kvpfs.cli.parser import build_parser
 
     args = build_helper_parser(prog).parse_intermixed_args(argv)
     if args.type is not None and args.type not in ("kvpfs", "fuse.kvpfs"):
         print(f"{prog}: this helper mounts kvpfs, not {args.type}", file=sys.stderr)
-        return cli.EXIT_USAGE
+        return EXIT_USAGE
     if len(args.paths) > 2:
         print(f"{prog}: too many arguments: {' '.join(args.paths)}", file=sys.stderr)
-        return cli.EXIT_USAGE
+        return EXIT_USAGE
     source, mountpoint = (None, *args.paths) if len(args.paths) == 1 else args.paths
     try:
         mount_argv = translate(source, mountpoint, args.options)
     except HelperUsageError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
-        return cli.EXIT_USAGE
+        return EXIT_USAGE
     try:
-        mount_args = cli.build_parser().parse_args(mount_argv)
+        mount_args = build_parser().parse_args(mount_argv)
     except SystemExit as exc:  # argparse already said why (e.g. lock_timeout=abc)
-        return exc.code if isinstance(exc.code, int) else cli.EXIT_USAGE
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     if args.foreground:
-        return cli._run_mount(mount_args, on_ready=lambda: None)
-    return run_in_background(lambda ready: cli._run_mount(mount_args, on_ready=ready))
+        return run_mount(mount_args, on_ready=lambda: None)
+    return run_in_background(lambda ready: run_mount(mount_args, on_ready=ready))

@@ -13,18 +13,22 @@ changes.
 
 from __future__ import annotations
 
+import argparse
 import errno
 import os
 import select
+import sys
 import time
 from pathlib import Path
 
 from kvpfs import control
+from kvpfs.cli.parser import parse_pool
+from kvpfs.cli.results import EXIT_OK, EXIT_TIMEOUT, EXIT_UNAVAILABLE, EXIT_USAGE
 from kvpfs.storage.poolfile import pool_path
 from kvpfs.storage.poolrecords import stat_signature
 from kvpfs.storage.readonly import read_pool
 from kvpfs.wire import names
-from kvpfs.wire.pools import POOL_NAMES
+from kvpfs.wire.pools import POOL_NAMES, SYSTEM_POOL_DIR
 
 XATTR_KEY = "user.kvp.key"
 XATTR_POOL = "user.kvp.pool"
@@ -158,3 +162,52 @@ def wait_on_files(pool_dir: Path, pool: int, key: bytes, *, timeout: float | Non
             value = current()
             if _satisfied(value, initial, changed):
                 return value
+
+
+def run_wait(args: argparse.Namespace) -> int:
+    if args.key is None:  # a path to a key's file in a kvpfs mount
+        if args.pool_dir is not None or args.mount is not None:
+            print("kvpfs wait: PATH names its mount; --mount and --pool-dir go with POOL KEY",
+                  file=sys.stderr)
+            return EXIT_USAGE
+        try:
+            args.mount, args.pool, key = resolve_path(Path(args.pool))
+        except NotAKvpfsPath as exc:
+            print(f"kvpfs wait: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+    else:
+        try:
+            args.pool = parse_pool(args.pool)
+        except argparse.ArgumentTypeError as exc:
+            print(f"kvpfs wait: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        key = os.fsencode(args.key)  # the bytes given on the command line
+    try:
+        key.decode("utf-8")
+    except UnicodeDecodeError:
+        print("kvpfs wait: the key is not valid UTF-8, so no KVP key can match it",
+              file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        mounts = [args.mount] if args.mount else control.kvpfs_mounts()
+        if args.pool_dir is None and len(mounts) > 1:
+            print("kvpfs wait: several kvpfs mounts are running; choose one with --mount",
+                  file=sys.stderr)
+            return EXIT_USAGE
+        if args.pool_dir is None and mounts:
+            value = wait_on_mount(mounts[0], args.pool, key, timeout=args.timeout,
+                                       changed=args.changed)
+        else:
+            value = wait_on_files(args.pool_dir or SYSTEM_POOL_DIR, args.pool, key,
+                                       timeout=args.timeout, changed=args.changed)
+    except OSError as exc:
+        print(f"kvpfs wait: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except KeyboardInterrupt:
+        return 130
+    if value is None:
+        print(f"kvpfs wait: timed out after {args.timeout:g} s", file=sys.stderr)
+        return EXIT_TIMEOUT
+    if not args.quiet:
+        sys.stdout.buffer.write(value + b"\n")
+    return EXIT_OK

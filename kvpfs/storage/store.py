@@ -42,7 +42,7 @@ from kvpfs.storage.poolrecords import PoolRecords, Signature, stat_signature
 from kvpfs.storage.records import Record
 from kvpfs.storage.worker import Worker
 from kvpfs.wire.limits import KEY_MAX_BYTES, VALUE_MAX_BYTES
-from kvpfs.wire.pools import AUTO, POOL_COUNT
+from kvpfs.wire.pools import AUTO, POOL_COUNT, SYSTEM_POOL_DIR
 
 log = logging.getLogger(__name__)
 
@@ -439,6 +439,6 @@ def _check_writable(pool: int) -> None:
 
 def default_pool_dir(simulate: bool) -> Path:
     if not simulate:
-        return Path("/var/lib/hyperv")
+        return SYSTEM_POOL_DIR
     base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
     return Path(base) / "kvpfs" / "simulated-pools"

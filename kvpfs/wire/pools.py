@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from kvpfs.wire.protocol import Pool
+
 # Index = pool number (enum hv_kvp_exchg_pool); the name is its directory in the mount.
 POOL_NAMES = ("external", "guest", "auto", "auto_external", "auto_internal")
-POOL_COUNT = len(POOL_NAMES)
-EXTERNAL, GUEST, AUTO, AUTO_EXTERNAL, AUTO_INTERNAL = range(POOL_COUNT)
+POOL_COUNT = len(Pool)
+EXTERNAL, GUEST, AUTO, AUTO_EXTERNAL, AUTO_INTERNAL = (int(pool) for pool in Pool)
+
+# Where hv_kvp_daemon keeps its pool files, and so where every tool looks for them.
+SYSTEM_POOL_DIR = Path("/var/lib/hyperv")
 
 
 def pool_number(text: str | int) -> int:

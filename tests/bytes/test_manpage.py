@@ -9,8 +9,8 @@ import subprocess
 
 import pytest
 
-from kvpfs.cli import main as cli
-from kvpfs.cli import manpage, mounthelper
+from kvpfs.cli import manpage, mounthelper, results
+from kvpfs.cli.parser import build_parser
 
 
 def sections(page: str) -> dict[str, str]:
@@ -27,7 +27,7 @@ def plain(roff: str) -> str:
 
 
 def all_parsers() -> list[tuple[tuple[str, ...], argparse.ArgumentParser]]:
-    found = [(words, parser) for words, _help, parser in manpage.walk(cli.build_parser())]
+    found = [(words, parser) for words, _help, parser in manpage.walk(build_parser())]
     return [*found, (("mount.kvpfs",), mounthelper.build_helper_parser())]
 
 
@@ -54,7 +54,7 @@ def test_every_subcommand_and_option_is_in_its_section():
 
 def test_a_new_option_appears_without_editing_the_page(monkeypatch):
     """The page follows the parser: an option added to `kvpfs ls` shows up in its section."""
-    real = cli.build_parser
+    real = build_parser
 
     def with_new_option() -> argparse.ArgumentParser:
         parser = real()
@@ -64,7 +64,7 @@ def test_a_new_option_appears_without_editing_the_page(monkeypatch):
         return parser
 
     assert "brand" not in manpage.render()
-    monkeypatch.setattr(cli, "build_parser", with_new_option)
+    monkeypatch.setattr(manpage, "build_parser", with_new_option)
     body = plain(sections(manpage.render())["kvpfs ls"])
     assert "--brand-new BRAND_NEW An option nobody documented by hand." in body
 
@@ -76,9 +76,9 @@ def test_fstab_options_and_exit_statuses_are_listed():
                    *mounthelper.FUSE_OPTIONS, *mounthelper.IGNORED_OPTIONS]:
         assert re.search(rf"(^|[\s,]){re.escape(option)}\b", helper), option
     statuses = plain(by_title["EXIT STATUS"]).split()
-    for name in dir(cli):
+    for name in dir(results):
         if name.startswith("EXIT_"):
-            assert str(getattr(cli, name)) in statuses, name
+            assert str(getattr(results, name)) in statuses, name
     for title in ("THE FILESYSTEM", "LIMITS AND ERRORS", "FILES", "MOUNT HELPER"):
         assert title in by_title
 

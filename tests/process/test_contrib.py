@@ -34,8 +34,9 @@ from pathlib import Path
 
 import pytest
 
-from kvpfs.cli import main as cli
 from kvpfs.cli import mounthelper
+from kvpfs.cli.parser import build_parser
+from kvpfs.cli.results import EXIT_UNAVAILABLE, EXIT_USAGE
 from kvpfs.wire.pools import POOL_NAMES
 from tests.conftest import (
     REPO,
@@ -153,7 +154,7 @@ def test_unit_commands_parse():
     for overrides in ({}, default_file_examples()):
         words = expand(settings["ExecStart"][0], {**env, **overrides})
         assert words[0] == "/usr/local/bin/kvpfs"
-        args = cli.build_parser().parse_args(words[1:])
+        args = build_parser().parse_args(words[1:])
         assert args.command == "mount"
         assert str(args.mountpoint) == overrides.get("KVPFS_MOUNTPOINT", "/run/kvp")
         assert args.allow_other and not args.simulate
@@ -164,7 +165,7 @@ def test_unit_commands_parse():
     (stop_post,) = settings["ExecStopPost"]
     words = expand(stop_post.lstrip("-"), env)
     assert words == ["/usr/local/bin/kvpfs", "recover", "/run/kvp"]
-    args = cli.build_parser().parse_args(words[1:])
+    args = build_parser().parse_args(words[1:])
     assert (args.command, str(args.mountpoint)) == ("recover", "/run/kvp")
 
 
@@ -608,7 +609,7 @@ def test_helper_options_translate():
                     "--device", "/dev/kvp", "--allow-other", "--guest-group", "kvp",
                     "--external-readable", "--raw", "--control", "/run/c.sock",
                     "--lock-timeout", "2.5", "--debug", "-o", "ro,noatime"]
-    args = cli.build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     assert (args.simulate, args.lock_timeout, args.options) == (True, 2.5, ["ro,noatime"])
     # A device path as the source is the device; relative paths become absolute.
     argv = mounthelper.translate("/dev/vmbus/hv_kvp", "mnt", ["pool_dir=pools"])
@@ -697,16 +698,16 @@ def test_mount_helper_reports_failure(helper_base):
     mnt = helper_base / "mnt"
     done = subprocess.run([str(KVPFS), "/dev/no-such-kvp", str(mnt)], capture_output=True,
                           text=True, timeout=60)
-    assert done.returncode == cli.EXIT_UNAVAILABLE
+    assert done.returncode == EXIT_UNAVAILABLE
     assert "/dev/no-such-kvp does not exist" in done.stderr
     assert not os.path.ismount(mnt)
     done = subprocess.run([str(MOUNT_HELPER), "kvpfs", str(mnt), "-o", "simulate,alow_other"],
                           capture_output=True, text=True, timeout=60)
-    assert done.returncode == cli.EXIT_USAGE
+    assert done.returncode == EXIT_USAGE
     assert "unknown mount option 'alow_other'" in done.stderr
     done = subprocess.run([str(KVPFS), "kvpfs", str(helper_base / "missing"), "-o", "simulate"],
                           capture_output=True, text=True, timeout=60)
-    assert done.returncode == cli.EXIT_USAGE
+    assert done.returncode == EXIT_USAGE
     assert "is not a directory" in done.stderr
 
 
@@ -954,11 +955,11 @@ def test_readme_examples_are_what_kvpfs_accepts():
     assert fstab_lines
     for source, mountpoint, _fstype, options, *_ in fstab_lines:
         argv = mounthelper.translate(source, mountpoint, [options])
-        assert cli.build_parser().parse_args(argv).allow_other
+        assert build_parser().parse_args(argv).allow_other
     by_hand = re.findall(r"`mount -t fuse\.kvpfs (kvpfs|none|/\S+) (/\S+) -o (\S+)`", section)
     assert by_hand
     for source, mountpoint, options in by_hand:
-        cli.build_parser().parse_args(mounthelper.translate(source, mountpoint, [options]))
+        build_parser().parse_args(mounthelper.translate(source, mountpoint, [options]))
     # The settings shown for container hosts are the ones contrib/kvpfs.default documents.
     examples = default_file_examples()
     for name, value in examples.items():
