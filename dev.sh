@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # kvpfs developer entry point. On a fresh Debian machine, as root:
 #   ./dev.sh demo              install everything, then run kvpfs on the simulated host in ./demo/kvp
-#   ./dev.sh test [ARGS]       install everything, then run the whole test suite (newest PyPI libs)
+#   ./dev.sh test [ARGS]       install everything, lint (ruff, mypy --strict), then run the whole
+#                              test suite (newest PyPI libs)
 #   ./dev.sh setup             install only (again only when pyproject.toml or the lists change)
 #   ./dev.sh deb               build dist/kvpfs_<version>_all.deb from this checkout
 #   ./dev.sh smoke-deb         install that package with apt (no PyPI), try it, purge it, check
@@ -79,8 +80,16 @@ demo() {
     exec "$VENV/bin/kvpfs" mount demo/kvp --simulate --pool-dir demo/pools
 }
 
+# ruff on everything, mypy --strict on kvpfs/ (pyproject.toml): before the suite, in seconds.
+lint() {
+    echo "dev.sh: ruff check, mypy --strict kvpfs"
+    "$VENV/bin/ruff" check kvpfs tests bench emulation
+    "$VENV/bin/mypy"
+}
+
 test_pypi() {
     setup
+    lint
     "$VENV/bin/python" -m pytest "$@"
 }
 

@@ -18,29 +18,23 @@ import socket
 import stat
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import trio
+
+from kvpfs.mountinfo import canonical_mountpoint, kvpfs_mounts
 
 log = logging.getLogger(__name__)
 
 CONTROL_XATTR = "user.kvpfs.control"
 MAX_REQUEST = 64 * 1024
 
-Handler = Callable[[dict], Awaitable[dict]]
+JsonObject = dict[str, Any]  # one request or answer, one line of JSON
+Handler = Callable[[JsonObject], Awaitable[JsonObject]]
 
 
 class ControlError(Exception):
     """The control socket could not be reached or answered with an error."""
-
-
-def canonical_mountpoint(mountpoint: Path) -> Path:
-    """The mount point's absolute path, resolving symlinks in its parent only.
-
-    Never looks at the mount point itself: a dead or wedged FUSE mount there would
-    answer ENOTCONN or hang.
-    """
-    mountpoint = Path(os.path.abspath(mountpoint))
-    return Path(os.path.realpath(mountpoint.parent)) / mountpoint.name
 
 
 # Bytes kept as they are in a socket's name; every other byte but `/` is escaped %XX.
@@ -122,7 +116,8 @@ def check_control_path(path: Path) -> None:
             f"{path} exists and is not a socket; remove it or choose another --control PATH")
 
 
-async def serve(path: Path, handler: Handler, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+async def serve(path: Path, handler: Handler, *,
+                task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve the control socket; never takes one over from a live instance."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -188,7 +183,7 @@ async def _serve_one(stream: trio.SocketStream, handler: Handler) -> None:
             await stream.send_all(json.dumps(answer).encode() + b"\n")
 
 
-def call(path: Path, request: dict, *, timeout: float = 60.0) -> dict:
+def call(path: Path, request: JsonObject, *, timeout: float = 60.0) -> JsonObject:
     """Send one request and wait for the answer (blocking; for the command line)."""
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
@@ -206,41 +201,11 @@ def call(path: Path, request: dict, *, timeout: float = 60.0) -> dict:
     if not data:
         raise ControlError(f"kvpfs at {path} closed the connection without an answer")
     answer = json.loads(data)
+    if not isinstance(answer, dict):
+        raise ControlError(f"kvpfs at {path} answered {data[:80]!r}, not a JSON object")
     if "error" in answer:
         raise ControlError(answer["error"])
     return answer
-
-
-def kvpfs_mount_table() -> list[tuple[str, Path]]:
-    """(device number, mount point) of every kvpfs mount visible here, in mount order."""
-    table = []
-    try:
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                fields = line.split()
-                sep = fields.index("-")
-                if fields[sep + 1] == "fuse.kvpfs":
-                    table.append((fields[2], Path(_unescape_mountinfo(fields[4]))))
-    except OSError:
-        pass
-    return table
-
-
-def kvpfs_mounts() -> list[Path]:
-    """Mount points of kvpfs filesystems visible to this process."""
-    return [point for _, point in kvpfs_mount_table()]
-
-
-def _unescape_mountinfo(text: str) -> str:
-    out, i = [], 0
-    while i < len(text):
-        if text[i] == "\\" and text[i + 1 : i + 4].isdigit():
-            out.append(chr(int(text[i + 1 : i + 4], 8)))
-            i += 4
-        else:
-            out.append(text[i])
-            i += 1
-    return "".join(out)
 
 
 def find_control(explicit: Path | None = None, mountpoint: Path | None = None) -> Path:

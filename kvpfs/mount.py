@@ -23,13 +23,15 @@ import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pyfuse3
 import trio
 
-from kvpfs import __version__, compat, control
+from kvpfs import __version__, compat, control, mountinfo
 from kvpfs.fuse import events
 from kvpfs.fuse.operations import KvpOperations, Permissions
+from kvpfs.host.controlrpc import answer
 from kvpfs.host.device import Channel, CharDevice, DeviceUnavailable
 from kvpfs.host.intrinsic import FqdnCache, Intrinsics
 from kvpfs.host.netconfig import IpInfoService, NetSettings
@@ -39,7 +41,6 @@ from kvpfs.storage.errors import PoolFileError
 from kvpfs.storage.locks import DEFAULT_LOCK_TIMEOUT
 from kvpfs.storage.store import Store, default_pool_dir
 from kvpfs.watchdog import PINGS_PER_PERIOD, Watchdog, sd_notify, watchdog_period
-from kvpfs.wire.pools import pool_number
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ async def clear_stale_mount(mountpoint: Path, where: Path, *, bound: float = 2.0
     daemon cannot exit (stuck in the kernel) does not answer at all, so it is probed
     in a worker thread with a bound and, if silent, aborted with a forced unmount.
     """
-    if where not in await trio.to_thread.run_sync(control.kvpfs_mounts):
+    if where not in await trio.to_thread.run_sync(mountinfo.kvpfs_mounts):
         return
     state = "silent"
     with trio.move_on_after(bound):
@@ -110,54 +111,6 @@ def fuse_options(config: MountConfig) -> set[str]:
         options.add("debug")
     options |= set(config.extra_fuse_options)
     return options
-
-
-async def _host_control(host: SimulatedHost | None, server: DeviceServer, store: Store, request):
-    op = request.get("op")
-    if op == "status":
-        return {
-            "version": __version__,
-            "simulated": host is not None,
-            "registrations": server.registrations,
-            "requests": server.requests,
-            "lic_version": server.version,
-            "pool_dir": str(store.pool_dir),
-            "host_data_pushed": host.host_data_pushed if host is not None else None,
-        }
-    if host is None:
-        return {"error": "this kvpfs serves a real Hyper-V device; `kvpfs host` commands need"
-                         " a kvpfs started with --simulate"}
-    if op in ("ip_get", "ip_set"):
-        return await _host_ip(host, request)
-    pool = pool_number(request["pool"])
-    if op == "set":
-        result = await host.set(pool, str(request["key"]), str(request["value"]))
-    elif op == "delete":
-        result = await host.delete(pool, str(request["key"]))
-    elif op == "get":
-        result = await host.get(pool, str(request["key"]))
-    elif op == "list":
-        items = await host.list(pool)
-        return {"items": [[k, v] for k, v in items]}
-    else:
-        return {"error": f"unknown op {op!r}"}
-    return {"status": result.status, "status_name": result.status_name, "key": result.key,
-            "value": result.value}
-
-
-async def _host_ip(host: SimulatedHost, request: dict) -> dict:
-    """`kvpfs host ip get|set`: GET_IP_INFO / SET_IP_INFO through the simulated kernel."""
-    if request["op"] == "ip_get":
-        info = await host.ip_get(str(request["mac"]))
-        return {"status": info.status, "status_name": info.status_name,
-                "adapter_id": info.adapter_id, "addr_family": info.addr_family,
-                "dhcp_enabled": info.dhcp_enabled, "ip_addr": info.ip_addr,
-                "sub_net": info.sub_net, "gate_way": info.gate_way, "dns_addr": info.dns_addr}
-    result = await host.ip_set(
-        str(request["guid"]), str(request.get("ip_addr", "")), str(request.get("sub_net", "")),
-        str(request.get("gate_way", "")), str(request.get("dns_addr", "")),
-        dhcp=bool(request.get("dhcp", False)))
-    return {"status": result.status, "status_name": result.status_name}
 
 
 class _OpenedEarly:
@@ -217,7 +170,7 @@ async def serve(config: MountConfig) -> None:
     control_path = config.control_path or control.default_control_path(mountpoint)
     # Never touch the mount point's path from this thread once mounted: until
     # pyfuse3.main() runs, nothing answers, and the kernel waits for us forever.
-    where = control.canonical_mountpoint(mountpoint)
+    where = mountinfo.canonical_mountpoint(mountpoint)
     async with contextlib.AsyncExitStack() as stack:
         device = await _refuse_early(config, where, control_path)
         if device is not None:
@@ -250,8 +203,8 @@ async def _serve_store(config: MountConfig, store: Store, pool_dir: Path, contro
                                 external_readable=config.external_readable),
     )
 
-    async def handle_control(request: dict) -> dict:
-        return await _host_control(host, server, store, request)
+    async def handle_control(request: dict[str, Any]) -> dict[str, Any]:
+        return await answer(host, server, store, request)
 
     async with trio.open_nursery() as services:  # everything that does not need the mount
         if host is not None:
@@ -358,7 +311,7 @@ async def _end_feed_when_unmounted(
     mountinfo (the topmost kvpfs on `where`, the canonical mount point), never
     through the mount itself, which may not be served yet or any more.
     """
-    mounts = await trio.to_thread.run_sync(control.kvpfs_mount_table)
+    mounts = await trio.to_thread.run_sync(mountinfo.kvpfs_mount_table)
     ours = [device for device, point in mounts if point == where][-1:]
     if not ours:
         log.warning("cannot find our mount of %s in mountinfo; an unmount from outside will"
@@ -368,7 +321,7 @@ async def _end_feed_when_unmounted(
         await trio.sleep(1.0)
         if not operations.has_readers():
             continue
-        mounts = await trio.to_thread.run_sync(control.kvpfs_mount_table)
+        mounts = await trio.to_thread.run_sync(mountinfo.kvpfs_mount_table)
         if ours[0] not in (device for device, _ in mounts):
             log.info("%s was unmounted from outside; ending the change feed", mountpoint)
             operations.shutdown()
@@ -391,9 +344,10 @@ def run(config: MountConfig) -> None:
         compat.run(serve, config)
     except BaseExceptionGroup as group:
         # A start-up failure inside the nursery arrives wrapped; report it plainly.
-        startup, _rest = group.split(StartupError)
-        if startup is not None:
-            while isinstance(startup, BaseExceptionGroup):
-                startup = startup.exceptions[0]
-            raise startup from None
+        startups, _rest = group.split(StartupError)
+        if startups is not None:
+            first: BaseException = startups
+            while isinstance(first, BaseExceptionGroup):
+                first = first.exceptions[0]
+            raise first from None
         raise

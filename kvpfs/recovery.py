@@ -26,7 +26,7 @@ import logging
 import os
 from pathlib import Path
 
-from kvpfs import control
+from kvpfs import mountinfo
 
 log = logging.getLogger(__name__)
 
@@ -62,14 +62,14 @@ def abort_connection(device: str, mountpoint: Path) -> str:
 
 def recover(mountpoint: Path) -> list[str]:
     """Abort and lazily unmount every kvpfs mount on `mountpoint`; what was done, line by line."""
-    where = control.canonical_mountpoint(mountpoint)
+    where = mountinfo.canonical_mountpoint(mountpoint)
     done = []
     # Topmost first: a detach removes the top mount and uncovers the one below.
-    for device, point in reversed(control.kvpfs_mount_table()):
+    for device, point in reversed(mountinfo.kvpfs_mount_table()):
         if point != where:
             continue
         done.append(f"{where}: " + abort_connection(device, where))
-        if (device, point) not in control.kvpfs_mount_table():
+        if (device, point) not in mountinfo.kvpfs_mount_table():
             done.append(f"{where}: unmounted")  # by the forced unmount
             continue
         error = _umount2(where, MNT_DETACH)

@@ -93,7 +93,7 @@ def build_dump(pool_dir: Path, *, redact: bool = False, embed_raw: bool = True,
             for slot, r in enumerate(pool_contents.records)
         ]
         if not redact and pool_contents.exists:
-            raws[pool] = pool_contents.data
+            raws[pool] = bytes(pool_contents.data)
             if embed_raw:
                 info["raw_base64"] = base64.b64encode(pool_contents.data).decode("ascii")
     dump = {

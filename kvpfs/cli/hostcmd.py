@@ -54,7 +54,7 @@ def run_host(args: argparse.Namespace) -> int:
 
 def run_host_ip(args: argparse.Namespace) -> int:
     if args.ip_command == "get":
-        request: dict = {"op": "ip_get", "mac": args.mac}
+        request: dict[str, object] = {"op": "ip_get", "mac": args.mac}
     else:
         request = {"op": "ip_set", "guid": args.guid, "ip_addr": ";".join(args.ip),
                    "sub_net": ";".join(args.mask), "gate_way": ";".join(args.gateway),

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from kvpfs import control
+from kvpfs import mountinfo
 from kvpfs.cli.results import EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE
 
 log = logging.getLogger("kvpfs")
@@ -33,7 +33,7 @@ def _mountpoint_usable(mountpoint: Path) -> bool:
     A dead or wedged mount must not be looked at (ENOTCONN, or a hang), so mountinfo
     is asked first.
     """
-    if control.canonical_mountpoint(mountpoint) in control.kvpfs_mounts():
+    if mountinfo.canonical_mountpoint(mountpoint) in mountinfo.kvpfs_mounts():
         return True
     return mountpoint.is_dir()
 
@@ -71,8 +71,8 @@ def run_mount(args: argparse.Namespace, on_ready: Callable[[], None] | None = No
             kvpfs = ("kvpfs" if shutil.which("kvpfs") else shlex.quote(beside)
                      if os.access(beside, os.X_OK) else f"{shlex.quote(sys.executable)} -m kvpfs")
             host = f"{kvpfs} host"
-            if len(control.kvpfs_mounts()) > 1:  # without a choice the command would refuse
-                host += f" --mount {shlex.quote(str(control.canonical_mountpoint(mnt)))}"
+            if len(mountinfo.kvpfs_mounts()) > 1:  # without a choice the command would refuse
+                host += f" --mount {shlex.quote(str(mountinfo.canonical_mountpoint(mnt)))}"
             print(f"  {host} list guest      # what the host sees", flush=True)
             print(f"  {host} set external greeting hello; cat "
                   f"{mnt}/external/greeting", flush=True)

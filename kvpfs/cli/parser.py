@@ -13,6 +13,8 @@ from kvpfs import __version__
 from kvpfs.storage.locks import DEFAULT_LOCK_TIMEOUT
 from kvpfs.wire.pools import SYSTEM_POOL_DIR, pool_number
 
+Subcommands = argparse._SubParsersAction[argparse.ArgumentParser]
+
 TOOL_COMMANDS = ("get", "set", "rm", "ls", "status", "dump")
 
 
@@ -113,7 +115,7 @@ def add_instance_options(parser: argparse.ArgumentParser, **defaults: object) ->
                         **defaults)  # type: ignore[arg-type]
 
 
-def _add_host_ip_parser(host_sub: argparse._SubParsersAction,
+def _add_host_ip_parser(host_sub: Subcommands,
                         anywhere: argparse.ArgumentParser) -> None:
     """`kvpfs host ip get|set`: the host's GET_IP_INFO / SET_IP_INFO."""
     ip = host_sub.add_parser("ip", parents=[anywhere],
@@ -137,7 +139,7 @@ def _add_host_ip_parser(host_sub: argparse._SubParsersAction,
     set_.add_argument("--dhcp", action="store_true", help="enable DHCP (IPv4)")
 
 
-def _add_tool_parsers(sub: argparse._SubParsersAction) -> None:
+def _add_tool_parsers(sub: Subcommands) -> None:
     """`get/set/rm/ls/status/dump` on the pool files directly (cli/keys.py, status.py, dump.py)."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--pool-dir", type=Path, default=SYSTEM_POOL_DIR,

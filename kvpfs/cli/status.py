@@ -10,6 +10,7 @@ import stat
 import threading
 from pathlib import Path
 
+from kvpfs import mountinfo
 from kvpfs.cli.results import EXIT_IO, EXIT_OK, JsonObject, Output, json_bytes
 from kvpfs.storage.errors import PoolFileError
 from kvpfs.storage.locks import DEFAULT_LOCK_TIMEOUT
@@ -84,10 +85,9 @@ def kvpfs_mounts(pool_dir: Path) -> list[JsonObject]:
     hang the getxattr on its mount, and status is what one runs to diagnose exactly that.
     Mounts stacked on one path are probed once (only the top one is reachable).
     """
-    from kvpfs import control
 
     counts: dict[Path, int] = {}
-    for mountpoint in control.kvpfs_mounts():
+    for mountpoint in mountinfo.kvpfs_mounts():
         counts[mountpoint] = counts.get(mountpoint, 0) + 1
     results = []
     for mountpoint, count in counts.items():

@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from kvpfs import control
+from kvpfs import mountinfo
 from kvpfs.cli.parser import parse_pool
 from kvpfs.cli.results import EXIT_OK, EXIT_TIMEOUT, EXIT_UNAVAILABLE, EXIT_USAGE
 from kvpfs.storage.poolfile import pool_path
@@ -43,7 +43,7 @@ def resolve_path(path: Path) -> tuple[Path, int, bytes]:
     path = Path(os.path.abspath(path))
     if path.name in ("", ".", ".."):
         raise NotAKvpfsPath(f"{path} is not a key's file (POOLDIR/NAME in a kvpfs mount)")
-    mounts = control.kvpfs_mounts()
+    mounts = mountinfo.kvpfs_mounts()
     # The pool directory's real path: `0`..`4` are links to the pools' directories.
     try:
         parent = Path(os.path.realpath(path.parent, strict=True))
@@ -189,7 +189,7 @@ def run_wait(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return EXIT_USAGE
     try:
-        mounts = [args.mount] if args.mount else control.kvpfs_mounts()
+        mounts = [args.mount] if args.mount else mountinfo.kvpfs_mounts()
         if args.pool_dir is None and len(mounts) > 1:
             print("kvpfs wait: several kvpfs mounts are running; choose one with --mount",
                   file=sys.stderr)

@@ -11,9 +11,9 @@ byte is discarded, the unlink removes nothing.
 
 It is a process and not a thread of kvpfs so that a SIGKILL of kvpfs closes
 /dev/fuse and aborts whatever request this process has in flight, instead
-of leaving kvpfs's own thread stuck in the kernel. It runs only the standard
-library, so it starts in a few tens of milliseconds, and ends with kvpfs: its
-stdin reaches EOF, or its answer EPIPE. (Not PR_SET_PDEATHSIG: that follows
+of leaving kvpfs's own thread stuck in the kernel. It imports only the standard
+library and `kvpfs.mountinfo`, so it starts in a few tens of milliseconds, and ends
+with kvpfs: its stdin reaches EOF, or its answer EPIPE. (Not PR_SET_PDEATHSIG: that follows
 the *thread* that started it, one of trio's worker threads, which may end
 any time.)
 
@@ -26,9 +26,10 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 import struct
 import sys
+
+from kvpfs.mountinfo import kvpfs_entries
 
 CREATE, MODIFY, DELETE = 1, 2, 3
 REQUEST = struct.Struct("!BH")
@@ -36,16 +37,9 @@ ANSWER = struct.Struct("!i")
 
 
 def mount_id(mountpoint: str) -> int | None:
-    """The id of the topmost kvpfs mount on `mountpoint`, from mountinfo."""
-    found = None
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
-        for line in f:
-            fields = line.split()
-            sep = fields.index("-")
-            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), fields[4])
-            if fields[sep + 1] == "fuse.kvpfs" and point == mountpoint:
-                found = int(fields[0])
-    return found
+    """The id of the topmost kvpfs mount on `mountpoint`."""
+    ids = [entry.mount_id for entry in kvpfs_entries() if str(entry.point) == mountpoint]
+    return ids[-1] if ids else None
 
 
 def fd_mount_id(fd: int) -> int | None:
