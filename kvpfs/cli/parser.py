@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TypeAlias
 
 from kvpfs import __version__
 from kvpfs.storage.locks import DEFAULT_LOCK_TIMEOUT
 from kvpfs.wire.pools import SYSTEM_POOL_DIR, pool_number
 
-Subcommands = argparse._SubParsersAction[argparse.ArgumentParser]
+# argparse's type for `add_subparsers()`; subscriptable only for type checkers.
+Subcommands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 TOOL_COMMANDS = ("get", "set", "rm", "ls", "status", "dump")
 
