@@ -67,6 +67,7 @@ class NetSettings:
 
     @property
     def live(self) -> bool:
+        """Whether `root` is this machine's own `/` (so its services may be asked)."""
         return self.root == Path("/")
 
     def at(self, path: str) -> Path:
