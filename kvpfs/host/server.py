@@ -108,7 +108,8 @@ class DeviceServer:
         return 0.0 if since is None else now - since
 
     # ---------------------------------------------------------------- lifecycle
-    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
         """Serve until cancelled. Reports started once the first registration is done."""
         channel = await self._open_and_register_patiently()
         task_status.started()
@@ -306,9 +307,11 @@ class DeviceServer:
         if message[0] not in (Op.GET, Op.ENUMERATE):
             return None
         try:
-            request = protocol.decode_request(message)
+            request = _decode(message)
         except ProtocolError:
             return None  # `answer` logs it and says E_FAIL
+        if not isinstance(request, (protocol.GetRequest, protocol.EnumerateRequest)):
+            return None  # not reached: the op said GET or ENUMERATE
         self.requests += 1
         log.debug("host request: %r", request)
         try:
@@ -322,7 +325,7 @@ class DeviceServer:
         """The reply to one request; never raises for anything the message says."""
         self.requests += 1
         try:
-            request = protocol.decode_request(message)
+            request = _decode(message)
         except ProtocolError as exc:
             log.warning("malformed host message (op %s, pool %s) answered E_FAIL: %s",
                         exc.op, exc.pool, exc)
@@ -415,6 +418,17 @@ class DeviceServer:
 
 
 _INTRINSIC_INDEX = {name.encode(): index for index, name in enumerate(INTRINSIC_KEYS)}
+
+
+def _decode(message: bytes) -> protocol.Request:
+    """A request read outside the registration handshake.
+
+    There op 100 is an unknown op (`decode_request` without `in_handshake`), so a
+    registration reply cannot come back; the check says so to the type checker.
+    """
+    request = protocol.decode_request(message)
+    assert not isinstance(request, protocol.RegisterReply)  # only with in_handshake=True
+    return request
 
 
 def _intrinsic_index(request: protocol.EnumerateRequest | protocol.GetRequest) -> int | None:

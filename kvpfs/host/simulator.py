@@ -477,7 +477,8 @@ class SimulatedHost:
             self._outmsg = self._on_read = None
             self._state = _State.DEVICE_INIT
 
-    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
         """The kernel's timer; the host's pool-3 push after the first registration."""
         self._token = trio.lowlevel.current_trio_token()
         async with trio.open_nursery() as nursery:
@@ -493,20 +494,6 @@ class SimulatedHost:
             if not result.ok:
                 log.warning("simulated host: pushing %s failed: %s", key, result.status_name)
         self.host_data_pushed = True
-
-    async def _handshake(self, sock: trio.socket.SocketType) -> bool:
-        message = await sock.recv(protocol.MESSAGE_SIZE + 1)
-        if len(message) != protocol.MESSAGE_SIZE or message[0] not in (
-            Op.REGISTER1, protocol.LEGACY_REGISTER
-        ):
-            log.warning("simulated kernel: incompatible registration (op %s, %d bytes)",
-                        message[:1].hex(), len(message))
-            self._reset()
-            return False
-        await sock.send(kernelside.encode_register_reply(message[0], self.version))
-        self.registrations += 1
-        self._registered.set()
-        return True
 
     # ------------------------------------------------------------ the host side
     async def transact(self, request: bytes) -> bytes:

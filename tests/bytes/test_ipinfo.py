@@ -1,9 +1,10 @@
 """GET_IP_INFO / SET_IP_INFO without a network: tokens, reply layout, configuration files.
 
-`kvpfs.wire.ipinfo` is pure and tested directly.  `kvpfs.host.netconfig` is tested against fake
-sysfs trees and a fake root (/etc, /run, /usr/libexec), with fake nmcli/networkctl/busctl/
-hv_set_ifconfig programs on PATH that record their argument lists -- interface names here
-(hv0...) do not exist in the test's namespace, so nothing real is touched.  Generated
+`kvpfs.wire.ipinfo` is pure and tested directly.  `kvpfs.host.netconfig` and the net*
+modules it uses are tested against fake sysfs trees and a fake root (/etc, /run,
+/usr/libexec), with fake nmcli/networkctl/busctl/hv_set_ifconfig programs on PATH that
+record their argument lists -- interface names here (hv0...) do not exist in the test's
+namespace, so nothing real is touched.  Generated
 NetworkManager keyfiles are parsed by libnm itself (tests/nmkeyfile.py, system Python).
 The namespace tests with real interfaces are in test_ipinfo_netns.py.
 """
@@ -24,9 +25,19 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvpfs.host import netconfig, simulator
+from kvpfs.host import (
+    netconfig,
+    netfiles,
+    netlinks,
+    netprograms,
+    netsettings,
+    netstate,
+    netwriters,
+    simulator,
+)
 from kvpfs.host.intrinsic import FqdnCache, Intrinsics, OsInfo
-from kvpfs.host.netconfig import IpInfoService, NetSettings
+from kvpfs.host.netconfig import IpInfoService
+from kvpfs.host.netsettings import NetSettings
 from kvpfs.host.server import DeviceServer
 from kvpfs.host.simulator import SimulatedHost
 from kvpfs.storage.store import Store
@@ -461,8 +472,8 @@ def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeSystem:
     return system
 
 
-def iface(fake: FakeSystem, name: str) -> netconfig.Interface:
-    return next(i for i in netconfig.list_interfaces(fake.settings()) if i.name == name)
+def iface(fake: FakeSystem, name: str) -> netlinks.Interface:
+    return next(i for i in netlinks.list_interfaces(fake.settings()) if i.name == name)
 
 
 def set_request(guid: str, ip: str = "", mask: str = "", gw: str = "", dns: str = "",
@@ -471,7 +482,7 @@ def set_request(guid: str, ip: str = "", mask: str = "", gw: str = "", dns: str 
 
 
 def test_interfaces_from_sysfs(fake: FakeSystem) -> None:
-    found = netconfig.list_interfaces(fake.settings())
+    found = netlinks.list_interfaces(fake.settings())
     assert [(i.name, i.ifindex, i.mac, i.device_id) for i in found] == [
         ("lo", 1, "00:00:00:00:00:00", None),
         ("hv0", 101, "00:15:5d:00:20:01", GUIDS["hv0"]),
@@ -483,14 +494,14 @@ def test_interfaces_from_sysfs(fake: FakeSystem) -> None:
 
 def test_manager_and_dhcp_detection(fake: FakeSystem) -> None:
     settings = fake.settings()
-    managers = {name: netconfig.link_manager(settings, iface(fake, name)) for name in GUIDS}
+    managers = {name: netlinks.link_manager(settings, iface(fake, name)) for name in GUIDS}
     assert {n: (m.name, m.detail) if m else None for n, m in managers.items()} == {
         "hv0": ("NetworkManager", NM_UUID),
         "hv1": ("systemd-networkd", "/etc/systemd/network/50-hv1.network"),
         "hv2": ("ifupdown", "hv2"),
         "hv3": None,
     }
-    assert {n: netconfig.dhcp_enabled(settings, m) for n, m in managers.items()} == {
+    assert {n: netstate.dhcp_enabled(settings, m) for n, m in managers.items()} == {
         "hv0": True, "hv1": True, "hv2": True, "hv3": False}
     # A networkd drop-in has the last word; NetworkManager's manual method is not DHCP.
     write(fake.root / "etc/systemd/network/50-hv1.network.d/static.conf",
@@ -501,22 +512,22 @@ def test_manager_and_dhcp_detection(fake: FakeSystem) -> None:
     keyfile = fake.root / "etc/NetworkManager/system-connections/Wired.nmconnection"
     keyfile.write_text(keyfile.read_text().replace("method=auto", "method=manual"))
     write(fake.root / "etc/sysconfig/network-scripts/ifcfg-hv3", 'BOOTPROTO="dhcp"\n')
-    managers = {name: netconfig.link_manager(settings, iface(fake, name)) for name in GUIDS}
+    managers = {name: netlinks.link_manager(settings, iface(fake, name)) for name in GUIDS}
     assert managers["hv3"] is not None and managers["hv3"].name == "network-scripts"
-    assert {n: netconfig.dhcp_enabled(settings, m) for n, m in managers.items()} == {
+    assert {n: netstate.dhcp_enabled(settings, m) for n, m in managers.items()} == {
         "hv0": False, "hv1": False, "hv2": True, "hv3": True}
 
 
 def test_dns_sources(fake: FakeSystem) -> None:
     settings = fake.settings()
     hv1, hv3 = iface(fake, "hv1"), iface(fake, "hv3")
-    networkd = netconfig.link_manager(settings, hv1)
-    assert netconfig.dns_servers(settings, hv1, networkd, True) == [
+    networkd = netlinks.link_manager(settings, hv1)
+    assert netstate.dns_servers(settings, hv1, networkd, True) == [
         ip_address("192.0.2.54"), ip_address("2001:db8::54")]
     # resolv.conf: valid nameservers, zone ids dropped; only for a link with addresses.
-    assert netconfig.dns_servers(settings, hv3, None, True) == [
+    assert netstate.dns_servers(settings, hv3, None, True) == [
         ip_address("192.0.2.53"), ip_address("fe80::53")]
-    assert netconfig.dns_servers(settings, hv3, None, False) == []
+    assert netstate.dns_servers(settings, hv3, None, False) == []
 
 
 def test_resolved_dns_per_link_then_global(fake: FakeSystem) -> None:
@@ -524,15 +535,15 @@ def test_resolved_dns_per_link_then_global(fake: FakeSystem) -> None:
     link = json.dumps({"type": "a(iay)", "data": [[2, [192, 0, 2, 99]],
                                                    [10, [32, 1, 13, 184] + [0] * 11 + [1]]]})
     fake.fake_program("busctl", stdout=link)
-    assert netconfig.resolved_dns(live, 7) == [ip_address("192.0.2.99"),
+    assert netstate.resolved_dns(live, 7) == [ip_address("192.0.2.99"),
                                                 ip_address("2001:db8::1")]
     assert fake.recorded()[0] == [
         "busctl", "--json=short", "get-property", "org.freedesktop.resolve1",
         "/org/freedesktop/resolve1/link/_37", "org.freedesktop.resolve1.Link", "DNS"]
     fake.fake_program("busctl", stdout=json.dumps({"type": "a(iay)", "data": []}))
-    assert netconfig.resolved_dns(live, 12) == []
+    assert netstate.resolved_dns(live, 12) == []
     fake.fake_program("busctl", status=1)
-    assert netconfig.resolved_dns(live, 12) is None
+    assert netstate.resolved_dns(live, 12) is None
 
 
 # --------------------------------------------------------------------------- SET_IP_INFO
@@ -541,7 +552,7 @@ def test_resolved_dns_per_link_then_global(fake: FakeSystem) -> None:
 def test_set_unknown_adapter(fake: FakeSystem) -> None:
     settings = fake.settings()
     for guid in ("{99999999-2222-3333-4444-000000000001}", "not-a-guid", ""):
-        assert netconfig.set_ip_info(settings, set_request(guid, "192.0.2.10", "24")) \
+        assert netwriters.set_ip_info(settings, set_request(guid, "192.0.2.10", "24")) \
             == Status.GUID_NOTFOUND
     assert fake.written() == [] and fake.recorded() == []
 
@@ -551,7 +562,7 @@ def test_set_malformed_writes_nothing(fake: FakeSystem, case: str) -> None:
     fake.fake_program("nmcli")
     ip, mask, gw, dns, dhcp, _ = MALFORMED[case]
     request = set_request(GUIDS["hv0"], ip, mask, gw, dns, dhcp)
-    assert netconfig.set_ip_info(fake.settings(), request) == Status.INVALIDARG
+    assert netwriters.set_ip_info(fake.settings(), request) == Status.INVALIDARG
     assert fake.written() == [] and fake.recorded() == []
     assert not Path("/tmp/kvpfs-pwned").exists()
 
@@ -560,7 +571,7 @@ def test_set_networkmanager(fake: FakeSystem) -> None:
     fake.fake_program("nmcli")
     request = set_request(GUIDS["hv0"].upper(), "192.0.2.10;2001:db8::10", "255.255.255.0;64",
                           "192.0.2.1", "192.0.2.53")
-    assert netconfig.set_ip_info(fake.settings(), request) == Status.S_OK
+    assert netwriters.set_ip_info(fake.settings(), request) == Status.S_OK
     path = fake.out / "etc/NetworkManager/system-connections/hyperv-hv0.nmconnection"
     assert fake.written() == [path]
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
@@ -573,7 +584,7 @@ def test_set_networkmanager(fake: FakeSystem) -> None:
         ["nmcli", "--wait", "3", "connection", "up", "uuid", uuid, "ifname", "hv0"],
     ]
     # A second SET replaces the same profile (same file, same UUID).
-    assert netconfig.set_ip_info(fake.settings(), set_request(GUIDS["hv0"], dhcp=1)) == 0
+    assert netwriters.set_ip_info(fake.settings(), set_request(GUIDS["hv0"], dhcp=1)) == 0
     assert fake.written() == [path] and "method=auto" in path.read_text()
     assert f"uuid={uuid}\n" in path.read_text()
 
@@ -582,19 +593,19 @@ def test_set_networkmanager(fake: FakeSystem) -> None:
 def test_set_networkmanager_failures(fake: FakeSystem) -> None:
     request = set_request(GUIDS["hv0"], "192.0.2.10", "24")
     fake.fake_program("nmcli", status=4)
-    assert netconfig.set_ip_info(fake.settings(), request) == Status.E_FAIL
+    assert netwriters.set_ip_info(fake.settings(), request) == Status.E_FAIL
     fake.fake_program("nmcli", sleep=5)
-    assert netconfig.set_ip_info(fake.settings(timeout=0.3), request) == Status.E_FAIL
+    assert netwriters.set_ip_info(fake.settings(timeout=0.3), request) == Status.E_FAIL
     (fake.bin / "nmcli").unlink()
     monkey_path = os.environ["PATH"]
     try:
         os.environ["PATH"] = str(fake.bin)
-        assert netconfig.set_ip_info(fake.settings(), request) == Status.E_FAIL  # no nmcli
+        assert netwriters.set_ip_info(fake.settings(), request) == Status.E_FAIL  # no nmcli
     finally:
         os.environ["PATH"] = monkey_path
     # Without permission to run programs the file is written and the run only logged.
     calls = len(fake.recorded())
-    assert netconfig.set_ip_info(fake.settings(run=False), request) == Status.S_OK
+    assert netwriters.set_ip_info(fake.settings(run=False), request) == Status.S_OK
     assert len(fake.recorded()) == calls
 
 
@@ -602,7 +613,7 @@ def test_set_networkd(fake: FakeSystem) -> None:
     fake.fake_program("networkctl")
     request = set_request(GUIDS["hv1"], "192.0.2.20", "255.255.255.0", "192.0.2.1",
                           "192.0.2.53", 0)
-    assert netconfig.set_ip_info(fake.settings(), request) == Status.S_OK
+    assert netwriters.set_ip_info(fake.settings(), request) == Status.S_OK
     path = fake.out / "etc/systemd/network/00-hyperv-hv1.network"
     assert fake.written() == [path]
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
@@ -616,7 +627,7 @@ def test_set_networkd_refuses_when_another_file_wins(fake: FakeSystem) -> None:
     state = fake.root / "run/systemd/netif/links/102"
     state.write_text(state.read_text().replace("50-hv1", "00-aaa"))
     request = set_request(GUIDS["hv1"], "192.0.2.20", "24")
-    assert netconfig.set_ip_info(fake.settings(), request) == Status.E_FAIL
+    assert netwriters.set_ip_info(fake.settings(), request) == Status.E_FAIL
     assert fake.written() == [] and fake.recorded() == []
 
 
@@ -625,10 +636,10 @@ def test_set_script_compatibility(fake: FakeSystem) -> None:
     request = set_request(GUIDS["hv2"], "192.0.2.30;2001:db8::30", "255.255.255.0;64",
                           "192.0.2.1", "192.0.2.53")
     # ifupdown manages hv2 and there is no hv_set_ifconfig: kvpfs says so.
-    assert netconfig.set_ip_info(fake.settings(), request) == Status.ERROR_NOT_SUPPORTED
+    assert netwriters.set_ip_info(fake.settings(), request) == Status.ERROR_NOT_SUPPORTED
     assert fake.written() == []
     fake.install_script()
-    assert netconfig.set_ip_info(fake.settings(), request) == Status.S_OK
+    assert netwriters.set_ip_info(fake.settings(), request) == Status.S_OK
     ifcfg = fake.out / "var/lib/hyperv/ifcfg-hv2"
     keyfile = fake.out / "var/lib/hyperv/hv2.nmconnection"
     assert fake.written() == [keyfile, ifcfg]
@@ -636,7 +647,7 @@ def test_set_script_compatibility(fake: FakeSystem) -> None:
     assert ifcfg.read_text().startswith("HWADDR=00:15:5D:00:20:03\nDEVICE=hv2\nBOOTPROTO=none\n")
     assert fake.recorded() == [["hv_set_ifconfig", str(ifcfg), str(keyfile)]]
     fake.install_script(status=1)
-    assert netconfig.set_ip_info(fake.settings(), request) == Status.E_FAIL
+    assert netwriters.set_ip_info(fake.settings(), request) == Status.E_FAIL
 
 
 @pytest.mark.log_errors('cannot be configured safely')
@@ -647,7 +658,7 @@ def test_set_refuses_an_unsafe_interface_name(fake: FakeSystem) -> None:
     write(net / "device/device_id", "{11111111-2222-3333-4444-000000000009}\n")
     fake.install_script()
     request = set_request("{11111111-2222-3333-4444-000000000009}", "192.0.2.30", "24")
-    assert netconfig.set_ip_info(fake.settings(), request) == Status.E_FAIL
+    assert netwriters.set_ip_info(fake.settings(), request) == Status.E_FAIL
     assert fake.written() == [] and fake.recorded() == []
 
 
@@ -766,8 +777,8 @@ def test_settings_from_env(tmp_path: Path) -> None:
     sim = NetSettings.from_env(simulate=True, sandbox=tmp_path, environ={})
     assert (sim.root, sim.output, sim.run_commands) == (Path("/"), tmp_path, False)
     assert sim.out("/etc/x") == tmp_path / "etc/x" and sim.live
-    env = {netconfig.ENV_SYSFS: "/s", netconfig.ENV_ROOT: "/r", netconfig.ENV_OUTPUT: "/o",
-           netconfig.ENV_COMMANDS: "1"}
+    env = {netsettings.ENV_SYSFS: "/s", netsettings.ENV_ROOT: "/r", netsettings.ENV_OUTPUT: "/o",
+           netsettings.ENV_COMMANDS: "1"}
     custom = NetSettings.from_env(simulate=True, sandbox=tmp_path, environ=env)
     assert (custom.sysfs, custom.root, custom.output, custom.run_commands) == (
         Path("/s"), Path("/r"), Path("/o"), True)
@@ -776,7 +787,8 @@ def test_settings_from_env(tmp_path: Path) -> None:
 
 def test_no_shell_anywhere() -> None:
     """Host strings never reach a shell: no shell=True, os.system or popen in the modules."""
-    for module in (netconfig, ipinfo):
+    for module in (netconfig, netfiles, netlinks, netprograms, netsettings, netstate,
+                   netwriters, ipinfo):
         source = Path(module.__file__).read_text()
         for needle in ("shell=True", "os.system", "os.popen", "/bin/sh"):
             assert needle not in source, (module.__name__, needle)

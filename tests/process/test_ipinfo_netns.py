@@ -203,8 +203,8 @@ def write(path: Path, text: str, mode: int = 0o644) -> Path:
 
 
 def _helper_call(argv: list[str]) -> object:
-    from kvpfs.host import netconfig
-    from kvpfs.host.netconfig import NetSettings
+    from kvpfs.host import netstate, netwriters
+    from kvpfs.host.netsettings import NetSettings
     from kvpfs.wire import protocol
     from kvpfs.wire.protocol import Op
 
@@ -214,10 +214,10 @@ def _helper_call(argv: list[str]) -> object:
                            output=Path(raw["output"]) if raw.get("output") else None,
                            run_commands=raw.get("run", False))
     if kind == "get":
-        status, info = netconfig.get_ip_info(settings, arg)
+        status, info = netstate.get_ip_info(settings, arg)
         return [status, asdict(ipinfo.ip_fields(info)) if info else None]
     request = protocol.IpInfoRequest(Op.SET_IP_INFO, 0, **json.loads(arg))
-    return netconfig.set_ip_info(settings, request)
+    return netwriters.set_ip_info(settings, request)
 
 
 def _helper_diff(argv: list[str]) -> object:
