@@ -385,14 +385,19 @@ def test_huge_sizes_and_offsets_are_efbig_before_any_allocation(mount):
         ("truncate", guest / ".scratch", 700_000_000),
         ("ftruncate", guest / ".other", 900_000_000),
         ("truncate", guest / "Sized", 600_000_000),
-        ("pwrite", guest / ".edge", limits.FILE_MAX_BYTES - 1),  # the last byte that fits
-        ("pwrite", guest / ".edge", limits.FILE_MAX_BYTES),  # one past it
+        ("pwrite", guest / ".edge", limits.SCRATCH_FILE_MAX_BYTES - 1),  # the last byte
+        ("pwrite", guest / ".edge", limits.SCRATCH_FILE_MAX_BYTES),  # one past it
     ])
     assert results == ["EFBIG"] * 6 + ["ok", "EFBIG"]
     # Nothing was allocated for them: not even 100 MB of the 500 MB asked for.
     assert vm_hwm_kib(mount) - before < 100_000
     assert key.read_text() == "v"
-    assert (guest / ".edge").stat().st_size == limits.FILE_MAX_BYTES
+    assert (guest / ".edge").stat().st_size == limits.SCRATCH_FILE_MAX_BYTES
+    # A scratch file bigger than a value never becomes one.
+    done = as_member([shell("sh"), "-c", 'printf "%03000d" 0 > "$1" && mv "$1" "$2"', "sh",
+                      str(guest / ".big"), str(guest / "Edge")])
+    assert done.returncode != 0 and "File too large" in done.stderr, done
+    assert not (guest / "Edge").exists() and "Edge" not in host_items(mount)
     log = mount.output()
     assert "MemoryError" not in log
     assert "would make the file 500000001 bytes" in log and "truncate to 600000000 bytes" in log
@@ -479,3 +484,18 @@ def test_root_refuses_changes_with_eacces(mount):
         with pytest.raises(OSError) as info:
             func(*args)
         assert info.value.errno == errno.EACCES, (func.__name__, args, info.value)
+
+
+def test_vim_edits_a_guest_key(mount):
+    """An editor keeps its swap file beside the file (vim: 4 KiB blocks): it must work."""
+    vim = shutil.which("vim") or shutil.which("vim.tiny")
+    if vim is None:
+        skip_unless_ci("vim is not installed (Debian package vim-tiny)")
+    path = mount.path("guest", unique("edited"))
+    path.write_text("before\n")
+    done = as_member([vim, "-N", "-u", "NONE", "-i", "NONE", "-es",
+                      "-c", "%s/before/after/", "-c", "wq", str(path)])
+    assert done.returncode == 0, (done.stdout, done.stderr)
+    assert path.read_text() == "after\n"
+    assert host_items(mount)[path.name] == "after"
+    assert not [p.name for p in path.parent.iterdir() if p.name.endswith(".swp")]
