@@ -16,17 +16,12 @@ from kvpfs.wire.protocol import (
     ENUM_KEY_OFFSET,
     ENUM_VALUE_OFFSET,
     ERROR_OFFSET,
-    IP_ADAPTER_ID_FIELD,
     IP_ADAPTER_ID_OFFSET,
     IP_ADDR_FAMILY_OFFSET,
-    IP_ADDR_FIELD,
     IP_ADDR_OFFSET,
     IP_DHCP_ENABLED_OFFSET,
-    IP_DNS_ADDR_FIELD,
     IP_DNS_ADDR_OFFSET,
-    IP_GATE_WAY_FIELD,
     IP_GATE_WAY_OFFSET,
-    IP_SUB_NET_FIELD,
     IP_SUB_NET_OFFSET,
     KEY_FIELD,
     MESSAGE_SIZE,
@@ -44,10 +39,10 @@ from kvpfs.wire.protocol import (
     Op,
     ProtocolError,
     ValueType,
-    check_u8,
     check_u32,
     new_message,
     put_cstring,
+    put_ip_fields,
     put_text,
 )
 
@@ -132,13 +127,8 @@ def encode_ip_info_request(
     if op not in (Op.GET_IP_INFO, Op.SET_IP_INFO):
         raise ValueError(f"op {op} is not GET_IP_INFO (4) or SET_IP_INFO (5)")
     buf = new_message(op, pool)
-    put_text(buf, IP_ADAPTER_ID_OFFSET, IP_ADAPTER_ID_FIELD, adapter_id, "adapter_id")
-    buf[IP_ADDR_FAMILY_OFFSET] = check_u8(addr_family, "addr_family")
-    buf[IP_DHCP_ENABLED_OFFSET] = check_u8(dhcp_enabled, "dhcp_enabled")
-    put_text(buf, IP_ADDR_OFFSET, IP_ADDR_FIELD, ip_addr, "ip_addr")
-    put_text(buf, IP_SUB_NET_OFFSET, IP_SUB_NET_FIELD, sub_net, "sub_net")
-    put_text(buf, IP_GATE_WAY_OFFSET, IP_GATE_WAY_FIELD, gate_way, "gate_way")
-    put_text(buf, IP_DNS_ADDR_OFFSET, IP_DNS_ADDR_FIELD, dns_addr, "dns_addr")
+    put_ip_fields(buf, adapter_id, addr_family, dhcp_enabled, ip_addr, sub_net, gate_way,
+                  dns_addr)
     return bytes(buf)
 
 

@@ -498,6 +498,14 @@ def encode_ip_info_reply(
     tighter UTF-16 unit limits when it converts for the host are not applied here.
     """
     buf = bytearray(encode_status(status))
+    put_ip_fields(buf, adapter_id, addr_family, dhcp_enabled, ip_addr, sub_net, gate_way,
+                  dns_addr)
+    return bytes(buf)
+
+
+def put_ip_fields(buf: bytearray, adapter_id: str, addr_family: int, dhcp_enabled: int,
+                  ip_addr: str, sub_net: str, gate_way: str, dns_addr: str) -> None:
+    """The `hv_kvp_ipaddr_value` body, the same in the kernel's requests and the answers."""
     put_text(buf, IP_ADAPTER_ID_OFFSET, IP_ADAPTER_ID_FIELD, adapter_id, "adapter_id")
     buf[IP_ADDR_FAMILY_OFFSET] = check_u8(addr_family, "addr_family")
     buf[IP_DHCP_ENABLED_OFFSET] = check_u8(dhcp_enabled, "dhcp_enabled")
@@ -505,4 +513,3 @@ def encode_ip_info_reply(
     put_text(buf, IP_SUB_NET_OFFSET, IP_SUB_NET_FIELD, sub_net, "sub_net")
     put_text(buf, IP_GATE_WAY_OFFSET, IP_GATE_WAY_FIELD, gate_way, "gate_way")
     put_text(buf, IP_DNS_ADDR_OFFSET, IP_DNS_ADDR_FIELD, dns_addr, "dns_addr")
-    return bytes(buf)
