@@ -186,6 +186,7 @@ def drain(fd: int) -> bytes:
     return data
 
 
+@pytest.mark.fuse_poll  # poll(2) on FUSE files: pyfuse3 >= 3.5
 @pytest.mark.parametrize("edge", [True, False], ids=["EPOLLET", "level"])
 def test_epoll_hears_every_change(kvpfs, edge):
     fd = os.open(kvpfs.path(".events"), os.O_RDONLY | os.O_NONBLOCK)
