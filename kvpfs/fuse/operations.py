@@ -68,6 +68,8 @@ DirEntry = tuple[int, bytes, "Node | None"]
 
 
 class KvpOperations(pyfuse3.Operations):
+    """Which request gets which answer or errno; the work is delegated (see above)."""
+
     supports_dot_lookup = False
     enable_writeback_cache = False
 
@@ -82,18 +84,15 @@ class KvpOperations(pyfuse3.Operations):
     ) -> None:
         super().__init__()
         self.store = store
-        self.intrinsics = intrinsics
-        self.raw = raw
         self.perm = permissions or Permissions(uid=os.getuid(), gid=os.getgid())
         self.control_path = control_path
-        self.started_ns = time.time_ns()
-        self.unpublished = Unpublished()
-        self.table = NodeTable(store, self.unpublished, self.started_ns)
+        started_ns = time.time_ns()
+        unpublished = Unpublished()
+        self.table = NodeTable(store, unpublished, started_ns)
         self.contents = Contents(store, intrinsics)
-        self.attributes = Attributes(store, self.table, self.contents, self.perm,
-                                     self.started_ns)
+        self.attributes = Attributes(store, self.table, self.contents, self.perm, started_ns)
         self._guest_lock = store.request_lock(GUEST)  # waiters give up at their deadline
-        self.writes = Writes(store, self.table, self.contents, self.unpublished,
+        self.writes = Writes(store, self.table, self.contents, unpublished,
                              self._guest_lock, raw=raw)
         self._handles: dict[int, Handle] = {}
         self._dir_handles: dict[int, list[DirEntry]] = {}
