@@ -106,7 +106,7 @@ def test_host_new_changed_and_deleted_key_never_looked_up(kvpfs, watch):
     assert sum("CREATE" in e for e in w.named("Ready")) == 1
     # The echo changed nothing but the events: the host's view and the pool file.
     assert host_items(kvpfs, "external") == []
-    assert read_pool(kvpfs.pools, 0).valid_items() == []
+    assert read_pool(kvpfs.pools, 0).last_wins() == {}
 
 
 def test_host_changes_of_a_key_that_was_read(kvpfs, watch):
@@ -167,7 +167,7 @@ def test_changes_by_other_programs(kvpfs, watch):
     w.wait("FromTool", "DELETE")
     assert host_items(kvpfs, "guest") == []
     assert host_items(kvpfs, "external") == [["Appended", "value"]]
-    assert read_pool(kvpfs.pools, 1).valid_items() == []
+    assert read_pool(kvpfs.pools, 1).last_wins() == {}
 
 
 def test_many_changes_coalesce_and_end_in_the_right_state(kvpfs, watch):
