@@ -133,7 +133,7 @@ class EventFeed:
 
     def __init__(self, notify_poll: Callable[[pyfuse3.PollHandle], None]) -> None:
         # notify_poll(handle) must not call pyfuse3 from inside a handler:
-        # operations.py queues it to its invalidator task.
+        # operations.py queues it to the invalidator task (hostchanges.py).
         self._notify_poll = notify_poll
         self._streams: dict[int, EventStream] = {}
         self._waiting: Counter[int] = Counter()  # uid -> waiting reads
