@@ -109,8 +109,8 @@ class EventStream:
     nonblocking: bool
     uid: int = 0  # who opened it: waiting reads count against this user
     opener: int = 0  # the opening thread's id (FUSE passes the caller's tid)
-    lines: deque = field(default_factory=deque)
-    poll_handle: object | None = None
+    lines: deque[bytes] = field(default_factory=deque)
+    poll_handle: pyfuse3.PollHandle | None = None
     closed: bool = False
     waits: set[_Wait] = field(default_factory=set)
     opener_start: str | None = None  # the opener's start time, against pid reuse
@@ -131,15 +131,15 @@ class EventStream:
 class EventFeed:
     """Every open /.events of one mount."""
 
-    def __init__(self, notify_poll: Callable[[object], None]) -> None:
+    def __init__(self, notify_poll: Callable[[pyfuse3.PollHandle], None]) -> None:
         # notify_poll(handle) must not call pyfuse3 from inside a handler:
-        # fs.py queues it to its invalidator task.
+        # operations.py queues it to the invalidator task (hostchanges.py).
         self._notify_poll = notify_poll
         self._streams: dict[int, EventStream] = {}
-        self._waiting = Counter()  # uid -> waiting reads
+        self._waiting: Counter[int] = Counter()  # uid -> waiting reads
         self._waiting_others = 0
         self._waiting_total = 0
-        self._opened = Counter()  # uid -> open feeds
+        self._opened: Counter[int] = Counter()  # uid -> open feeds
         self._refused: dict[int, tuple[float, int]] = {}  # uid -> (last log, refused since)
         self._reads_waiting = trio.Event()
         self.closing = False
@@ -148,7 +148,8 @@ class EventFeed:
     def owns(self, fh: int) -> bool:
         return fh in self._streams
 
-    def open(self, fh: int, flags: int, ctx, *, include_external: bool) -> pyfuse3.FileInfo:
+    def open(self, fh: int, flags: int, ctx: pyfuse3.RequestContext, *,
+             include_external: bool) -> pyfuse3.FileInfo:
         if (flags & os.O_ACCMODE) != os.O_RDONLY:
             raise pyfuse3.FUSEError(errno.EACCES)
         uid = ctx.uid
@@ -182,7 +183,7 @@ class EventFeed:
             stream.lines.appendleft(line[size:])
         return bytes(out)
 
-    def poll(self, fh: int, poll_handle) -> int:
+    def poll(self, fh: int, poll_handle: pyfuse3.PollHandle | None) -> int:
         stream = self._streams[fh]
         # Keep the newest handle even when answering "ready": an edge-triggered
         # epoll waiter that drains the queue must still hear of the next line.

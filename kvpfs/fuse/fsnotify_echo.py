@@ -142,6 +142,7 @@ class EchoHelper:
             return False
         self._process, self.pid = process, process.pid
         where = os.fsencode(self.mountpoint)
+        assert process.stdin is not None  # opened with stdin=PIPE
         with trio.move_on_after(HELPER_START_TIMEOUT):
             try:
                 await process.stdin.send_all(REQUEST.pack(0, len(where)) + where)
@@ -176,7 +177,8 @@ class EchoHelper:
             if not chunk:
                 return None
             data += chunk
-        return ANSWER.unpack(data)[0]
+        answer: int = ANSWER.unpack(data)[0]
+        return answer
 
     async def run(self, op: EchoOp, pool_dir: bytes) -> int:
         """Perform one echo; 0 or the errno the helper met."""

@@ -1,0 +1,266 @@
+"""Host changes reaching the kernel: cache invalidations and inotify echoes.
+
+The store's listener (`HostChanges.on_store_change`) brings our nodes up to
+date at once and queues the kernel's side as typed requests; `invalidator()`
+runs them one at a time, in order, outside any handler (invalidating inside
+one can deadlock the kernel against our own single thread, fuse-pyfuse3.md
+1.8). Host changes reach inotify watchers through echoes: a helper process
+repeats each one through the mount (fsnotify_echo.py); its requests are
+answered by `echoes.EchoRequests`. The host's reply never waits for any of it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from kvpfs.fuse.attr_invalidation import AttrInvalidator
+from kvpfs.fuse.echo_helper import DELETE
+from kvpfs.fuse.fsnotify_echo import EchoHelper, EchoOp, EchoQueue
+from kvpfs.fuse.nodes import DIR_INODES, Node, NodeTable
+from kvpfs.storage.store import Change, Origin, Store
+from kvpfs.storage.worker import Worker
+from kvpfs.wire import names
+from kvpfs.wire.pools import AUTO as AUTO_POOL
+from kvpfs.wire.pools import POOL_NAMES
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------- the requests
+@dataclass(frozen=True)
+class PollNotify:
+    """Wake a poller of /.events (its PollHandle)."""
+
+    handle: pyfuse3.PollHandle
+
+
+@dataclass(frozen=True)
+class InodeDrop:
+    """Drop the kernel's attributes and pages of an inode (the name stays)."""
+
+    ino: int
+
+
+@dataclass(frozen=True)
+class EntryDrop:
+    """Drop a name the kernel holds for an inode that is gone."""
+
+    parent: int
+    name: bytes
+    deleted: int
+
+
+@dataclass(frozen=True)
+class EchoDue:
+    """Run the inotify echoes that are due (the queue itself is in `EchoQueue`)."""
+
+
+Invalidation = PollNotify | InodeDrop | EntryDrop | EchoDue
+
+
+class HostChanges:
+    """The kernel's side of every change: what it must drop, and what watchers must see."""
+
+    def __init__(self, store: Store, table: NodeTable) -> None:
+        self.store = store
+        self.table = table
+        self._send: trio.MemorySendChannel[Invalidation]
+        self._requests: trio.MemoryReceiveChannel[Invalidation]
+        self._send, self._requests = trio.open_memory_channel(float("inf"))
+        # Attribute-only invalidations take no lock in the kernel: a thread of their own,
+        # never behind an echo or an entry invalidation.
+        self.attrs = AttrInvalidator(lambda ino: pyfuse3.invalidate_inode(ino, True))
+        # inotify echoes; the helper starts with the invalidator, which is given the
+        # mount point.
+        self.echo_queue = EchoQueue({pool: store.states[pool].unique_keys()
+                                     for pool in range(len(POOL_NAMES)) if pool != AUTO_POOL})
+        self.echo: EchoHelper | None = None
+        self.echo_op: EchoOp | None = None  # the echo running now
+        self.host_deleted: set[int] = set()  # inodes whose kernel entry is still to drop
+
+    def queue(self, request: Invalidation) -> None:
+        self._send.send_nowait(request)
+
+    def queued(self) -> int:
+        """Requests not yet run (the invalidator may not be running)."""
+        return self._requests.statistics().current_buffer_used
+
+    # ================================================================ the listener
+    def on_store_change(self, changes: list[Change]) -> None:
+        """Bring our nodes up to date and queue the kernel's side.
+
+        Never waits for the kernel: the host's reply (and the store's caller) must
+        not depend on the kernel's cache. Our own state changes here, at once, so
+        lookups, getattr and open answer the new value; invalidations and inotify
+        echoes are queued to `invalidator()`.
+
+        Changes made through the mount are already known to the kernel, except
+        that a dropped trailing newline makes a value shorter than written:
+        those get an attribute refresh. For changes from the host or other
+        programs, a changed value is invalidated only while the kernel may hold
+        something it would use (its attributes' timeout, an open file; a page
+        cache left by an earlier read is dropped by the next open, as `cached` is
+        now False). A deleted key the kernel knows is unlinked by the echo (which
+        drops the kernel's entry and raises IN_DELETE and IN_DELETE_SELF), or,
+        without one, invalidated as before.
+        """
+        echo = self.echo_mountpoint is not None
+        for change in changes:
+            node = self.table.by_key.get((change.pool, change.key))
+            if change.origin is Origin.MOUNT:
+                self.echo_queue.seen_by_kernel(change.pool, change.key, change.kind == "set")
+                if node is not None and change.kind == "set":
+                    self.attr_invalidate(node, None)
+                continue
+            if node is not None:
+                node.mtime_ns = node.ctime_ns = time.time_ns()
+                node.cached = False
+                if node.handles or time.monotonic() < node.kernel_attr_until:
+                    # First of all: a `stat` or `cat` right after the host's reply must
+                    # not get the old size from the kernel's attribute cache.
+                    self.attr_invalidate(node, node.kernel_attr_until)
+                if change.kind == "set" and node.handles:
+                    # Pages an open file holds; a later open drops them itself (`cached`).
+                    self.queue(InodeDrop(node.ino))
+            deleted = None
+            if change.kind == "delete":
+                deleted = node or Node(self.table.new_ino(), change.pool, change.key,
+                                       names.key_to_name(change.key), linked=False)
+            due: bool | None
+            if echo:
+                due = self.echo_queue.note(change.pool, change.key, deleted)
+            else:  # not mounted yet (or no echo possible): nobody could watch
+                due = None
+                self.echo_queue.seen_by_kernel(change.pool, change.key, change.kind == "set")
+            if due:
+                self.queue(EchoDue())
+            if node is None or change.kind == "set":
+                continue
+            name = node.name
+            known = node.lookups > 0 or node.handles > 0
+            self.table.unlink(node)
+            if known:
+                self.host_deleted.add(node.ino)
+            if known and due is None:  # no echo will unlink it: drop the entry ourselves
+                self.queue(EntryDrop(DIR_INODES[change.pool], name, node.ino))
+
+    def attr_invalidate(self, node: Node, given_until: float | None) -> None:
+        def done() -> None:
+            # The kernel asks again next time, unless it already has (a new deadline).
+            if given_until is not None and node.kernel_attr_until == given_until:
+                node.kernel_attr_until = 0.0
+
+        self.attrs.submit(node.ino, done)
+
+    def host_deleted_gone(self, inode: int) -> bool:
+        """A key deleted by the host or another program, no file open on it.
+
+        The kernel may still hold its name (entry timeout) until the echo or an
+        invalidation drops it, and the host's reply does not wait for that. Its
+        GETATTR and OPEN answer ESTALE: the VFS then repeats the path walk with
+        LOOKUP_REVAL, our LOOKUP says ENOENT, and the kernel drops the name itself,
+        in the caller's context: `stat` fails with ENOENT, `echo x > KEY` creates
+        the key anew, as if the name had already gone.
+        """
+        if inode not in self.host_deleted:
+            return False
+        node = self.table.get(inode)
+        if node is None or node.linked:
+            self.host_deleted.discard(inode)
+            return False
+        return node.handles <= 0
+
+    # ================================================================ the invalidator
+    @property
+    def echo_mountpoint(self) -> Path | None:
+        return self.echo.mountpoint if self.echo is not None and not self.echo.disabled \
+            else None
+
+    async def invalidator(self, mountpoint: Path | None = None) -> None:
+        """Run kernel cache invalidations and inotify echoes, one at a time, in order.
+
+        Invalidations run in a worker thread. Echoes run in the helper process,
+        never while an invalidation is in the kernel: a SIGKILL during an entry
+        invalidation must never find our own helper holding the directory's lock.
+        Without `mountpoint` (no mount to echo through) deleted keys are
+        invalidated instead of echoed. Attribute-only invalidations do not queue
+        here: they take no kernel lock and run at once in `AttrInvalidator`'s thread.
+        """
+        if mountpoint is not None:
+            self.echo = EchoHelper(mountpoint)
+        self.attrs.start(trio.lowlevel.current_trio_token())
+        try:
+            await self._serial_lane()
+        finally:
+            self.attrs.close()
+            if self.echo is not None:
+                await self.echo.aclose()
+
+    async def _serial_lane(self) -> None:
+        worker = Worker("kvpfs invalidations")
+        try:
+            async for request in self._requests:
+                try:
+                    if isinstance(request, EchoDue):
+                        await self._run_echo(worker)
+                    elif isinstance(request, PollNotify):
+                        request.handle.notify()
+                    elif isinstance(request, InodeDrop):
+                        await worker.run(pyfuse3.invalidate_inode, request.ino)
+                    else:
+                        try:
+                            await worker.run(pyfuse3.invalidate_entry, request.parent,
+                                             request.name, request.deleted)
+                        finally:
+                            self.host_deleted.discard(request.deleted)
+                except (FileNotFoundError, OSError) as exc:
+                    log.debug("invalidation %r: %s", request, exc)
+        finally:
+            worker.close()
+
+    async def _run_echo(self, worker: Worker) -> None:
+        """The echoes for one key whose change watchers have not seen yet."""
+        ops = self.echo_queue.next_ops(self._key_exists, names.key_to_name)
+        for op in ops:
+            error = errno.ENOTCONN
+            if self.echo is not None and not self.echo.disabled:
+                self.echo_op = op
+                try:
+                    error = await self.echo.run(op, POOL_NAMES[op.pool].encode())
+                finally:
+                    self.echo_op = None
+            if error:
+                log.debug("inotify echo %s of %s/%r: %s", op.kind, POOL_NAMES[op.pool],
+                          op.name, os.strerror(error))
+            node = op.node if isinstance(op.node, Node) else None  # DELETE's only
+            if error and op.kind == DELETE and node is not None \
+                    and (node.lookups > 0 or node.handles > 0):
+                with contextlib.suppress(OSError):  # the kernel may have dropped it already
+                    await worker.run(pyfuse3.invalidate_entry, DIR_INODES[op.pool],
+                                     op.name, node.ino)
+            if op.kind == DELETE and node is not None:
+                self.host_deleted.discard(node.ino)
+            for ino in op.touched:  # echo-only attributes: the next stat asks again
+                touched = self.table.get(ino)
+                if touched is not None:
+                    self.attr_invalidate(touched, None)
+                else:
+                    with contextlib.suppress(OSError):
+                        await worker.run(pyfuse3.invalidate_inode, ino, True)
+
+    def _key_exists(self, pool: int, key: bytes) -> bool:
+        """What an echo must show: a stored key, or one a guest is creating right now (its
+        file exists before its value is stored, and an echoed unlink must not remove it)."""
+        if self.store.get(pool, key) is not None:
+            return True
+        node = self.table.by_key.get((pool, key))
+        return node is not None and node.pending and node.linked

@@ -1,0 +1,201 @@
+"""Inode numbers and the table of key and scratch files the kernel knows.
+
+Fixed inodes for the root, the pool directories, their numeric links and
+/.events; every key or scratch file gets a new number that is never reused,
+so a name that comes back after a delete is a new file to the kernel.
+"""
+
+from __future__ import annotations
+
+import errno
+import time
+from dataclasses import dataclass, field
+
+import pyfuse3
+
+from kvpfs.fuse.unpublished import Unpublished
+from kvpfs.host.intrinsic import KEYS as INTRINSIC_KEYS
+from kvpfs.storage.store import Store
+from kvpfs.wire import names
+from kvpfs.wire.pools import AUTO as AUTO_POOL
+from kvpfs.wire.pools import GUEST
+
+ROOT_INODE: pyfuse3.InodeT = pyfuse3.ROOT_INODE
+DIR_INODES = tuple(ROOT_INODE + 1 + pool for pool in range(5))  # 2..6
+LINK_INODES = tuple(ROOT_INODE + 6 + pool for pool in range(5))  # 7..11
+EVENTS_INODE = ROOT_INODE + 11  # 12: the change feed, /.events
+EVENTS_NAME = b".events"
+FIXED_INODES = (ROOT_INODE, *DIR_INODES, *LINK_INODES, EVENTS_INODE)
+FIRST_KEY_INODE = 100
+
+
+@dataclass(eq=False)
+class Node:
+    """A key (or scratch) file; its inode number is never reused."""
+
+    ino: int
+    pool: int
+    key: bytes | None  # None for a scratch file
+    name: bytes
+    lookups: int = 0
+    handles: int = 0
+    linked: bool = True
+    pending: bool = False  # created through the mount, not committed yet
+    content: bytes = b""  # scratch files and pending keys only
+    last_size: int = 0
+    mtime_ns: int = field(default_factory=time.time_ns)
+    ctime_ns: int = 0
+    atime_ns: int = 0
+    inflight: bytes | None = None  # being published: what readers must already see
+    cached: bool = False  # the kernel's page cache, if any, holds the current value
+    # Until then the kernel may use the attributes we gave it without asking.
+    kernel_attr_until: float = 0.0
+    mode: int | None = None  # chmod/chown are accepted and remembered, not stored in pools
+    uid: int | None = None
+    gid: int | None = None
+    # (stored value, bytes as written): what was written through the mount, shown while
+    # the stored value is still the one it became (read what you wrote, trailing newline
+    # included). Kept in memory only.
+    shown: tuple[bytes, bytes] | None = None
+    # O_APPEND writes go here, at the end of the value as it is at that moment, shared
+    # by every appending handle until the last of them commits.
+    draft: bytearray | None = None
+    draft_writers: int = 0  # appending handles whose bytes are in `draft`, not yet committed
+    charged: int = 0  # bytes of `content` counted as unpublished
+    draft_charged: int = 0  # bytes of `draft` counted as unpublished
+
+
+class NodeTable:
+    """The nodes by inode and by key, and guest's files the pool does not hold (yet).
+
+    A node stays while it has a name, a lookup count or an open file: the
+    kernel may still use its inode number after the key is gone.
+    """
+
+    def __init__(self, store: Store, unpublished: Unpublished, started_ns: int) -> None:
+        self.store = store
+        self.unpublished = unpublished
+        self.started_ns = started_ns
+        self.by_ino: dict[int, Node] = {}
+        self.by_key: dict[tuple[int, bytes], Node] = {}
+        self.guest_extra: dict[bytes, Node] = {}  # name -> scratch or pending node
+        self._next_ino = FIRST_KEY_INODE
+
+    def get(self, ino: int) -> Node | None:
+        return self.by_ino.get(ino)
+
+    def new_ino(self) -> int:
+        ino = self._next_ino
+        self._next_ino += 1
+        return ino
+
+    def key_node(self, pool: int, key: bytes) -> Node:
+        node = self.by_key.get((pool, key))
+        if node is None:
+            node = Node(self.new_ino(), pool, key, names.key_to_name(key))
+            node.mtime_ns = node.ctime_ns = self.store.states[pool].mtime_ns or self.started_ns
+            self.by_ino[node.ino] = node
+            self.by_key[(pool, key)] = node
+        return node
+
+    def add_guest(self, name: bytes, key: bytes | None) -> Node:
+        """A new guest file not in the pool: a scratch file, or a key created (pending)."""
+        if key is None:
+            node = Node(self.new_ino(), GUEST, None, name)
+        else:
+            # Listed as any key is (a name over NAME_MAX shows shortened).
+            node = Node(self.new_ino(), GUEST, key, names.key_to_name(key), pending=True)
+            self.by_key[(GUEST, key)] = node
+        self.by_ino[node.ino] = node
+        self.guest_extra[node.name] = node
+        return node
+
+    def rename(self, node: Node, name: bytes, key: bytes | None) -> None:
+        """The same inode lives on under its new guest name (a key, or scratch if None)."""
+        if node.key is not None and self.by_key.get((GUEST, node.key)) is node:
+            del self.by_key[(GUEST, node.key)]
+        if self.guest_extra.get(node.name) is node:
+            del self.guest_extra[node.name]
+        node.name = name if key is None else names.key_to_name(key)
+        node.key = key
+        node.pending = False
+        if key is None:
+            self.guest_extra[name] = node
+        else:
+            self.by_key[(GUEST, key)] = node
+
+    def stored(self, node: Node) -> None:
+        """A pending key's value is in the pool now: it is listed from there."""
+        node.pending = False
+        if self.guest_extra.get(node.name) is node:
+            del self.guest_extra[node.name]
+
+    def unlink(self, node: Node) -> None:
+        node.linked = False
+        if node.key is None:  # a scratch file's bytes go with its name
+            node.content = b""
+            node.charged = self.unpublished.account(node.pool, node.name, node.charged, 0)
+        if node.key is not None and self.by_key.get((node.pool, node.key)) is node:
+            del self.by_key[(node.pool, node.key)]
+        if self.guest_extra.get(node.name) is node:
+            del self.guest_extra[node.name]
+        self.maybe_drop(node)
+
+    def maybe_drop(self, node: Node) -> None:
+        if not node.linked and node.lookups <= 0 and node.handles <= 0:
+            self.by_ino.pop(node.ino, None)
+
+    def forget(self, ino: int, count: int) -> None:
+        node = self.by_ino.get(ino)
+        if node is not None:
+            node.lookups -= count
+            self.maybe_drop(node)
+
+    def pool_of_dir(self, inode: int) -> int:
+        if inode in DIR_INODES:
+            return DIR_INODES.index(inode)
+        raise pyfuse3.FUSEError(errno.ENOTDIR if inode in self.by_ino else errno.ENOENT)
+
+    def pending_count(self) -> int:
+        """New guest keys created through the mount whose values are not stored yet."""
+        return sum(1 for node in self.guest_extra.values() if node.pending)
+
+    def listing(self, pool: int) -> list[Node]:
+        """Every file of a pool directory (unordered)."""
+        if pool == AUTO_POOL:
+            return [self.key_node(pool, k.encode()) for k in INTRINSIC_KEYS]
+        nodes = [self.key_node(pool, key) for key in self.store.states[pool].unique_keys()]
+        if pool == GUEST:
+            seen = {n.ino for n in nodes}
+            nodes += [n for n in self.guest_extra.values() if n.ino not in seen]
+        return nodes
+
+    def find(self, pool: int, name: bytes) -> Node | None:
+        """The live node for `name` in a pool directory, or None."""
+        if pool == GUEST:
+            extra = self.guest_extra.get(name)
+            if extra is not None:
+                return extra
+            if name.startswith(b"."):
+                return None
+        if pool == AUTO_POOL:
+            try:
+                key = names.name_to_key(name)
+            except names.InvalidName:
+                return None
+            return self.key_node(pool, key) if key.decode() in INTRINSIC_KEYS else None
+        if names.is_shortened(name):
+            for key in self.store.states[pool].unique_keys():
+                if names.key_to_name(key) == name:
+                    return self.key_node(pool, key)
+            return None
+        try:
+            key = names.name_to_key(name)
+        except names.InvalidName:
+            return None
+        pending = self.by_key.get((pool, key))
+        if pending is not None and pending.pending:
+            return pending  # created through the mount, named here by its full long name
+        if self.store.get(pool, key) is None:
+            return None
+        return self.key_node(pool, key)

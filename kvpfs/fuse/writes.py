@@ -1,0 +1,383 @@
+"""Write buffering: what an open file holds until it is stored, and when it is refused.
+
+Writes are buffered per open file and stored when the file is closed (flush),
+so the host never sees half a value; O_APPEND writes of all open files go into
+one shared draft per key, at its end as it is at that moment. A key reads back
+as written (trailing newline included) while the stored value is the one that
+write made. Because shells ignore the error of that close, the pool's lock and
+room are checked (and room reserved) at open and at the first write, and a
+value that can no longer become valid is refused at the write that breaks it.
+Sizes and offsets past a value, and the total of unpublished bytes, are refused
+before anything is allocated. Only `guest` (pool 1) is writable.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import time
+from dataclasses import dataclass
+
+import pyfuse3
+
+from kvpfs.fuse.contents import Contents
+from kvpfs.fuse.nodes import Node, NodeTable
+from kvpfs.fuse.unpublished import Unpublished
+from kvpfs.storage.store import Origin, RequestLock, Store
+from kvpfs.wire import limits, names
+from kvpfs.wire.limits import VALUE_MAX_BYTES, VALUE_MAX_UNITS
+from kvpfs.wire.pools import GUEST, POOL_NAMES
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Handle:
+    node: Node
+    # Read-only and untouched handles share the value they opened (no copy); the first
+    # change through a handle that does not append makes it a private bytearray.
+    buffer: bytes | bytearray
+    writable: bool
+    append: bool
+    dirty: bool = False  # differs from what is published
+    written: bool = False  # a write or truncate since the last commit
+    failed: bool = False
+    private: bool = False  # `buffer` is this handle's own copy (counted as unpublished)
+    in_draft: bool = False  # has appended to node.draft since its last commit
+    prepared: bool = False  # the pool's lock and room were checked for this handle
+    charged: int = 0  # bytes of `buffer` counted as unpublished
+
+
+class Writes:
+    def __init__(self, store: Store, table: NodeTable, contents: Contents,
+                 unpublished: Unpublished, guest_lock: RequestLock, *, raw: bool) -> None:
+        self.store = store
+        self.table = table
+        self.contents = contents
+        self.unpublished = unpublished
+        self.guest_lock = guest_lock  # held while changing guest through the mount
+        self.raw = raw
+
+    def account(self, node: Node, old: int, new: int) -> int:
+        return self.unpublished.account(node.pool, node.name, old, new)
+
+    # ================================================================ writing
+    async def write(self, handle: Handle, off: int, buf: bytes) -> int:
+        if handle.append and not handle.private:
+            if not handle.prepared:
+                await self.prepare(handle)
+            return self._append(handle, buf)
+        size = len(handle.buffer) + len(buf) if handle.append else \
+            max(len(handle.buffer), off + len(buf))
+        self._check_size(handle, size, f"a write of {len(buf)} bytes at offset {off}")
+        if not handle.prepared:
+            await self.prepare(handle)
+        data = self._make_private(handle, size)
+        if handle.append:
+            off = len(data)  # the kernel's offset comes from a possibly stale size
+        if off > len(data):
+            data.extend(b"\0" * (off - len(data)))
+        data[off : off + len(buf)] = buf
+        handle.dirty = handle.written = True
+        error = self._early_check(handle.node, data)
+        if error:
+            handle.failed = True
+            raise pyfuse3.FUSEError(error)
+        return len(buf)
+
+    def _append(self, handle: Handle, buf: bytes) -> int:
+        """An O_APPEND write: at the end of the value as it is now, whoever else appends.
+
+        Every appending handle of a node writes into one shared draft, based on the value
+        readers see (the written form, trailing newline included); the draft is published
+        whole when each of them commits, and dropped after the last. A refused write adds
+        nothing and leaves what the others appended alone.
+        """
+        node = handle.node
+        base = node.draft if node.draft is not None else (self.contents.value(node) or b"")
+        size = len(base) + len(buf)
+        # Refused before this handle appended anything: it stores nothing at all (not
+        # even the empty new key its open created), as a refused write does.
+        self._check_size(handle, size, f"an append of {len(buf)} bytes",
+                         fail=not handle.in_draft)
+        new = bytearray(base)
+        new += buf
+        error = self._early_check(node, new)
+        if error:
+            handle.failed = handle.failed or not handle.in_draft
+            raise pyfuse3.FUSEError(error)
+        node.draft_charged = self.account(node, node.draft_charged, size)
+        node.draft = new
+        if not handle.in_draft:
+            handle.in_draft = True
+            node.draft_writers += 1
+        handle.failed = False  # what it appends now is stored at its close
+        handle.dirty = handle.written = True
+        return len(buf)
+
+    def view(self, handle: Handle) -> bytes | bytearray:
+        """What a read through this handle returns."""
+        node = handle.node
+        if handle.append and not handle.private and node.draft is not None:
+            return node.draft
+        return handle.buffer
+
+    async def truncate(self, node: Node, size: int, handle: Handle | None) -> None:
+        """Through an open file (ftruncate, O_TRUNC after open), or by path: stored now."""
+        if size > self._file_max(node):
+            self.refuse(node, f"truncate to {size} bytes; a value (and a scratch file, which"
+                        f" may become one) is at most {self._file_max(node)} bytes")
+            if handle is not None:
+                handle.failed = True
+            raise pyfuse3.FUSEError(errno.EFBIG)
+        if handle is not None:
+            if not handle.prepared:
+                await self.prepare(handle)
+            buffer = self._make_private(handle, size)
+            del buffer[size:]
+            buffer.extend(b"\0" * (size - len(buffer)))
+            handle.charged = self.account(node, handle.charged, len(buffer))
+            handle.dirty = handle.written = True
+            error = self._early_check(node, buffer)
+            if error:
+                handle.failed = True
+                raise pyfuse3.FUSEError(error)
+            return
+        current = await self.contents.current(node) or b""
+        data = current[:size] + b"\0" * max(0, size - len(current))
+        if node.key is None:
+            node.charged = self.account(node, node.charged, len(data))
+            node.content = data
+            node.cached = False
+            return
+        if data == current:
+            return  # nothing changes (e.g. `truncate -s` to the size it has)
+        # truncate(2) by path: there is no close to wait for, publish now, with the rule
+        # of a write: the file's bytes read back, one trailing newline is not stored.
+        value = self.final_value(node, data)
+        node.cached = False
+        async with self.guest_lock:
+            if node.linked:
+                await self.publish(node, value, data)
+
+    # ================================================================ bounds
+    def _file_max(self, node: Node) -> int:
+        """The most bytes an open or scratch file may hold: a value, plus the newline
+        dropped at commit unless --raw (a scratch file is renamed into a key)."""
+        if node.key is None:
+            return limits.SCRATCH_FILE_MAX_BYTES
+        return limits.VALUE_MAX_BYTES if self.raw else limits.FILE_MAX_BYTES
+
+    def _check_size(self, handle: Handle, size: int, what: str, *, fail: bool = True) -> None:
+        """EFBIG before anything is allocated if a file would grow past `_file_max`."""
+        limit = self._file_max(handle.node)
+        if size > limit:
+            if fail:
+                handle.failed = True
+            self.refuse(handle.node, f"{what} would make the file {size} bytes; a value (and a"
+                        f" scratch file, which may become one) is at most {limit} bytes"
+                        f"{'' if self.raw else ' with its trailing newline'}")
+            raise pyfuse3.FUSEError(errno.EFBIG)
+
+    def _make_private(self, handle: Handle, size: int) -> bytearray:
+        """The handle's own buffer, counted for at least `size` bytes (ENOSPC past the
+        unpublished bound); copied from what it shows at its first change."""
+        base = handle.buffer if handle.private else self.view(handle)
+        handle.charged = self.account(handle.node, handle.charged, max(size, len(base)))
+        if not handle.private:
+            if handle.in_draft:
+                self._leave_draft(handle)
+            handle.buffer = bytearray(base)
+            handle.private = True
+        assert isinstance(handle.buffer, bytearray)
+        return handle.buffer
+
+    def _leave_draft(self, handle: Handle) -> None:
+        node = handle.node
+        handle.in_draft = False
+        node.draft_writers -= 1
+        if node.draft_writers <= 0:
+            node.draft_writers = 0
+            node.draft = None
+            node.draft_charged = self.account(node, node.draft_charged, 0)
+
+    def discard(self, handle: Handle) -> None:
+        """A released handle's memory goes back to the unpublished bound."""
+        handle.charged = self.account(handle.node, handle.charged, 0)
+        handle.buffer = b""
+        if handle.in_draft:
+            self._leave_draft(handle)
+
+    # ================================================================ early checks
+    async def prepare(self, handle: Handle) -> None:
+        """Fail this open or write, rather than the close, if the value cannot be stored.
+        A write refused here changed nothing; the next one checks again."""
+        if handle.node.key is not None:
+            await self.prepare_key(handle.node.key)
+        handle.prepared = True
+
+    async def prepare_key(self, key: bytes) -> None:
+        """Check that a guest key can be stored soon: the pool's locks are free within the
+        lock timeout (EBUSY) and the pool file has room for its record (ENOSPC). Shells
+        ignore the error of the close that stores a value, so write(2) must fail instead.
+        The lock is only taken and dropped: it is never held across the caller's time."""
+        new = 0
+        if self.store.get(GUEST, key) is None:
+            new = 1 + self.table.pending_count()
+        await self.store.prepare_set(GUEST, new)
+
+    def check_scratch_room(self, name: bytes) -> None:
+        if len(self.table.guest_extra) >= limits.SCRATCH_MAX_FILES:
+            log.warning("refused to create guest/%s: %d scratch files and unstored new keys"
+                        " exist, the most kvpfs keeps; rename or remove some",
+                        name.decode(errors="replace"), len(self.table.guest_extra))
+            raise pyfuse3.FUSEError(errno.ENOSPC)
+
+    def _early_check(self, node: Node, buffer: bytes | bytearray) -> int:
+        """Refuse a write as soon as the value can no longer become valid."""
+        if node.key is None:
+            return 0  # scratch files take any bytes (up to the size limit) until renamed
+        data = bytes(buffer)
+        limit = VALUE_MAX_BYTES + (0 if self.raw else 1)
+        if len(data) > limit:
+            self.refuse(node, "value longer than 2047 bytes (and 1022 UTF-16 units)")
+            return errno.EFBIG
+        if b"\0" in data:
+            self.refuse(node, "value contains a NUL byte")
+            return errno.EINVAL
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            if exc.reason != "unexpected end of data":
+                self.refuse(node, f"value is not UTF-8 (byte {exc.start})")
+                return errno.EILSEQ
+            text = data[: exc.start].decode("utf-8")  # a character still being written
+        if len(text.encode("utf-16-le")) // 2 > VALUE_MAX_UNITS + (0 if self.raw else 1):
+            self.refuse(node, f"value longer than {VALUE_MAX_UNITS} UTF-16 units")
+            return errno.EFBIG
+        return 0
+
+    def refuse(self, node: Node, why: str) -> None:
+        log.warning("refused value for %s/%s: %s; nothing stored",
+                    POOL_NAMES[node.pool], node.name.decode(errors="replace"), why)
+
+    def checked_key(self, name: bytes) -> bytes:
+        """The guest key a new file name stands for; EINVAL or the limit's errno if none."""
+        try:
+            key = names.name_to_key(name)
+        except names.InvalidName as exc:
+            log.warning("refused name %r in guest: %s", name, exc)
+            raise pyfuse3.FUSEError(errno.EINVAL) from None
+        try:
+            limits.check_key(key)
+        except limits.LimitError as exc:
+            log.warning("refused key %r in guest: %s", key, exc)
+            raise pyfuse3.FUSEError(exc.errno) from None
+        return key
+
+    # ================================================================ storing
+    def final_value(self, node: Node, data: bytes) -> bytes:
+        """The value to publish (one trailing newline dropped unless --raw), or
+        FUSEError naming the broken limit."""
+        if not self.raw and data.endswith(b"\n"):
+            data = data[:-1]
+        try:
+            limits.check_value(data)
+        except limits.LimitError as exc:
+            self.refuse(node, str(exc))
+            raise pyfuse3.FUSEError(exc.errno) from None
+        return data
+
+    async def commit(self, handle: Handle) -> None:
+        """Publish what the handle holds (at flush, fsync, release)."""
+        if handle.failed:
+            return
+        node = handle.node
+        if handle.in_draft:
+            assert node.draft is not None
+            data = bytes(node.draft)
+            handle.dirty = handle.written = False
+            self._leave_draft(handle)
+        elif not handle.dirty:
+            return
+        elif handle.append and not handle.private:
+            # An appending open of a new key that wrote nothing: it creates the key empty,
+            # unless someone has stored it (or is appending to it) meanwhile.
+            handle.dirty = handle.written = False
+            if not node.pending or node.draft is not None:
+                return
+            data = b""
+        else:
+            data = bytes(handle.buffer)
+            handle.dirty = handle.written = False
+        if node.key is None:  # scratch: keep exact bytes until renamed
+            if node.linked:
+                node.charged = self.account(node, node.charged, len(data))
+                node.content = data
+            node.mtime_ns = time.time_ns()
+            node.cached = False
+            return
+        value = self.final_value(node, data)
+        # Visible to every reader from now on, before the first await: a `cat`
+        # right after `close()` must not see the old value while we publish.
+        node.inflight = data
+        node.cached = False
+        try:
+            async with self.guest_lock:
+                if node.linked:
+                    await self.publish(node, value, data)
+        finally:
+            if node.inflight is data:
+                node.inflight = None
+
+    async def publish(self, node: Node, value: bytes, written: bytes | None = None) -> None:
+        """Store a guest key's value; the caller holds guest_lock. `written` is what the
+        user wrote, shown by reads while the stored value stays `value`."""
+        assert node.key is not None
+        await self.store.set(GUEST, node.key, value, Origin.MOUNT)
+        node.shown = (value, written) if written is not None and written != value else None
+        if node.pending:
+            node.content = b""
+            self.table.stored(node)
+        node.last_size = len(node.shown[1] if node.shown is not None else value)
+        node.cached = False
+        node.mtime_ns = node.ctime_ns = time.time_ns()
+
+    async def rename(self, node: Node, target: Node | None, name_new: bytes) -> None:
+        """rename(2) in guest, the caller holding guest_lock: store under the new name, then
+        delete the old key. A scratch file renamed to a key is stored as a write would be; a
+        key renamed to a scratch file keeps its bytes as they read."""
+        new_key = None if name_new.startswith(b".") else self.checked_key(name_new)
+        # The file's bytes (a key's written form, newline included) and what is stored.
+        data = await self.contents.current(node) or b""
+        if node.key is None:
+            value = self.final_value(node, data) if new_key is not None else data
+        else:
+            value = self.contents.stored(node)
+        charged = node.charged
+        if new_key is None:
+            if node.key is not None and target is None:
+                self.check_scratch_room(name_new)
+            charged = self.account(node, node.charged, len(data))
+        try:
+            if new_key is not None:
+                await self.store.set(GUEST, new_key, value, Origin.MOUNT)
+            if node.key is not None and not node.pending:
+                await self.store.delete(GUEST, node.key, Origin.MOUNT)
+        except BaseException:
+            self.account(node, charged, node.charged)
+            raise
+        if target is not None and target is not node:
+            self.table.unlink(target)
+        self.table.rename(node, name_new, new_key)
+        node.cached = False
+        node.ctime_ns = time.time_ns()
+        if new_key is None:
+            node.content = data
+            node.charged = charged
+            node.shown = None
+        else:
+            node.content = b""
+            node.charged = self.account(node, node.charged, 0)
+            node.shown = (value, data) if data != value else None
+            node.last_size = len(data)
