@@ -451,8 +451,7 @@ class KvpOperations(pyfuse3.Operations):
     async def mkdir(self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT,
                     mode: pyfuse3.ModeT, ctx: pyfuse3.RequestContext,
                     ) -> pyfuse3.EntryAttributes:
-        raise pyfuse3.FUSEError(errno.EPERM if parent_inode == DIR_INODES[GUEST]
-                                else errno.EACCES)
+        raise _no_such_entries(parent_inode)
 
     @handler
     async def rmdir(self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT,
@@ -463,22 +462,19 @@ class KvpOperations(pyfuse3.Operations):
     async def symlink(self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT,
                       target: pyfuse3.FileNameT, ctx: pyfuse3.RequestContext,
                       ) -> pyfuse3.EntryAttributes:
-        raise pyfuse3.FUSEError(errno.EPERM if parent_inode == DIR_INODES[GUEST]
-                                else errno.EACCES)
+        raise _no_such_entries(parent_inode)
 
     @handler
     async def link(self, inode: pyfuse3.InodeT, new_parent_inode: pyfuse3.InodeT,
                    new_name: pyfuse3.FileNameT, ctx: pyfuse3.RequestContext,
                    ) -> pyfuse3.EntryAttributes:
-        raise pyfuse3.FUSEError(errno.EPERM if new_parent_inode == DIR_INODES[GUEST]
-                                else errno.EACCES)
+        raise _no_such_entries(new_parent_inode)
 
     @handler
     async def mknod(self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT,
                     mode: pyfuse3.ModeT, rdev: int, ctx: pyfuse3.RequestContext,
                     ) -> pyfuse3.EntryAttributes:
-        raise pyfuse3.FUSEError(errno.EPERM if parent_inode == DIR_INODES[GUEST]
-                                else errno.EACCES)
+        raise _no_such_entries(parent_inode)
 
     # ================================================================ xattrs
     @handler
@@ -524,3 +520,9 @@ class KvpOperations(pyfuse3.Operations):
     async def invalidator(self, mountpoint: Path | None = None) -> None:
         """The task running invalidations and inotify echoes (`HostChanges.invalidator`)."""
         await self.changes.invalidator(mountpoint)
+
+
+def _no_such_entries(parent: int) -> pyfuse3.FUSEError:
+    """Directories, links and special files: EPERM in guest (only values live there, as on a
+    filesystem that does not support them), EACCES elsewhere (read-only)."""
+    return pyfuse3.FUSEError(errno.EPERM if parent == DIR_INODES[GUEST] else errno.EACCES)
