@@ -217,10 +217,13 @@ class KvpOperations(pyfuse3.Operations):
         if inode == EVENTS_INODE:
             return self._open_events(flags, ctx)
         node = self.table.get(inode)
-        if node is not None and self.changes.host_deleted_gone(inode):
-            raise pyfuse3.FUSEError(errno.ESTALE)  # see HostChanges.host_deleted_gone
-        if node is None or not node.linked:
+        if node is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
+        if not node.linked:
+            # Only a name the kernel still caches leads here (HostChanges.host_deleted_gone),
+            # also once its echo has run: ESTALE makes the VFS walk the path again, and an
+            # `echo x > KEY` then creates the key anew instead of failing with ENOENT.
+            raise pyfuse3.FUSEError(errno.ESTALE)
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
         truncate = bool(flags & os.O_TRUNC)
         if (writable or truncate) and node.pool != GUEST:
