@@ -4,6 +4,12 @@ A dead or wedged FUSE mount answers ENOTCONN or does not answer at all, so every
 must find or judge a kvpfs mount (start-up, `kvpfs host`, `status`, `wait`, `recover`, the
 inotify echo helper) asks the kernel's mount table instead. Standard library only: the echo
 helper process imports it too.
+
+Any user may mount a filesystem of type fuse.kvpfs (fusermount3 lets them name the
+subtype), so the type alone proves nothing: a command trusts only mounts made by root or
+by the user running it. Who made a FUSE mount is its `user_id=` option, which the kernel
+reports from the connection itself and fusermount3 always sets to the real caller's uid
+(a user cannot pass `user_id=` to it).
 """
 
 from __future__ import annotations
@@ -20,6 +26,22 @@ class KvpfsMount:
     mount_id: int
     device: str  # major:minor; the minor is the FUSE connection's number
     point: Path
+    owner: int | None = None  # the FUSE connection's user_id=: who mounted it
+
+    @property
+    def trusted(self) -> bool:
+        """Made by root or by the user running this: a mount anyone else made may serve
+        made-up values, or name a control socket of their choosing."""
+        return self.owner is not None and self.owner in (0, os.getuid())
+
+
+def owner_of(super_options: str) -> int | None:
+    """The `user_id=` of a FUSE mount's superblock options, or None."""
+    for option in super_options.split(","):
+        name, _, value = option.partition("=")
+        if name == "user_id" and value.isdigit():
+            return int(value)
+    return None
 
 
 def unescape(text: str) -> str:
@@ -35,8 +57,9 @@ def unescape(text: str) -> str:
     return "".join(out)
 
 
-def kvpfs_entries() -> list[KvpfsMount]:
-    """Every kvpfs mount visible to this process, in mount order (stacked ones too)."""
+def kvpfs_entries(*, anyones: bool = False) -> list[KvpfsMount]:
+    """The kvpfs mounts visible to this process that it can trust (see `KvpfsMount.trusted`),
+    in mount order (stacked ones too); with `anyones`, every user's."""
     found = []
     try:
         with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
@@ -44,20 +67,21 @@ def kvpfs_entries() -> list[KvpfsMount]:
                 fields = line.split()
                 sep = fields.index("-")
                 if fields[sep + 1] == FSTYPE:
+                    options = fields[sep + 3] if len(fields) > sep + 3 else ""
                     found.append(KvpfsMount(int(fields[0]), fields[2],
-                                            Path(unescape(fields[4]))))
+                                            Path(unescape(fields[4])), owner_of(options)))
     except OSError:
         pass
-    return found
+    return found if anyones else [entry for entry in found if entry.trusted]
 
 
 def kvpfs_mount_table() -> list[tuple[str, Path]]:
-    """(device number, mount point) of every kvpfs mount visible here, in mount order."""
+    """(device number, mount point) of every trusted kvpfs mount here, in mount order."""
     return [(entry.device, entry.point) for entry in kvpfs_entries()]
 
 
 def kvpfs_mounts() -> list[Path]:
-    """Mount points of kvpfs filesystems visible to this process."""
+    """Mount points of the trusted kvpfs filesystems visible to this process."""
     return [entry.point for entry in kvpfs_entries()]
 
 

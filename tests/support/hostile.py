@@ -1,0 +1,153 @@
+"""Unprivileged attackers for the hostile-user tests: `nobody` with or without the guest group.
+
+Every attack runs as a real unprivileged process (setpriv), never as root pretending:
+the kernel's checks (default_permissions, fusermount3's rules, /proc's) are part of
+what is tested.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from tests.support.waiting import wait_for
+
+REPO = Path(__file__).resolve().parent.parent.parent
+NOBODY = 65534
+
+
+def user_argv(argv: list[str], *, groups: tuple[int, ...] = ()) -> list[str]:
+    """argv run as nobody, with exactly `groups` as supplementary groups (none by default:
+    a user with no groups at all)."""
+    group_opt = f"--groups={','.join(map(str, groups))}" if groups else "--clear-groups"
+    return ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", group_opt, "--", *argv]
+
+
+def as_user(argv: list[str], *, groups: tuple[int, ...] = (), timeout: float = 120,
+            stdin: str | None = None, env: dict[str, str] | None = None,
+            ) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(user_argv(argv, groups=groups), capture_output=True, text=True,
+                          timeout=timeout, cwd="/", input=stdin, env=env)
+
+
+def user_python(script: str, *args: str, groups: tuple[int, ...] = (), timeout: float = 120,
+                ) -> subprocess.CompletedProcess[str]:
+    """A Python probe as the user (the system python3: standard library only)."""
+    python = shutil.which("python3", path="/usr/bin:/bin") or sys.executable
+    return as_user([python, "-c", script, *args], groups=groups, timeout=timeout)
+
+
+@contextlib.contextmanager
+def user_dir(prefix: str = "kvpfs-hostile-") -> Iterator[Path]:
+    """A fresh directory the user owns (pytest's tmp_path is out of its reach)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    os.chown(path, NOBODY, NOBODY)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def mounted_on(path: Path) -> list[dict[str, str]]:
+    """The mounts whose mount point is `path`, topmost last (fstype, owner's user_id)."""
+    found = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split()
+        sep = fields.index("-")
+        if fields[4] == str(path):
+            options = dict(o.partition("=")[::2] for o in fields[sep + 3].split(","))
+            found.append({"id": fields[0], "fstype": fields[sep + 1],
+                          "user_id": options.get("user_id", "")})
+    return found
+
+
+class UserKvpfs:
+    """`kvpfs mount --simulate` run by nobody through fusermount3: a user's own kvpfs."""
+
+    def __init__(self, base: Path, mnt: Path | None = None) -> None:
+        self.base = base
+        self.mnt = mnt if mnt is not None else base / "mnt"
+        self.control = base / "control.sock"
+        self.log = base / "kvpfs.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, *, must_mount: bool = True, timeout: float = 20) -> UserKvpfs:
+        if self.mnt.parent == self.base and not self.mnt.exists():
+            self.mnt.mkdir()
+            os.chown(self.mnt, NOBODY, NOBODY)
+        env = {"PATH": "/usr/bin:/bin", "HOME": str(self.base)}
+        with open(self.log, "wb") as log:
+            os.chown(self.log, NOBODY, NOBODY)
+            self.proc = subprocess.Popen(
+                user_argv([sys.executable, "-m", "kvpfs", "mount", str(self.mnt), "--simulate",
+                           "--pool-dir", str(self.base / "pools"),
+                           "--control", str(self.control)]),
+                stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+        if must_mount:
+            wait_for(self._ready, timeout, what=f"nobody's kvpfs on {self.mnt}")
+        return self
+
+    def _ready(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"nobody's kvpfs exited with {self.proc.returncode}:\n"
+                                 f"{self.output()}")
+        return self.control.exists() and any(m["fstype"] == "fuse.kvpfs"
+                                              and m["user_id"] == str(NOBODY)
+                                              for m in mounted_on(self.mnt))
+
+    def wait_exit(self, timeout: float = 20) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        deadline = time.monotonic() + 5
+        while any(m["user_id"] == str(NOBODY) for m in mounted_on(self.mnt)) \
+                and time.monotonic() < deadline:
+            subprocess.run(["umount", "-l", str(self.mnt)], check=False, capture_output=True)
+
+
+_ONLY_THESE = r"""
+import os, subprocess, sys
+sep = sys.argv.index("--")
+keep, argv = set(sys.argv[1:sep]), sys.argv[sep + 1:]
+with open("/proc/self/mountinfo") as f:
+    points = [line.split()[4] for line in f if " - fuse.kvpfs " in line]
+for point in reversed(points):
+    if point not in keep:
+        subprocess.run(["umount", "-l", point], capture_output=True)
+os.execvp(argv[0], argv)
+"""
+
+
+def with_only_these_mounts(argv: list[str], keep: list[Path]) -> list[str]:
+    """argv run in a mount namespace of its own where the only kvpfs mounts are `keep`:
+    other tests on the machine may have theirs, and `kvpfs wait`/`host` refuse to choose
+    between several. Detaching them there leaves them alone everywhere else."""
+    return ["unshare", "--mount", "--propagation", "private", sys.executable, "-c",
+            _ONLY_THESE, *map(str, keep), "--", *argv]
