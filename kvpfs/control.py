@@ -16,6 +16,7 @@ import logging
 import os
 import socket
 import stat
+import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -70,9 +71,15 @@ def control_socket_name(mountpoint: Path, room: int = 255) -> str:
 
 def default_control_path(mountpoint: Path) -> Path:
     """`/run/kvpfs/NAME.sock` (root) or `$XDG_RUNTIME_DIR/kvpfs/NAME.sock`, within the
-    108 bytes a Unix socket's path may have."""
-    runtime = "/run" if os.geteuid() == 0 else os.environ.get("XDG_RUNTIME_DIR", "/tmp")
-    directory = Path(runtime) / "kvpfs"
+    108 bytes a Unix socket's path may have. Without XDG_RUNTIME_DIR, a directory of this
+    user's own in the temporary directory, `kvpfs-UID` (checked by `check_control_path`):
+    a shared `/tmp/kvpfs` could be made by another user, who could then replace the socket."""
+    if os.geteuid() == 0:
+        directory = Path("/run/kvpfs")
+    elif "XDG_RUNTIME_DIR" in os.environ:
+        directory = Path(os.environ["XDG_RUNTIME_DIR"]) / "kvpfs"
+    else:
+        directory = Path(tempfile.gettempdir()) / f"kvpfs-{os.geteuid()}"
     room = SUN_PATH_MAX - len(os.fsencode(directory)) - 1
     return directory / control_socket_name(mountpoint, min(255, room))
 
@@ -101,11 +108,35 @@ def _probe(path: Path, timeout: float = 2.0) -> str:
     return "live"
 
 
+def check_control_directory(directory: Path) -> None:
+    """OSError(EPERM) naming the problem if another user could replace a socket in
+    `directory`: it must be a real directory owned by this user or root, and writable by
+    others only if sticky (as /tmp is). A missing one is fine: it is created 0700."""
+    try:
+        st = os.lstat(directory)
+    except FileNotFoundError:
+        return
+    problem = None
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        problem = "is not a directory (a symlink or another file)"
+    elif st.st_uid not in (0, os.geteuid()):
+        problem = f"belongs to uid {st.st_uid}, not to this user (uid {os.geteuid()}) or root"
+    elif st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+        problem = (f"is writable by other users (mode {stat.S_IMODE(st.st_mode):04o}) and not"
+                   " sticky")
+    if problem:
+        raise OSError(errno.EPERM, f"the control socket's directory {directory} {problem}, so"
+                      " another user could replace the socket; remove it or give --control"
+                      " PATH in a directory of your own")
+
+
 def check_control_path(path: Path) -> None:
-    """Refuse a control socket path another live instance owns; a stale one may go.
+    """Refuse a control socket path another live instance owns (a stale one may go), or
+    whose directory another user could change (`check_control_directory`).
 
     Called before anything is created, so a refused start leaves nothing behind.
     """
+    check_control_directory(path.parent)
     state = _probe(path)
     if state == "live":
         raise ControlSocketInUse(
@@ -120,6 +151,7 @@ async def serve(path: Path, handler: Handler, *,
                 task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve the control socket; never takes one over from a live instance."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    check_control_directory(path.parent)  # again: it may have been made meanwhile
     listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         for _attempt in range(3):

@@ -15,6 +15,14 @@ in /proc/self/mountinfo, and the abort goes to /sys/fs/fuse/connections/N/abort.
 Without the fusectl filesystem there, umount2(MNT_FORCE) aborts the same connection
 (the kernel's fuse_umount_begin). Then the mount is detached lazily.
 
+The path it is given may lie in directories a user controls, and a user could swap one of
+them for a symlink between the look at mountinfo and the unmount, sending root's umount2 to
+another mount. So the mount point is opened once (O_PATH|O_NOFOLLOW: no request reaches
+the filesystem), the descriptor is checked to be on exactly the mount listed (its mnt_id
+in /proc/self/fdinfo), and every unmount then goes through that descriptor
+(/proc/self/fd/N), never through the path again. Only mounts the caller can trust are
+considered (`mountinfo.KvpfsMount.trusted`).
+
 Do not run it on a kvpfs that works: it cuts that kvpfs's mount off.
 """
 
@@ -44,7 +52,8 @@ def _umount2(target: Path, flags: int) -> int:
 
 
 def abort_connection(device: str, mountpoint: Path) -> str:
-    """Abort the FUSE connection of the mount with device number `device` ("0:NN")."""
+    """Abort the FUSE connection of the mount with device number `device` ("0:NN");
+    `mountpoint` (for the forced unmount) is the checked descriptor's /proc/self/fd path."""
     minor = int(device.split(":")[1])
     abort = FUSECTL / str(minor) / "abort"
     try:
@@ -60,19 +69,58 @@ def abort_connection(device: str, mountpoint: Path) -> str:
     return f"could not abort FUSE connection {minor}: {os.strerror(error)}"
 
 
-def recover(mountpoint: Path) -> list[str]:
-    """Abort and lazily unmount every kvpfs mount on `mountpoint`; what was done, line by line."""
-    where = mountinfo.canonical_mountpoint(mountpoint)
+def open_mount(entry: mountinfo.KvpfsMount) -> int | None:
+    """An O_PATH descriptor of the root of exactly the mount `entry` lists, or None if its
+    path leads elsewhere now (a component swapped, or another mount stacked on top)."""
+    try:
+        fd = os.open(entry.point, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    if mount_id_of(fd) == entry.mount_id:
+        return fd
+    os.close(fd)
+    return None
+
+
+def mount_id_of(fd: int) -> int | None:
+    """The mount an open descriptor is on, from /proc (never asking the filesystem)."""
+    try:
+        with open(f"/proc/self/fdinfo/{fd}", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("mnt_id:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def recover_mounts(where: Path, entries: list[mountinfo.KvpfsMount]) -> list[str]:
+    """Abort and lazily unmount each listed mount (topmost first), acting only through a
+    descriptor checked to be on that mount; what was done, line by line."""
     done = []
-    # Topmost first: a detach removes the top mount and uncovers the one below.
-    for device, point in reversed(mountinfo.kvpfs_mount_table()):
-        if point != where:
+    for entry in entries:
+        fd = open_mount(entry)
+        if fd is None:
+            done.append(f"{where}: left alone: the path no longer leads to the kvpfs mount"
+                        f" {entry.mount_id} listed in mountinfo (changed meanwhile)")
             continue
-        done.append(f"{where}: " + abort_connection(device, where))
-        if (device, point) not in mountinfo.kvpfs_mount_table():
-            done.append(f"{where}: unmounted")  # by the forced unmount
-            continue
-        error = _umount2(where, MNT_DETACH)
-        done.append(f"{where}: " + (f"could not unmount: {os.strerror(error)}" if error
-                                    else "unmounted"))
+        try:
+            target = Path(f"/proc/self/fd/{fd}")
+            done.append(f"{where}: " + abort_connection(entry.device, target))
+            if entry not in mountinfo.kvpfs_entries():
+                done.append(f"{where}: unmounted")  # by the forced unmount
+                continue
+            error = _umount2(target, MNT_DETACH)
+            done.append(f"{where}: " + (f"could not unmount: {os.strerror(error)}" if error
+                                        else "unmounted"))
+        finally:
+            os.close(fd)
     return done
+
+
+def recover(mountpoint: Path) -> list[str]:
+    """Abort and lazily unmount every trusted kvpfs mount on `mountpoint`; what was done."""
+    where = mountinfo.canonical_mountpoint(mountpoint)
+    # Topmost first: a detach removes the top mount and uncovers the one below.
+    entries = [e for e in reversed(mountinfo.kvpfs_entries()) if e.point == where]
+    return recover_mounts(where, entries)
