@@ -8,7 +8,9 @@ what is tested.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -24,11 +26,17 @@ REPO = Path(__file__).resolve().parent.parent.parent
 NOBODY = 65534
 
 
-def user_argv(argv: list[str], *, groups: tuple[int, ...] = ()) -> list[str]:
+def user_argv(argv: list[str], *, groups: tuple[int, ...] = (), nofile: int | None = None,
+              ) -> list[str]:
     """argv run as nobody, with exactly `groups` as supplementary groups (none by default:
-    a user with no groups at all)."""
+    a user with no groups at all); `nofile` raises its descriptor limit first (as an admin
+    may have, and as many processes of one user add up to anyway)."""
     group_opt = f"--groups={','.join(map(str, groups))}" if groups else "--clear-groups"
-    return ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", group_opt, "--", *argv]
+    if nofile:  # up to the hard limit (raising that needs CAP_SYS_RESOURCE)
+        nofile = min(nofile, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
+    limit = ["prlimit", f"--nofile={nofile}:{nofile}"] if nofile else []
+    return [*limit, "setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", group_opt, "--",
+            *argv]
 
 
 def as_user(argv: list[str], *, groups: tuple[int, ...] = (), timeout: float = 120,
@@ -38,11 +46,43 @@ def as_user(argv: list[str], *, groups: tuple[int, ...] = (), timeout: float = 1
                           timeout=timeout, cwd="/", input=stdin, env=env)
 
 
+def system_python() -> str:
+    return shutil.which("python3", path="/usr/bin:/bin") or sys.executable
+
+
 def user_python(script: str, *args: str, groups: tuple[int, ...] = (), timeout: float = 120,
                 ) -> subprocess.CompletedProcess[str]:
     """A Python probe as the user (the system python3: standard library only)."""
-    python = shutil.which("python3", path="/usr/bin:/bin") or sys.executable
-    return as_user([python, "-c", script, *args], groups=groups, timeout=timeout)
+    return as_user([system_python(), "-c", script, *args], groups=groups, timeout=timeout)
+
+
+class Holder:
+    """A probe, run as the user, that takes resources, prints one JSON line saying what it
+    got, holds them until told to let go (a line on its stdin), then prints a last line."""
+
+    def __init__(self, script: str, *args: str, groups: tuple[int, ...] = (),
+                 nofile: int | None = None) -> None:
+        self.proc = subprocess.Popen(
+            user_argv([system_python(), "-c", script, *args], groups=groups, nofile=nofile),
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            cwd="/")
+
+    def held(self) -> dict[str, object]:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise AssertionError(f"the probe ended: {self.proc.stderr.read()}")  # type: ignore
+        return dict(json.loads(line))
+
+    def release(self) -> str:
+        out, err = self.proc.communicate("go\n", timeout=300)
+        assert self.proc.returncode == 0, err
+        return out
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
 
 
 @contextlib.contextmanager
@@ -54,6 +94,11 @@ def user_dir(prefix: str = "kvpfs-hostile-") -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def fd_limit() -> int:
+    """The most descriptors one process may hold here (its hard limit)."""
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[1]
 
 
 def rss_kib(pid: int) -> int:

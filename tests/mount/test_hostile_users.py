@@ -1,0 +1,558 @@
+"""Hostile and careless local users, round two (issue 18), each attack against a real mount.
+
+The mount runs as root with --allow-other and a guest group. Attackers are real processes
+run by setpriv as `nobody`: a *member* (the guest group as its only supplementary group)
+or a *stranger* (no groups at all). Each test measures what the attack does to kvpfs and
+to root: kvpfs's RSS, whether root's reads and writes still work, how many lines the
+refusals log, and the value the host sees. The long storms run with --soak.
+
+    item 1  directory handles: memory bounded, given back on close
+    item 2  open files: bounded per user, root keeps headroom, refusals logged at a rate
+    item 3  unpublished-bytes budget: nothing leaks (unlinked scratch files, storms)
+    item 4  a refused O_TRUNC write leaves the old value, for the host and in the pool
+    item 5  a member's mount over guest/ (or a key in it) is refused or undone
+    item 8  a commit racing a rename: an errno, never an assertion
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+import uuid
+from pathlib import Path
+
+import pytest
+
+from kvpfs.storage.poolfile import pool_path
+from kvpfs.storage.records import parse_pool
+from kvpfs.wire import limits
+from tests.conftest import KvpfsProcess, requires_fuse
+from tests.support.figures import record_figure
+from tests.support.hostile import (
+    NOBODY,
+    Holder,
+    UserKvpfs,
+    as_user,
+    fd_limit,
+    mounted_on,
+    rss_kib,
+    system_python,
+    user_argv,
+)
+from tests.support.waiting import wait_for
+
+pytestmark = requires_fuse
+
+GROUP = 4246  # the mount's --guest-group
+MEMBER = (GROUP,)
+STRANGER: tuple[int, ...] = ()
+RSS_BAR_KIB = 250 * 1024  # the judge's bar: kvpfs under 250 MB whatever users hold
+LOG_LINES_BAR = 100  # fewer log lines than this for a storm of refusals
+
+
+@pytest.fixture
+def mount():
+    base = Path(tempfile.mkdtemp(prefix="kvpfs-hostile18-", dir="/tmp"))
+    os.chmod(base, 0o755)
+    proc = KvpfsProcess(base, "--allow-other", "--guest-group", str(GROUP)).start()
+    try:
+        yield proc
+    finally:
+        proc.cleanup()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def unique(prefix: str = "k") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def log_lines(kv: KvpfsProcess) -> int:
+    return len(kv.output().splitlines())
+
+
+def host_value(kv: KvpfsProcess, key: str) -> str | None:
+    return dict(kv.host("list", "guest")["items"]).get(key)
+
+
+def pool_value(kv: KvpfsProcess, key: str) -> bytes | None:
+    records, _ = parse_pool(pool_path(kv.pools, 1).read_bytes())
+    found = [r.value for r in records if r.key == key.encode()]
+    return found[-1] if found else None
+
+
+def root_works(kv: KvpfsProcess) -> None:
+    """Root's reads and writes through the mount, and the host sees the write."""
+    kv.host("set", "external", "RootProbe", "from-host")
+    assert kv.path("external", "RootProbe").read_text() == "from-host"
+    assert "RootProbe" in os.listdir(kv.path("external"))
+    key = unique("root")
+    done = subprocess.run(["sh", "-c", 'echo "$1" > "$2"', "sh", "root-value",
+                           str(kv.path("guest", key))], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert host_value(kv, key) == "root-value"
+    assert kv.path("guest", key).read_text() == "root-value\n"
+
+
+# ------------------------------------------------------------------ item 1: directory handles
+
+HOLD_DIRS = r"""
+import errno, json, os, resource, sys
+path, count = sys.argv[1], int(sys.argv[2])
+fds, error = [], None
+for _ in range(count):
+    try:
+        fds.append(os.open(path, os.O_RDONLY | os.O_DIRECTORY))
+    except OSError as exc:
+        error = errno.errorcode.get(exc.errno, str(exc.errno))
+        break
+print(json.dumps({"opened": len(fds), "error": error}), flush=True)
+sys.stdin.readline()
+for fd in fds:
+    os.close(fd)
+print("closed", flush=True)
+"""
+
+
+def fill_guest(kv: KvpfsProcess, count: int) -> None:
+    for i in range(count):
+        kv.host("set", "guest", f"Fill{i:04d}", "v" * 40)
+    wait_for(lambda: len(os.listdir(kv.path("guest"))) >= count, 10, what="guest filled")
+
+
+def directory_attack(kv: KvpfsProcess, holders: int, per_holder: int, test: str) -> None:
+    fill_guest(kv, 300)
+    pid = kv.proc.pid  # type: ignore[union-attr]
+    before = rss_kib(pid)
+    procs = [Holder(HOLD_DIRS, str(kv.path("guest")), str(per_holder), groups=STRANGER,
+                    nofile=per_holder + 64) for _ in range(holders)]
+    try:
+        got = [p.held() for p in procs]
+        held = rss_kib(pid)
+        opened = sum(int(g["opened"]) for g in got)  # type: ignore[call-overload]
+        root_works(kv)
+        for p in procs:
+            p.release()
+    finally:
+        for p in procs:
+            p.kill()
+    record_figure(test, "directory handles held by one user", opened)
+    record_figure(test, "kvpfs RSS before (MB)", before / 1024)
+    record_figure(test, "kvpfs RSS while held (MB)", held / 1024)
+    assert held < RSS_BAR_KIB, f"{held} KiB with {opened} directory handles open"
+    # Bounded per user: far below the judge's bar, whatever one user asks for.
+    assert held - before < 64 * 1024, f"+{held - before} KiB for {opened} directory handles"
+    # Given back on close (releasedir comes after close(2) returns: wait for it).
+    after = wait_for(lambda: (r := rss_kib(pid)) < before + 24 * 1024 and r, 30,
+                     what=f"RSS back near {before} KiB after the handles closed")
+    record_figure(test, "kvpfs RSS after close (MB)", after / 1024)
+
+
+def test_directory_handles_are_bounded_and_given_back(mount):
+    directory_attack(mount, holders=1, per_holder=min(20000, fd_limit() - 100),
+                     test="test_directory_handles_are_bounded_and_given_back")
+
+
+@pytest.mark.slow
+def test_soak_directory_handles_of_many_processes(mount, request):
+    """The reviewer's 39,800 handles on a guest/ of 300 keys, from several processes."""
+    if not request.config.getoption("--soak"):
+        pytest.skip("--soak only")
+    directory_attack(mount, holders=4, per_holder=min(10000, fd_limit() - 100),
+                     test="test_soak_directory_handles_of_many_processes")
+
+
+# ------------------------------------------------------------------ item 2: open files
+
+HOLD_OPENS = r"""
+import errno, json, os, sys
+path, count, storm = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+fds, error = [], None
+for _ in range(count):
+    try:
+        fds.append(os.open(path, os.O_RDONLY))
+    except OSError as exc:
+        error = errno.errorcode.get(exc.errno, str(exc.errno))
+        break
+refused = 0
+for _ in range(storm if error else 0):  # keep asking once refused: the log must not grow
+    try:
+        os.close(os.open(path, os.O_RDONLY))
+    except OSError:
+        refused += 1
+print(json.dumps({"opened": len(fds), "error": error, "refused": refused}), flush=True)
+sys.stdin.readline()
+for fd in fds:
+    os.close(fd)
+"""
+
+
+def open_files_attack(kv: KvpfsProcess, holders: int, per_holder: int, storm: int,
+                      test: str) -> None:
+    key = unique("Shared")
+    kv.path("guest", key).write_text("readable by all\n")
+    pid = kv.proc.pid  # type: ignore[union-attr]
+    lines_before = log_lines(kv)
+    procs = [Holder(HOLD_OPENS, str(kv.path("guest", key)), str(per_holder), str(storm),
+                    groups=MEMBER, nofile=per_holder + 64) for _ in range(holders)]
+    try:
+        got = [p.held() for p in procs]
+        lines = log_lines(kv) - lines_before
+        held = rss_kib(pid)
+        root_works(kv)  # root's `cat external/X` and `echo > guest/Y` while users hold all
+        for p in procs:
+            p.release()
+    finally:
+        for p in procs:
+            p.kill()
+    opened = sum(int(g["opened"]) for g in got)  # type: ignore[call-overload]
+    refused = sum(int(g["refused"]) for g in got)  # type: ignore[call-overload]
+    record_figure(test, "value files held by one user", opened)
+    record_figure(test, "refused opens", refused)
+    record_figure(test, "log lines for them", lines)
+    record_figure(test, "kvpfs RSS while held (MB)", held / 1024)
+    assert all(g["error"] is not None for g in got), f"no bound met: {got}"
+    assert opened < limits.OPEN_FILES_MAX, "one user may not take every open file"
+    assert lines < LOG_LINES_BAR, f"{lines} log lines for {refused} refused opens"
+    assert held < RSS_BAR_KIB
+
+
+def test_open_files_are_bounded_per_user_and_root_keeps_working(mount):
+    per_holder = fd_limit() - 100  # several processes: 70,000 opens in all
+    open_files_attack(mount, holders=-(-70000 // per_holder), per_holder=per_holder,
+                      storm=5000,
+                      test="test_open_files_are_bounded_per_user_and_root_keeps_working")
+
+
+@pytest.mark.slow
+def test_soak_open_files_from_many_processes(mount, request):
+    if not request.config.getoption("--soak"):
+        pytest.skip("--soak only")
+    open_files_attack(mount, holders=8, per_holder=fd_limit() - 100, storm=50000,
+                      test="test_soak_open_files_from_many_processes")
+
+
+# ------------------------------------------------------------------ item 3: the byte budget
+
+UNLINKED_TRUNCATE = r"""
+import os, sys
+guest, rounds, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+failed = 0
+for i in range(rounds):
+    name = os.path.join(guest, ".leak%d" % i)
+    fd = os.open(name, os.O_CREAT | os.O_RDWR, 0o644)
+    os.unlink(name)
+    try:
+        os.truncate("/proc/self/fd/%d" % fd, size)  # by path: no file handle with it
+    except OSError:
+        failed += 1
+    os.close(fd)
+print(failed)
+"""
+
+STORM = r"""
+import os, random, sys
+guest, ops, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+rng = random.Random(seed)
+names = [".st%d-%d" % (seed, i) for i in range(6)] + ["St%d-%d" % (seed, i) for i in range(3)]
+fds = []
+for _ in range(ops):
+    action = rng.randrange(7)
+    a, b = (os.path.join(guest, rng.choice(names)) for _ in range(2))
+    try:
+        if action == 0:
+            fds.append(os.open(a, os.O_CREAT | os.O_RDWR | rng.choice([0, os.O_TRUNC]), 0o644))
+        elif action == 1 and fds:
+            os.write(rng.choice(fds), b"x" * rng.randrange(1, 3000))
+        elif action == 2 and fds:
+            os.ftruncate(rng.choice(fds), rng.randrange(0, 70000))
+        elif action == 3:
+            os.truncate(a, rng.randrange(0, 70000))
+        elif action == 4:
+            os.rename(a, b)
+        elif action == 5:
+            os.unlink(a)
+        elif action == 6 and fds:
+            fd = fds.pop(rng.randrange(len(fds)))
+            if rng.random() < 0.5:
+                os.truncate("/proc/self/fd/%d" % fd, rng.randrange(0, 70000))
+            os.close(fd)
+    except OSError:
+        pass
+for fd in fds:
+    os.close(fd)
+for name in names:
+    try:
+        os.unlink(os.path.join(guest, name))
+    except OSError:
+        pass
+"""
+
+
+def budget_is_whole(kv: KvpfsProcess) -> None:
+    """Root can still fill (almost) the whole unpublished budget with scratch files:
+    nothing an earlier user did is still counted."""
+    size = limits.SCRATCH_FILE_MAX_BYTES
+    count = limits.UNPUBLISHED_MAX_BYTES // size - 2
+    made = []
+    try:
+        for i in range(count):
+            path = kv.path("guest", f".root-fill{i}")
+            os.truncate(path, size) if path.exists() else path.write_bytes(b"\0" * size)
+            made.append(path)
+    finally:
+        for path in made:
+            path.unlink()
+
+
+def test_truncating_an_unlinked_scratch_file_leaks_no_budget(mount):
+    rounds = limits.UNPUBLISHED_MAX_BYTES // limits.SCRATCH_FILE_MAX_BYTES + 70  # ~200
+    done = as_user([system_python(), "-c", UNLINKED_TRUNCATE, str(mount.path("guest")),
+                    str(rounds), str(limits.SCRATCH_FILE_MAX_BYTES)], groups=MEMBER)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "0", "a truncate was refused: the budget leaked"
+    root_works(mount)
+    budget_is_whole(mount)
+
+
+def storm_attack(kv: KvpfsProcess, processes: int, ops: int) -> None:
+    procs = [subprocess.Popen(
+        user_argv([system_python(), "-c", STORM, str(kv.path("guest")), str(ops), str(seed)],
+                  groups=MEMBER), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for seed in range(processes)]
+    for proc in procs:
+        _, err = proc.communicate(timeout=900)
+        assert proc.returncode == 0, err
+    root_works(kv)
+    budget_is_whole(kv)
+
+
+def test_create_rename_truncate_storm_leaks_no_budget(mount):
+    storm_attack(mount, processes=3, ops=1500)
+
+
+@pytest.mark.slow
+def test_soak_create_rename_truncate_storm(mount, request):
+    if not request.config.getoption("--soak"):
+        pytest.skip("--soak only")
+    storm_attack(mount, processes=6, ops=40000)
+
+
+# ------------------------------------------------------------------ item 4: refused O_TRUNC
+
+FILL_BUDGET = r"""
+import os, sys
+guest, size = sys.argv[1], int(sys.argv[2])
+made = 0
+while size:  # to the last byte: halve the size at each refusal
+    try:
+        with open(os.path.join(guest, ".fill%d" % made), "wb") as f:
+            made += 1
+            f.truncate(size)
+    except OSError:
+        size //= 2
+print(made)
+"""
+
+
+def test_a_refused_truncating_write_keeps_the_old_value(mount):
+    key = unique("Important")
+    mount.path("guest", key).write_text("precious")
+    assert host_value(mount, key) == "precious"
+    filled = as_user([system_python(), "-c", FILL_BUDGET, str(mount.path("guest")),
+                      str(limits.SCRATCH_FILE_MAX_BYTES)], groups=MEMBER)
+    assert filled.returncode == 0 and int(filled.stdout) > 0, filled.stderr
+    done = as_user(["sh", "-c", 'echo new > "$1"', "sh", str(mount.path("guest", key))],
+                   groups=MEMBER)
+    assert done.returncode != 0, "the write cannot have been stored: it must fail"
+    # The kernel's RELEASE comes after the shell exits: the old value must survive it.
+    # Wait on a later, ordered effect instead of a sleep: root's own write and release.
+    root_works(mount)
+    assert host_value(mount, key) == "precious"
+    assert pool_value(mount, key) == b"precious"
+    assert mount.path("guest", key).read_text() == "precious"
+    for name in os.listdir(mount.path("guest")):
+        if name.startswith(".fill"):
+            os.unlink(mount.path("guest", name))
+
+
+# ------------------------------------------------------------------ item 5: mounts over guest/
+
+USER_FUSERMOUNT = r"""
+import array, os, socket, subprocess, sys
+target = sys.argv[1]
+ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+done = subprocess.run(["fusermount3", "-o", "fsname=usermount,subtype=kvpfs", "--", target],
+                      env={"_FUSE_COMMFD": str(theirs.fileno()), "PATH": "/usr/bin:/bin"},
+                      pass_fds=[theirs.fileno()], capture_output=True, text=True)
+theirs.close()
+fd = None
+if done.returncode == 0:
+    fds = array.array("i")
+    msg, anc, _, _ = ours.recvmsg(1, socket.CMSG_LEN(fds.itemsize))
+    for level, kind, data in anc:
+        fds.frombytes(data[: fds.itemsize])
+        fd = fds[0]
+print(done.returncode, done.stderr.strip().replace("\n", " "), flush=True)
+sys.stdin.readline()  # hold the connection (and so the mount) until told
+"""
+
+
+def user_mount_over(kv: KvpfsProcess, target: Path) -> tuple[Holder, str]:
+    holder = Holder.__new__(Holder)
+    holder.proc = subprocess.Popen(
+        user_argv([system_python(), "-c", USER_FUSERMOUNT, str(target)], groups=MEMBER),
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert holder.proc.stdout is not None
+    return holder, holder.proc.stdout.readline().strip()
+
+
+def users_mounts_in(kv: KvpfsProcess, path: Path) -> list[dict[str, str]]:
+    return [m for m in mounted_on(path) if m["user_id"] == str(NOBODY)]
+
+
+@pytest.mark.parametrize("what", ["guest/", "guest/ReadyAck"])
+def test_a_members_mount_over_guest_is_refused_or_undone(mount, what):
+    target = mount.path(*what.strip("/").split("/"))
+    if what.endswith("ReadyAck"):
+        target.write_text("before")
+    holder, said = user_mount_over(mount, target)
+    try:
+        record_figure("test_a_members_mount_over_guest_is_refused_or_undone",
+                      f"fusermount3 over {what} as a member", int(said.split()[0]))
+        # Refused by fusermount3, or undone by kvpfs: either way none is left...
+        wait_for(lambda: not users_mounts_in(mount, target), 10,
+                 what=f"no mount of nobody's left on {target} (fusermount3 said: {said})")
+        # ...and root's `ls guest` and `echo x > guest/ReadyAck` work, as the unit expects.
+        assert "ReadyAck" in os.listdir(mount.path("guest")) or what == "guest/"
+        done = subprocess.run(["sh", "-c", 'echo ready > "$1"', "sh",
+                               str(mount.path("guest", "ReadyAck"))],
+                              capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        assert host_value(mount, "ReadyAck") == "ready"
+    finally:
+        holder.kill()
+        for _ in users_mounts_in(mount, target):
+            subprocess.run(["umount", "-l", str(target)], capture_output=True)
+
+
+def test_a_members_kvpfs_over_guest_is_refused_or_undone(mount):
+    """The reviewer's attack as it was run: `kvpfs mount GUEST --simulate` as a member."""
+    with tempfile.TemporaryDirectory(prefix="kvpfs-hostile18-u-") as base:
+        os.chown(base, NOBODY, NOBODY)
+        users = UserKvpfs(Path(base), mnt=mount.path("guest")).start(must_mount=False)
+        try:
+            wait_for(lambda: not users_mounts_in(mount, mount.path("guest")), 15,
+                     what="nobody's kvpfs over guest/ to be refused or undone")
+            root_works(mount)
+        finally:
+            users.stop()
+
+
+# ------------------------------------------------------------------ item 8: commit vs rename
+
+WRITER = r"""
+import errno, os, sys
+path, rounds = sys.argv[1], int(sys.argv[2])
+bad = {}
+for i in range(rounds):
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o664)
+        os.write(fd, b"value %d\n" % i)
+        os.close(fd)
+    except OSError as exc:
+        if exc.errno == errno.EIO:
+            bad[i] = "EIO"
+print(len(bad))
+"""
+
+RENAMER = r"""
+import os, sys
+path, rounds = sys.argv[1], int(sys.argv[2])
+scratch = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".moved")
+for _ in range(rounds):
+    for a, b in ((path, scratch), (scratch, path)):
+        try:
+            os.rename(a, b)
+        except OSError:
+            pass
+"""
+
+
+def rename_storm(kv: KvpfsProcess, writers: int, rounds: int) -> None:
+    key = unique("Raced")
+    path = kv.path("guest", key)
+    path.write_text("start")
+    procs = [subprocess.Popen(user_argv([system_python(), "-c", WRITER, str(path),
+                                         str(rounds)], groups=MEMBER),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(writers)]
+    procs += [subprocess.Popen(user_argv([system_python(), "-c", RENAMER, str(path),
+                                          str(rounds)], groups=MEMBER),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+              for _ in range(2)]
+    # Host changes to guest make commits wait for the pool, widening the window.
+    for i in range(rounds // 4):
+        kv.host("set", "guest", f"HostChurn{i % 8}", str(i))
+    outs = [p.communicate(timeout=900) for p in procs]
+    for proc, (_out, err) in zip(procs, outs, strict=True):
+        assert proc.returncode == 0, err
+    eio = sum(int(out) for out, _ in outs[:writers])
+    assert eio == 0, f"{eio} writes failed with EIO"
+    assert "Traceback" not in kv.output() and "AssertionError" not in kv.output()
+    root_works(kv)
+
+
+def test_commits_racing_renames_never_assert(mount):
+    rename_storm(mount, writers=3, rounds=400)
+
+
+@pytest.mark.slow
+def test_soak_commits_racing_renames(mount, request):
+    if not request.config.getoption("--soak"):
+        pytest.skip("--soak only")
+    rename_storm(mount, writers=6, rounds=20000)
+
+
+def test_refusal_storm_from_a_stranger_logs_a_bounded_number_of_lines(mount):
+    """Refusals of every kind a stranger can cause (writes to a read-only pool, bad names,
+    creating in the root) stay under the bar of log lines, however many there are."""
+    script = r"""
+import os, sys
+mnt, rounds = sys.argv[1], int(sys.argv[2])
+for i in range(rounds):
+    for path in (os.path.join(mnt, "auto", "x%d" % i), os.path.join(mnt, "guest", "x%d" % i)):
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o644))
+        except OSError:
+            pass
+"""
+    before = log_lines(mount)
+    done = as_user([system_python(), "-c", script, str(mount.mnt), "5000"], groups=STRANGER)
+    assert done.returncode == 0, done.stderr
+    lines = log_lines(mount) - before
+    record_figure("test_refusal_storm_from_a_stranger_logs_a_bounded_number_of_lines",
+                  "log lines for 10,000 refusals", lines)
+    assert lines < LOG_LINES_BAR
+    # A member's refused values (bad UTF-8) count against the same bound.
+    script = r"""
+import os, sys
+guest, rounds = sys.argv[1], int(sys.argv[2])
+for i in range(rounds):
+    try:
+        with open(os.path.join(guest, "Bad%d" % (i % 50)), "wb") as f:
+            f.write(b"\xff\xfe")
+    except OSError:
+        pass
+"""
+    before = log_lines(mount)
+    done = as_user([system_python(), "-c", script, str(mount.path("guest")), "5000"],
+                   groups=MEMBER)
+    assert done.returncode == 0, done.stderr
+    lines = log_lines(mount) - before
+    record_figure("test_refusal_storm_from_a_stranger_logs_a_bounded_number_of_lines",
+                  "log lines for 5,000 refused values", lines)
+    assert lines < LOG_LINES_BAR
+    root_works(mount)
+
