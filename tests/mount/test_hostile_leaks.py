@@ -1,0 +1,118 @@
+"""What a user learns about others through the mount, and `df` (issue 18 items 7 and 9;
+issue 16 items 5 and 9).
+
+* A user with no groups may not list external/ (0500 root): neither `statfs` (`df`, `stat
+  -f`) nor external/'s own times, size or link count may move when the host sets or
+  deletes keys there. Their stat asks kvpfs each time (`stat --cached=never`:
+  AT_STATX_FORCE_SYNC), so the kernel's attribute cache cannot hide a change.
+* `df` on the mount must not say 100 % full: sensible numbers, or none.
+* A directory's mtime never lags behind a change made before `stat`.
+* A user's process blocked in *its own* FUSE mount with a signal pending is not taken for
+  root's interrupted reader of /.events (item 7).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import KvpfsProcess, requires_fuse
+from tests.support.figures import record_figure
+from tests.support.hostile import as_user
+from tests.support.waiting import wait_for
+
+pytestmark = requires_fuse
+
+GROUP = 4247
+
+
+@pytest.fixture
+def mount():
+    base = Path(tempfile.mkdtemp(prefix="kvpfs-leaks18-", dir="/tmp"))
+    os.chmod(base, 0o755)
+    proc = KvpfsProcess(base, "--allow-other", "--guest-group", str(GROUP)).start()
+    try:
+        yield proc
+    finally:
+        proc.cleanup()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def strangers_view(kv: KvpfsProcess) -> dict[str, str]:
+    """What a user with no groups sees: statfs of the mount, and external/'s attributes,
+    each asked of kvpfs (never from the kernel's cache)."""
+    fs = as_user(["stat", "-f", "-c", "%b %f %a %c %d %S", str(kv.mnt)])
+    assert fs.returncode == 0, fs.stderr
+    ext = as_user(["stat", "--cached=never", "-c", "%s %h %.9X %.9Y %.9Z %i",
+                   str(kv.path("external"))])
+    assert ext.returncode == 0, ext.stderr
+    listing = as_user(["ls", str(kv.path("external"))])
+    assert listing.returncode != 0, "the stranger must not list external/ at all"
+    return {"statfs": fs.stdout.strip(), "external": ext.stdout.strip()}
+
+
+def host_does(kv: KvpfsProcess, op: str, key: str, value: str | None = None) -> None:
+    kv.host(op, "external", key, value)
+    path = kv.path("external", key)
+    wait_for(lambda: path.exists() == (op == "set"), 10, what=f"root to see {op} {key}")
+
+
+def test_a_stranger_learns_nothing_of_external_from_statfs_or_its_times(mount):
+    before = strangers_view(mount)
+    views = [before]
+    for op, key, value in [("set", "Secret1", "a"), ("set", "Secret2", "b"),
+                           ("delete", "Secret1", None)]:
+        host_does(mount, op, key, value)
+        views.append(strangers_view(mount))
+    record_figure("test_a_stranger_learns_nothing_of_external_from_statfs_or_its_times",
+                  "distinct statfs answers around SET, SET, DELETE",
+                  len({v["statfs"] for v in views}))
+    assert all(v == before for v in views), views
+
+
+@pytest.mark.parametrize("inodes", [False, True], ids=["blocks", "inodes"])
+def test_df_does_not_report_the_mount_full(mount, inodes):
+    """Real `df` (coreutils), as root and as a user with no groups: it succeeds, and Use%
+    is a number under 100 or `-` (no figures), for blocks and inodes."""
+    mount.path("guest", "SomeKey").write_text("v\n")
+    for runner in (lambda argv: subprocess.run(argv, capture_output=True, text=True),
+                   as_user):
+        argv = ["df", "-P", *(["-i"] if inodes else []), str(mount.mnt)]
+        done = runner(argv)
+        assert done.returncode == 0, done.stderr
+        last = done.stdout.strip().splitlines()[-1].split()
+        assert last[-1] == str(mount.mnt), done.stdout
+        use = last[-2]
+        assert use == "-" or int(use.rstrip("%")) < 100, done.stdout
+
+
+def test_a_directory_mtime_never_lags_behind_a_change(mount):
+    guest = mount.path("guest")
+    for change in ("create", "host set", "delete", "rename", "host delete"):
+        start_ns = time.time_ns()
+        if change == "create":
+            (guest / "Made").write_text("v\n")
+        elif change == "host set":
+            mount.host("set", "guest", "FromHost", "v")
+        elif change == "delete":
+            (guest / "Made").unlink()
+        elif change == "rename":
+            (guest / "Moved").write_text("v\n")
+            start_ns = time.time_ns()
+            (guest / "Moved").rename(guest / "Renamed")
+        else:
+            mount.host("delete", "guest", "FromHost")
+        # What `stat guest` right after the change shows: also from the kernel's cache for
+        # a change through the mount (the kernel drops it then); a host change reaches the
+        # kernel's cache a moment later (queued invalidation), so only kvpfs's answer.
+        for cached in ("never",) if change.startswith("host") else ("default", "never"):
+            done = subprocess.run(["stat", f"--cached={cached}", "-c", "%.9Y", str(guest)],
+                                  capture_output=True, text=True)
+            mtime_ns = int(done.stdout.strip().replace(".", ""))
+            assert mtime_ns >= start_ns - 1, (change, cached, mtime_ns, start_ns)
