@@ -37,6 +37,7 @@ from kvpfs.host.intrinsic import FqdnCache, Intrinsics
 from kvpfs.host.netconfig import IpInfoService, NetSettings
 from kvpfs.host.server import DeviceServer, RegistrationRefused
 from kvpfs.host.simulator import SimulatedHost
+from kvpfs.mountguard import MountGuard
 from kvpfs.storage.errors import PoolFileError
 from kvpfs.storage.locks import DEFAULT_LOCK_TIMEOUT
 from kvpfs.storage.store import Store, default_pool_dir
@@ -235,6 +236,7 @@ async def _serve_store(config: MountConfig, store: Store, pool_dir: Path, contro
                 mounted.start_soon(invalidations.run)
                 mounted.start_soon(store.watch)
                 mounted.start_soon(operations.events.watch_interrupts)
+                mounted.start_soon(MountGuard(where).run)  # other users' mounts inside ours
                 # Handlers in place before READY=1: a stop right after it must unmount
                 # cleanly, not kill us with SIGTERM's default action and leave a dead mount.
                 await compat.start(mounted, _terminate_on_signals, operations, invalidations)

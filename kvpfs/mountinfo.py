@@ -57,21 +57,41 @@ def unescape(text: str) -> str:
     return "".join(out)
 
 
-def kvpfs_entries(*, anyones: bool = False) -> list[KvpfsMount]:
-    """The kvpfs mounts visible to this process that it can trust (see `KvpfsMount.trusted`),
-    in mount order (stacked ones too); with `anyones`, every user's."""
+@dataclass(frozen=True)
+class MountLine:
+    """One line of mountinfo: any mount, of any filesystem."""
+
+    mount_id: int
+    parent_id: int
+    device: str
+    point: Path
+    fstype: str
+    owner: int | None  # a FUSE mount's user_id=; None for other filesystems
+
+
+def mount_lines() -> list[MountLine]:
+    """Every mount visible to this process, in mount order; none if mountinfo is unreadable."""
     found = []
     try:
         with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
             for line in f:
                 fields = line.split()
                 sep = fields.index("-")
-                if fields[sep + 1] == FSTYPE:
-                    options = fields[sep + 3] if len(fields) > sep + 3 else ""
-                    found.append(KvpfsMount(int(fields[0]), fields[2],
-                                            Path(unescape(fields[4])), owner_of(options)))
-    except OSError:
+                options = fields[sep + 3] if len(fields) > sep + 3 else ""
+                fstype = fields[sep + 1]
+                found.append(MountLine(
+                    int(fields[0]), int(fields[1]), fields[2], Path(unescape(fields[4])),
+                    fstype, owner_of(options) if fstype.startswith("fuse") else None))
+    except (OSError, ValueError, IndexError):
         pass
+    return found
+
+
+def kvpfs_entries(*, anyones: bool = False) -> list[KvpfsMount]:
+    """The kvpfs mounts visible to this process that it can trust (see `KvpfsMount.trusted`),
+    in mount order (stacked ones too); with `anyones`, every user's."""
+    found = [KvpfsMount(m.mount_id, m.device, m.point, m.owner)
+             for m in mount_lines() if m.fstype == FSTYPE]
     return found if anyones else [entry for entry in found if entry.trusted]
 
 
