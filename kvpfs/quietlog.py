@@ -6,6 +6,9 @@ the same warning at every poll, forever. `QuietLog` logs a topic's message the
 first time, then again only when its text changes or, for a problem that goes on,
 once per `reminder` seconds with the number of repeats; when the problem ends
 (`clear`), the repeats since the last line are counted in one summary line.
+
+`RateLog` is for refusals a user can provoke at will, each with its own text (a name, a
+size): at most a few lines per window, the rest counted in the next line logged.
 """
 
 from __future__ import annotations
@@ -68,3 +71,38 @@ class QuietLog:
         if said.repeats:
             self.logger.log(said.level, "%s (repeated %d more time(s) over %.0f s)",
                             said.text, said.repeats, self.clock() - said.since)
+
+
+class RateLog:
+    """At most `lines` log lines per `window` seconds; what is held back is counted and
+    said with the first line of a later window."""
+
+    def __init__(self, logger: logging.Logger, *, lines: int = 20, window: float = 10.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.logger = logger
+        self.lines = lines
+        self.window = window
+        self.clock = clock
+        self._start = -window
+        self._logged = 0
+        self._held_back = 0
+
+    def log(self, level: int, msg: str, *args: object) -> None:
+        now = self.clock()
+        if now - self._start >= self.window:
+            if self._held_back:
+                self.logger.log(level, "%d more refusal(s) like the above were not logged"
+                                " (at most %d lines per %g s)", self._held_back, self.lines,
+                                self.window)
+            self._start, self._logged, self._held_back = now, 0, 0
+        if self._logged < self.lines:
+            self._logged += 1
+            self.logger.log(level, msg, *args)
+        else:
+            self._held_back += 1
+
+    def warning(self, msg: str, *args: object) -> None:
+        self.log(logging.WARNING, msg, *args)
+
+    def info(self, msg: str, *args: object) -> None:
+        self.log(logging.INFO, msg, *args)

@@ -1,0 +1,62 @@
+"""Per-user bounds with headroom for root: what a user can make kvpfs hold.
+
+Every resource a local user can make kvpfs keep (open files and directories, unpublished
+bytes) is counted per user. An unprivileged user gets at most `per_user`, all of them
+together at most `total - headroom`; privileged users (root, and the user kvpfs runs as)
+count only against `total`. So no user, nor all of them together, can take what root
+needs to read and write the pools, and the total bounds kvpfs's memory.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+
+@dataclass
+class UserQuota:
+    what: str  # "open files", "unpublished bytes": for the refusal's message
+    per_user: int
+    total: int
+    headroom: int  # of `total`, only privileged users may use
+    privileged: frozenset[int] = frozenset({0})
+    held: Counter[int] = field(default_factory=Counter)
+    sum_all: int = 0
+    sum_others: int = 0
+
+    def refusal(self, uid: int, amount: int = 1) -> str | None:
+        """Why `uid` may not take `amount` more, or None if it may."""
+        if self.sum_all + amount > self.total:
+            return f"{self.what} of all users would exceed {self.total}"
+        if uid in self.privileged:
+            return None
+        if self.held[uid] + amount > self.per_user:
+            return f"{self.what} of uid {uid} would exceed {self.per_user} (the most per user)"
+        if self.sum_others + amount > self.total - self.headroom:
+            return (f"{self.what} of unprivileged users would exceed"
+                    f" {self.total - self.headroom} (the rest is kept for root)")
+        return None
+
+    def take(self, uid: int, amount: int = 1) -> str | None:
+        """Count `amount` more for `uid`, or say why not (then nothing is counted)."""
+        if amount <= 0:
+            self.give(uid, -amount)
+            return None
+        why = self.refusal(uid, amount)
+        if why is None:
+            self.held[uid] += amount
+            self.sum_all += amount
+            if uid not in self.privileged:
+                self.sum_others += amount
+        return why
+
+    def give(self, uid: int, amount: int = 1) -> None:
+        amount = min(amount, self.held[uid])
+        if amount <= 0:
+            return
+        self.held[uid] -= amount
+        if not self.held[uid]:
+            del self.held[uid]
+        self.sum_all -= amount
+        if uid not in self.privileged:
+            self.sum_others -= amount
