@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,7 +26,7 @@ import pytest
 
 from tests.conftest import KvpfsProcess, requires_fuse
 from tests.support.figures import record_figure
-from tests.support.hostile import as_user
+from tests.support.hostile import StuckInOwnFuse, as_user, user_dir
 from tests.support.waiting import wait_for
 
 pytestmark = requires_fuse
@@ -116,3 +118,43 @@ def test_a_directory_mtime_never_lags_behind_a_change(mount):
                                   capture_output=True, text=True)
             mtime_ns = int(done.stdout.strip().replace(".", ""))
             assert mtime_ns >= start_ns - 1, (change, cached, mtime_ns, start_ns)
+
+
+READER = r"""
+import errno, os, signal, sys
+signal.signal(signal.SIGUSR1, lambda *_: None)
+try:
+    os.read(int(sys.argv[1]), 4096)
+    print("read")
+except OSError as exc:
+    print(errno.errorcode[exc.errno])
+"""
+
+
+def test_a_users_own_fuse_wait_is_not_taken_for_roots_interrupted_reader(mount):
+    """Item 7: root's process opens /.events and hands it to a reader child; another of its
+    children runs as a user whose process is stuck, signal pending, in the user's own FUSE
+    mount. Only the wait on kvpfs's own feed counts as root's reader's."""
+    from kvpfs.fuse.events import ProcView
+
+    feed = os.open(mount.path(".events"), os.O_RDONLY)
+    reader = subprocess.Popen([sys.executable, "-c", READER, str(feed)], pass_fds=[feed],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: Path(f"/proc/{reader.pid}/wchan").read_text()
+                 == "request_wait_answer", 10, what="root's reader to wait on the feed")
+        with user_dir() as base:
+            stuck = StuckInOwnFuse(base)  # a descendant of this (the opening) process
+            try:
+                stuck.interrupt()
+                _, hits = ProcView().interrupted({(os.getpid(), None)}, True)
+                assert hits == set(), "the user's own FUSE wait was blamed on root's reader"
+            finally:
+                stuck.stop()
+        # The real interrupt of root's reader is still seen: its read ends with EINTR.
+        reader.send_signal(signal.SIGUSR1)
+        assert reader.communicate(timeout=30)[0].strip() == "EINTR"
+    finally:
+        reader.kill()
+        reader.wait()
+        os.close(feed)

@@ -196,3 +196,63 @@ def with_only_these_mounts(argv: list[str], keep: list[Path]) -> list[str]:
     between several. Detaching them there leaves them alone everywhere else."""
     return ["unshare", "--mount", "--propagation", "private", sys.executable, "-c",
             _ONLY_THESE, *map(str, keep), "--", *argv]
+
+
+_STUCK_SERVER = r"""
+import array, os, signal, socket, struct, subprocess, sys, time
+mnt = sys.argv[1]
+ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+subprocess.run(["fusermount3", "-o", "fsname=stuck,subtype=userfs", "--", mnt], check=True,
+               env={"_FUSE_COMMFD": str(theirs.fileno()), "PATH": "/usr/bin:/bin"},
+               pass_fds=[theirs.fileno()])
+fds = array.array("i")
+_, anc, _, _ = ours.recvmsg(1, socket.CMSG_LEN(fds.itemsize))
+fds.frombytes(anc[0][2][: fds.itemsize])
+dev = fds[0]
+request = os.read(dev, 1 << 21)  # FUSE_INIT: answer it, then never anything else
+length, opcode, unique = struct.unpack_from("<IIQ", request)
+assert opcode == 26, opcode
+init_out = struct.pack("<IIIIHHIIHHI28x", 7, 31, 65536, 0, 16, 12, 65536, 1, 0, 0, 0)
+os.write(dev, struct.pack("<IiQ", 16 + len(init_out), 0, unique) + init_out)
+child = os.fork()
+if child == 0:
+    signal.signal(signal.SIGUSR1, lambda *_: None)
+    os.stat(mnt)  # a GETATTR nobody answers: waits in request_wait_answer
+    os._exit(0)
+print(child, flush=True)
+sys.stdin.readline()
+os.kill(child, signal.SIGKILL)
+"""
+
+
+class StuckInOwnFuse:
+    """A user's process blocked in a request on the user's *own* FUSE mount, which answers
+    FUSE_INIT and then nothing: with a signal sent, it sits in request_wait_answer in
+    state D with the signal pending, as long as this lasts."""
+
+    def __init__(self, base: Path) -> None:
+        self.mnt = base / "userfs"
+        self.mnt.mkdir()
+        os.chown(self.mnt, NOBODY, NOBODY)
+        self.proc = subprocess.Popen(user_argv([system_python(), "-c", _STUCK_SERVER,
+                                                str(self.mnt)]),
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        self.pid = int(self.proc.stdout.readline())
+        wait_for(lambda: Path(f"/proc/{self.pid}/wchan").read_text() == "request_wait_answer",
+                 10, what="the user's process to wait in its own FUSE mount")
+
+    def interrupt(self) -> None:
+        os.kill(self.pid, signal.SIGUSR1)
+
+        def pending() -> bool:
+            status = dict(line.split(":", 1) for line in
+                          Path(f"/proc/{self.pid}/status").read_text().splitlines())
+            pending = int(status["SigPnd"], 16) | int(status["ShdPnd"], 16)
+            return status["State"].strip().startswith("D") and pending != 0
+        wait_for(pending, 10, what="the user's process in D with its signal pending")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.communicate("go\n", timeout=30)
+        subprocess.run(["umount", "-l", str(self.mnt)], capture_output=True)
