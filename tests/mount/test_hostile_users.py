@@ -233,6 +233,47 @@ def test_soak_open_files_from_many_processes(mount, request):
                       test="test_soak_open_files_from_many_processes")
 
 
+@pytest.mark.slow
+def test_soak_every_user_holds_all_it_may(mount, request):
+    """The total bound held for real: many users (uids without a name, as any local account
+    may be) each hold as many files and directories as they can. kvpfs stays under the
+    bar and root still opens, lists, reads and writes."""
+    if not request.config.getoption("--soak"):
+        pytest.skip("--soak only")
+    fill_guest(mount, 300)
+    key = unique("Shared")
+    mount.path("guest", key).write_text("readable by all\n")
+    pid = mount.proc.pid  # type: ignore[union-attr]
+    before, lines_before = rss_kib(pid), log_lines(mount)
+    per_user = min(limits.OPEN_FILES_PER_USER + 100, fd_limit() - 100)
+    procs = []
+    try:
+        for n in range(limits.OPEN_FILES_MAX // limits.OPEN_FILES_PER_USER + 1):
+            script, target = (HOLD_DIRS, mount.path("guest")) if n % 2 else \
+                (HOLD_OPENS, mount.path("guest", key))
+            extra = () if n % 2 else ("1000",)
+            procs.append(Holder(script, str(target), str(per_user), *extra,
+                                groups=STRANGER, nofile=per_user + 64, uid=70000 + n))
+        got = [p.held() for p in procs]
+        held = rss_kib(pid)
+        root_works(mount)
+        lines = log_lines(mount) - lines_before
+        for p in procs:
+            p.release()
+    finally:
+        for p in procs:
+            p.kill()
+    opened = sum(int(g["opened"]) for g in got)  # type: ignore[call-overload]
+    test = "test_soak_every_user_holds_all_it_may"
+    record_figure(test, "files and directories held by all users", opened)
+    record_figure(test, "kvpfs RSS before (MB)", before / 1024)
+    record_figure(test, "kvpfs RSS while held (MB)", held / 1024)
+    record_figure(test, "log lines", lines)
+    assert opened <= limits.OPEN_FILES_MAX - limits.OPEN_FILES_ROOT
+    assert held < RSS_BAR_KIB
+    assert lines < LOG_LINES_BAR * 2  # two windows at most, for this long a run
+
+
 # ------------------------------------------------------------------ item 3: the byte budget
 
 UNLINKED_TRUNCATE = r"""

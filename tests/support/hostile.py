@@ -27,7 +27,7 @@ NOBODY = 65534
 
 
 def user_argv(argv: list[str], *, groups: tuple[int, ...] = (), nofile: int | None = None,
-              ) -> list[str]:
+              uid: int = NOBODY) -> list[str]:
     """argv run as nobody, with exactly `groups` as supplementary groups (none by default:
     a user with no groups at all); `nofile` raises its descriptor limit first (as an admin
     may have, and as many processes of one user add up to anyway)."""
@@ -35,8 +35,7 @@ def user_argv(argv: list[str], *, groups: tuple[int, ...] = (), nofile: int | No
     if nofile:  # up to the hard limit (raising that needs CAP_SYS_RESOURCE)
         nofile = min(nofile, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
     limit = ["prlimit", f"--nofile={nofile}:{nofile}"] if nofile else []
-    return [*limit, "setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", group_opt, "--",
-            *argv]
+    return [*limit, "setpriv", f"--reuid={uid}", f"--regid={uid}", group_opt, "--", *argv]
 
 
 def as_user(argv: list[str], *, groups: tuple[int, ...] = (), timeout: float = 120,
@@ -61,9 +60,10 @@ class Holder:
     got, holds them until told to let go (a line on its stdin), then prints a last line."""
 
     def __init__(self, script: str, *args: str, groups: tuple[int, ...] = (),
-                 nofile: int | None = None) -> None:
+                 nofile: int | None = None, uid: int = NOBODY) -> None:
         self.proc = subprocess.Popen(
-            user_argv([system_python(), "-c", script, *args], groups=groups, nofile=nofile),
+            user_argv([system_python(), "-c", script, *args], groups=groups, nofile=nofile,
+                      uid=uid),
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             cwd="/")
 
