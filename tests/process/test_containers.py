@@ -21,6 +21,8 @@ import os
 import re
 import selectors
 import shlex
+import shutil
+import stat
 import subprocess
 import time
 import uuid
@@ -51,6 +53,7 @@ DOC = REPO / "docs" / "containers.md"
 COMPOSE = REPO / "contrib" / "containers" / "compose.yaml"
 DAEMONSET = REPO / "contrib" / "kubernetes" / "kvpfs-reader.yaml"
 DEFAULTS = REPO / "contrib" / "kvpfs.default"
+TMPFILES = REPO / "contrib" / "containers" / "kvp-share.conf"
 GUEST_GID = 2375  # the --guest-group given to kvpfs, and to the Podman container
 
 
@@ -353,6 +356,21 @@ def test_host_settings_match_the_layout():
         assert f"{name}={value}" in text
     assert examples["KVPFS_MOUNTPOINT"] == CONTAINER_MOUNT
     assert os.path.dirname(examples["KVPFS_MOUNTPOINT"]) == CONTAINER_SHARE
+
+
+def test_tmpfiles_entry_makes_the_directory_before_anything_starts(tmp_path: Path):
+    """contrib/containers/kvp-share.conf, applied by the real systemd-tmpfiles to a scratch
+    root, makes the directory containers get and the mount point in it."""
+    if shutil.which("systemd-tmpfiles") is None:
+        skip_unless_ci("systemd-tmpfiles is not installed (Debian package systemd)")
+    done = subprocess.run(["systemd-tmpfiles", "--create", f"--root={tmp_path}", str(TMPFILES)],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert (done.returncode, done.stderr) == (0, "")
+    for path in (CONTAINER_SHARE, CONTAINER_MOUNT):
+        made = (tmp_path / path.lstrip("/")).stat()
+        assert stat.S_ISDIR(made.st_mode) and stat.S_IMODE(made.st_mode) == 0o755, path
+        assert (made.st_uid, made.st_gid) == (0, 0)
+    assert "contrib/containers/kvp-share.conf" in DOC.read_text()
 
 
 def test_documented_docker_command():

@@ -22,6 +22,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.support.waiting import wait_for
+
 BUSYBOX = Path("/bin/busybox")  # Debian's busybox-static: no libraries needed in the rootfs
 # Where the containers see the host's shared directory, and the mount inside it: the
 # paths of docs/containers.md, contrib/containers/compose.yaml and the Kubernetes example.
@@ -118,6 +120,21 @@ def shared_directory(path: Path) -> Iterator[Path]:
         unmount_below(path)
 
 
+def processes_naming(path: Path) -> list[int]:
+    """Processes with `path` among their arguments."""
+    needle = os.fsencode(path)
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                arguments = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:  # gone meanwhile
+                continue
+            if needle in arguments:
+                found.append(int(entry.name))
+    return found
+
+
 def unique_name(what: str) -> str:
     return f"kvpfs-test-{what}-{uuid.uuid4().hex[:12]}"
 
@@ -170,6 +187,10 @@ class Podman:
         left mounted in its directories."""
         for name in self.names:
             self("rm", "--force", "--time", "0", "--ignore", name)
+        # conmon runs `podman container cleanup` once a container ends, on its own time:
+        # wait for every process that names this run root, or it recreates what we remove.
+        wait_for(lambda: not processes_naming(self.runroot), timeout=60,
+                 what=f"conmon and podman's cleanup of {self.runroot} to finish")
         unmount_below(self.base)
         unmount_below(self.runroot)
         shutil.rmtree(self.runroot, ignore_errors=True)
