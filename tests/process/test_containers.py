@@ -163,17 +163,25 @@ def host_items(kvpfs: KvpfsProcess, pool: str) -> dict[str, str]:
 
 
 def host_sets_marker(kvpfs: KvpfsProcess) -> str:
+    """A new value the host sets for the key Marker, in auto_external/ and external/."""
     marker = uuid.uuid4().hex
-    assert kvpfs.host("set", "auto_external", "Marker", marker)["status"] == 0
+    for pool in ("auto_external", "external"):
+        assert kvpfs.host("set", pool, "Marker", marker)["status"] == 0
     return marker
 
 
-def expect_documented(steps: dict[str, Step], setup: Setup, status: str, marker: str) -> None:
+def expect_documented(steps: dict[str, Step], setup: Setup, status: str, marker: str, *,
+                      root: bool) -> None:
     """What docs/containers.md promises: keys read, guest/ written and seen by the host,
-    everything else refused, by kvpfs (Permission denied) or by the read-only bind."""
+    everything else refused, by kvpfs (Permission denied) or by the read-only bind.
+    external/ is for root only."""
     kvpfs = setup.kvpfs
     assert steps["vmid"] == Step(0, host_items(kvpfs, "auto_external")["VirtualMachineId"])
     assert steps["marker"] == Step(0, marker)
+    if root:
+        assert steps["secret"] == Step(0, marker)
+    else:
+        assert steps["secret"].rc != 0 and "Permission denied" in steps["secret"].output
     assert steps["guest"] == Step(0, ""), "echo > guest/ContainerStatus failed in the container"
     assert steps["readback"] == Step(0, status)
     for step in ("external", "auto_external"):
@@ -207,7 +215,7 @@ def test_podman_kvpfs_started_first(podman: Podman, setup: Setup):
     done = podman.run(unique_name("first"), setup.rootfs, documented_podman_options(setup.share),
                       "/bin/sh", "-c", CHECKS_ONCE, "sh", status)
     assert done.returncode == 0, done.stderr
-    expect_documented(parse_checks(done.stdout), setup, status, marker)
+    expect_documented(parse_checks(done.stdout), setup, status, marker, root=False)
 
 
 def test_podman_container_started_first_then_kvpfs_restarts(podman: Podman, setup: Setup):
@@ -227,7 +235,7 @@ def test_podman_container_started_first_then_kvpfs_restarts(podman: Podman, setu
         status = f"Ready {round_}"
         done = podman.exec(name, "/bin/sh", "-c", CHECKS_ONCE, "sh", status)
         assert done.returncode == 0, done.stderr
-        expect_documented(parse_checks(done.stdout), setup, status, marker)
+        expect_documented(parse_checks(done.stdout), setup, status, marker, root=False)
         assert setup.kvpfs.stop() == 0
         assert look() == (0, "")  # the unmount reached it too
 
@@ -294,7 +302,7 @@ def test_bwrap_kvpfs_started_first(bwrap: None, setup: Setup):
     marker = host_sets_marker(setup.kvpfs)
     status = f"Ready {uuid.uuid4().hex}"
     steps = run_bwrap_once(setup, documented_bwrap_options(setup.share), status)
-    expect_documented(steps, setup, status, marker)
+    expect_documented(steps, setup, status, marker, root=True)
 
 
 def test_bwrap_sandbox_started_first_then_kvpfs_restarts(bwrap: None, setup: Setup):
@@ -304,7 +312,7 @@ def test_bwrap_sandbox_started_first_then_kvpfs_restarts(bwrap: None, setup: Set
             setup.kvpfs.start()
             marker = host_sets_marker(setup.kvpfs)
             status = f"Ready {round_}"
-            expect_documented(sandbox.checks(status), setup, status, marker)
+            expect_documented(sandbox.checks(status), setup, status, marker, root=True)
             assert setup.kvpfs.stop() == 0
         assert sandbox.finish() == 0
     finally:

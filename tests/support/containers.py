@@ -38,6 +38,7 @@ try() { step=$1; shift; out=$("$@" 2>&1); rc=$?; echo "$step $rc $out"; }
 checks() {
     try vmid cat "$k/auto_external/VirtualMachineId"
     try marker cat "$k/auto_external/Marker"
+    try secret cat "$k/external/Marker"
     try guest sh -c 'echo "$1" > "$2"' sh "$1" "$k/guest/ContainerStatus"
     try readback cat "$k/guest/ContainerStatus"
     try external sh -c 'echo intruder > "$1"' sh "$k/external/Intruder"
