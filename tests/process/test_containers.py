@@ -280,7 +280,10 @@ class WaitingSandbox:
                                      f"{self.buffer!r}")
             chunk = os.read(self.proc.stdout.fileno(), 65536)
             if not chunk:
-                raise AssertionError(f"the sandbox exited: {self.buffer!r}")
+                self.proc.wait(10)
+                assert self.proc.stderr is not None
+                raise AssertionError(f"the sandbox exited ({self.proc.returncode}): "
+                                     f"{self.buffer!r} {self.proc.stderr.read()!r}")
             self.buffer += chunk
         text, _, self.buffer = self.buffer.partition(b"end\n")
         return parse_checks(text.decode() + "end\n")
@@ -333,6 +336,24 @@ def test_bwrap_recursive_ro_bind_is_the_trap(bwrap: None, setup: Setup):
         assert early["guest"] == Step(0, "")
         wait_for(lambda: host_items(setup.kvpfs, "guest").get("ContainerStatus")
                  == "from a sandbox started before kvpfs", timeout=10, what="the early write")
+        assert sandbox.finish() == 0
+    finally:
+        sandbox.kill()
+
+
+def test_bwrap_bind_of_the_mount_point_keeps_a_dead_mount(bwrap: None, setup: Setup):
+    """A bind of the mount point itself, made while kvpfs runs, copies that one mount: after
+    a kvpfs restart the sandbox still has the dead copy. The page's layout binds the parent."""
+    setup.kvpfs.start()
+    host_sets_marker(setup.kvpfs)
+    sandbox = WaitingSandbox(setup, ["--bind", str(setup.kvpfs.mnt), CONTAINER_MOUNT])
+    try:
+        assert sandbox.checks("before the restart")["guest"] == Step(0, "")
+        assert setup.kvpfs.stop() == 0
+        setup.kvpfs.start()
+        stale = sandbox.checks("after the restart")
+        assert stale["vmid"].rc != 0, stale["vmid"]
+        assert "not connected" in stale["vmid"].output, stale["vmid"]
         assert sandbox.finish() == 0
     finally:
         sandbox.kill()

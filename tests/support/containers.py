@@ -83,7 +83,7 @@ def busybox_rootfs(path: Path) -> Path:
     for applet in applets:
         if applet != "busybox":
             (bindir / applet).symlink_to("busybox")
-    for directory in ("proc", "sys", "dev", "tmp", "etc", CONTAINER_SHARE.lstrip("/")):
+    for directory in ("proc", "sys", "dev", "tmp", "etc", CONTAINER_MOUNT.lstrip("/")):
         (path / directory).mkdir(parents=True, exist_ok=True)
     (path / "etc" / "passwd").write_text("root:x:0:0:root:/:/bin/sh\n"
                                          "nobody:x:65534:65534:nobody:/:/bin/sh\n")
