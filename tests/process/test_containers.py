@@ -257,7 +257,8 @@ def run_bwrap_once(setup: Setup, options: list[str], status: str) -> dict[str, S
 
 
 class WaitingSandbox:
-    """A bwrap sandbox started before kvpfs: it runs the checks once per line it reads."""
+    """A bwrap sandbox that runs the checks once per line it reads: started before kvpfs,
+    it waits doing nothing until told to look, and it can look again after a restart."""
 
     def __init__(self, setup: Setup, options: list[str]) -> None:
         self.proc = subprocess.Popen(
