@@ -43,6 +43,7 @@ from tests.support.containers import (
     busybox_rootfs,
     bwrap_sandbox,
     parse_checks,
+    runc_bundle,
     shared_directory,
     tool_missing,
     unique_name,
@@ -208,14 +209,20 @@ def podman(tmp_path: Path) -> Iterator[Podman]:
         engine.remove_all()
 
 
-def test_podman_kvpfs_started_first(podman: Podman, setup: Setup):
+@pytest.mark.parametrize("user", ["documented", "root"])
+def test_podman_kvpfs_started_first(podman: Podman, setup: Setup, user: str):
+    """As the page's user (uid 65534 in the guest group), and as the container's root, which
+    is the host's root in rootful Podman: it writes guest/ without the group."""
+    options = documented_podman_options(setup.share)
+    if user == "root":
+        options = options[options.index("-v"):]  # no --user, no --group-add
     setup.kvpfs.start()
     marker = host_sets_marker(setup.kvpfs)
     status = f"Ready {uuid.uuid4().hex}"
-    done = podman.run(unique_name("first"), setup.rootfs, documented_podman_options(setup.share),
+    done = podman.run(unique_name("first"), setup.rootfs, options,
                       "/bin/sh", "-c", CHECKS_ONCE, "sh", status)
     assert done.returncode == 0, done.stderr
-    expect_documented(parse_checks(done.stdout), setup, status, marker, root=False)
+    expect_documented(parse_checks(done.stdout), setup, status, marker, root=user == "root")
 
 
 def test_podman_container_started_first_then_kvpfs_restarts(podman: Podman, setup: Setup):
@@ -358,6 +365,48 @@ def test_bwrap_bind_of_the_mount_point_keeps_a_dead_mount(bwrap: None, setup: Se
         assert sandbox.finish() == 0
     finally:
         sandbox.kill()
+
+
+# ---------------------------------------------------------------- runc, as Docker runs it
+
+
+@pytest.fixture
+def runc() -> None:
+    runtime_missing("runc")
+
+
+@pytest.mark.parametrize(("options", "guest_writable"), [
+    (["rbind", "ro", "rslave"], True),  # a read-only bind: the bind itself only
+    (["rbind", "ro", "rro", "rslave"], False),  # recursive read-only, what Docker 25+ adds
+])
+def test_runc_read_only_bind_recursive_or_not(runc: None, setup: Setup, tmp_path: Path,
+                                              options: list[str], guest_writable: bool):
+    """Docker cannot run here, but its runtime can: runc given the parent directory,
+    read-only, with and without `rro` (the option by which Docker 25 makes a read-only bind
+    recursive, unless `bind-recursive=writable`). kvpfs is up before the container."""
+    setup.kvpfs.start()
+    marker = host_sets_marker(setup.kvpfs)
+    status = f"Ready {'/'.join(options)}"
+    mount = {"destination": CONTAINER_SHARE, "type": "bind", "source": str(setup.share),
+             "options": options}
+    bundle = runc_bundle(tmp_path / "bundle", setup.rootfs, mount,
+                         "/bin/sh", "-c", CHECKS_ONCE, "sh", status)
+    state = tmp_path / "runc-state"
+    name = unique_name("runc")
+    try:
+        done = subprocess.run(["runc", "--root", str(state), "run", "--bundle", str(bundle),
+                               name], stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                              timeout=60, check=False)
+    finally:
+        subprocess.run(["runc", "--root", str(state), "delete", "--force", name],
+                       capture_output=True, check=False)
+    assert done.returncode == 0, done.stderr
+    steps = parse_checks(done.stdout)
+    if guest_writable:
+        expect_documented(steps, setup, status, marker, root=True)
+    else:
+        assert steps["guest"].rc != 0 and "Read-only file system" in steps["guest"].output
+        assert "ContainerStatus" not in host_items(setup.kvpfs, "guest")
 
 
 # ---------------------------------------------------------------- what cannot run here

@@ -12,6 +12,7 @@ kvpfs mount point; `shared_directory` makes a temporary one (`mount --bind X X`,
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import resource
 import shutil
@@ -195,6 +196,21 @@ class Podman:
         unmount_below(self.base)
         unmount_below(self.runroot)
         shutil.rmtree(self.runroot, ignore_errors=True)
+
+
+def runc_bundle(bundle: Path, rootfs: Path, mount: dict[str, object], *args: str) -> Path:
+    """An OCI bundle for `runc run`: runc's default spec (`runc spec`) with `rootfs` read-only
+    as /, `args` as the process, no terminal, and `mount` added: what a container engine
+    hands its runtime."""
+    bundle.mkdir(parents=True)
+    subprocess.run(["runc", "spec", "--bundle", str(bundle)], check=True, capture_output=True)
+    config = json.loads((bundle / "config.json").read_text())
+    config["root"] = {"path": str(rootfs), "readonly": True}
+    config["process"]["terminal"] = False
+    config["process"]["args"] = list(args)
+    config["mounts"].append(mount)
+    (bundle / "config.json").write_text(json.dumps(config))
+    return bundle
 
 
 def bwrap_sandbox(rootfs: Path, options: Sequence[str], *command: str) -> list[str]:
