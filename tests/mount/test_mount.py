@@ -117,8 +117,8 @@ def test_append_offsets_truncate_and_o_trunc(shared_kvpfs):
     assert path.read_bytes() == b"new"
     sh(f": > {path}")
     assert path.read_bytes() == b""
-    # An open that only truncates is published at release, a moment after close(2)
-    # returns (README: a shell's first close after dup2 must not publish an empty value).
+    # An open that only truncates is published at release, a moment after close(2) returns
+    # (docs/filesystem.md: a shell's first close after dup2 must not publish an empty value).
     wait_for(lambda: host_items(shared_kvpfs, "guest")[path.name] == "", timeout=2)
 
 
