@@ -192,8 +192,17 @@ class Store:
             return pf.read()
 
     def close(self) -> None:
+        """End and join the pool workers, then close the files they used.
+
+        Called once every request has been answered (`mount.serve` closes the store after
+        all services), so each worker is idle and ends at once; one that does not within
+        the lock timeout is named in the log rather than waited for forever.
+        """
         for worker in self._workers:
             worker.close()
+        for worker in self._workers:
+            if not worker.join(timeout=self.lock_timeout + 1):
+                log.warning("%s: still running a pool-file change at close", worker.name)
         for pf in self.files:
             pf.close()
 
