@@ -51,7 +51,7 @@ from kvpfs.storage.errors import PoolFileError
 from kvpfs.storage.locks import DEFAULT_LOCK_TIMEOUT
 from kvpfs.storage.store import Store, default_pool_dir
 from kvpfs.watchdog import PINGS_PER_PERIOD, Watchdog, sd_notify, watchdog_period
-from kvpfs.wire.pools import GUEST
+from kvpfs.wire.protocol import Pool
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ def build_filesystem(store: Store, intrinsics: Intrinsics, *, raw: bool = False,
     table = NodeTable(store, unpublished, started_ns)
     contents = Contents(store, intrinsics)
     attributes = Attributes(store, table, contents, perm, started_ns)
-    guest_lock = store.request_lock(GUEST)
+    guest_lock = store.request_lock(Pool.GUEST)
     writes = Writes(store, table, contents, unpublished, guest_lock, raw=raw)
     notifications = Notifications(store, table)
     feed = EventFeed(notifications.wake_poller)

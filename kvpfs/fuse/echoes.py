@@ -17,7 +17,7 @@ from collections.abc import Callable
 import pyfuse3
 
 from kvpfs.fuse.attributes import Attributes
-from kvpfs.fuse.echo_helper import CREATE, DELETE, MODIFY
+from kvpfs.fuse.echo_helper import EchoKind
 from kvpfs.fuse.errors import handler
 from kvpfs.fuse.fsnotify_echo import EchoOp
 from kvpfs.fuse.nodes import DIR_INODES, ROOT_INODE, Node, NodeTable
@@ -55,12 +55,13 @@ class EchoRequests:
     async def lookup(self, parent_inode: int, name: bytes) -> pyfuse3.EntryAttributes | None:
         """The echo's entry, or None: a path component, looked up as for anyone."""
         op = self._target(parent_inode, name)
-        if op is None or op.kind == MODIFY:
+        if op is None or op.kind is EchoKind.MODIFY:
             return None
-        if op.kind == CREATE:
+        if op.kind is EchoKind.CREATE:
             raise pyfuse3.FUSEError(errno.ENOENT)  # so that the kernel creates it
         node = op.node  # DELETE: the deleted key, for the kernel to unlink
-        assert isinstance(node, Node)
+        if node is None:  # every DELETE echo carries it; without, nothing to unlink
+            raise pyfuse3.FUSEError(errno.ENOENT)
         self.table.by_ino.setdefault(node.ino, node)
         attr = await self.attributes.of_node(node)
         attr.st_nlink = 1
@@ -80,7 +81,7 @@ class EchoRequests:
         op = self.notifications.echo_op
         if op is None:
             return attr
-        targets = (DIR_INODES[op.pool], getattr(op.node, "ino", None))
+        targets = (DIR_INODES[op.pool], op.node.ino if op.node is not None else None)
         node = self.table.by_key.get((op.pool, op.key))
         if inode in targets or (node is not None and node.ino == inode):
             attr.st_mode |= 0o300 if stat.S_ISDIR(attr.st_mode) else 0o200
@@ -92,7 +93,7 @@ class EchoRequests:
     def open(self, inode: int) -> pyfuse3.FileInfo:
         op = self.notifications.echo_op
         node = self.table.get(inode)
-        if op is None or op.kind == DELETE or node is None or node.key != op.key \
+        if op is None or op.kind is EchoKind.DELETE or node is None or node.key != op.key \
                 or node.pool != op.pool:
             raise pyfuse3.FUSEError(errno.EACCES)
         return self._handle(node)
@@ -106,7 +107,7 @@ class EchoRequests:
     async def create(self, parent_inode: int, name: bytes,
                      ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         op = self._target(parent_inode, name)
-        node = self.table.find(op.pool, name) if op is not None and op.kind == CREATE \
+        node = self.table.find(op.pool, name) if op is not None and op.kind is EchoKind.CREATE \
             else None
         if node is None:
             raise pyfuse3.FUSEError(errno.ENOENT)  # gone again: its echo is due too
@@ -118,7 +119,7 @@ class EchoRequests:
     def unlink(self, parent_inode: int, name: bytes) -> None:
         """The key is gone already: the kernel only drops its entry."""
         op = self._target(parent_inode, name)
-        if op is None or op.kind != DELETE:
+        if op is None or op.kind is not EchoKind.DELETE:
             raise pyfuse3.FUSEError(errno.EACCES)
 
 

@@ -63,7 +63,7 @@ from kvpfs.fuse.procview import ProcView
 from kvpfs.storage.store import Change
 from kvpfs.storage.worker import Worker
 from kvpfs.wire import names
-from kvpfs.wire.pools import POOL_NAMES
+from kvpfs.wire.protocol import Pool
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ REFUSAL_LOG_INTERVAL = 60.0
 
 def event_line(change: Change) -> bytes:
     """`set external cloudstack-vm-userdata`: op, pool, name escaped as listed."""
-    return b"%s %s %s\n" % (change.kind.encode(), POOL_NAMES[change.pool].encode(),
+    return b"%s %s %s\n" % (change.kind.value.encode(), Pool(change.pool).dirname.encode(),
                             names.key_to_name(change.key))
 
 

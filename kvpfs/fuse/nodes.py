@@ -17,12 +17,11 @@ from kvpfs.fuse.unpublished import Unpublished
 from kvpfs.host.intrinsic import KEYS as INTRINSIC_KEYS
 from kvpfs.storage.store import Store
 from kvpfs.wire import names
-from kvpfs.wire.pools import AUTO as AUTO_POOL
-from kvpfs.wire.pools import GUEST
+from kvpfs.wire.protocol import Pool
 
 ROOT_INODE: pyfuse3.InodeT = pyfuse3.ROOT_INODE
-DIR_INODES = tuple(ROOT_INODE + 1 + pool for pool in range(5))  # 2..6
-LINK_INODES = tuple(ROOT_INODE + 6 + pool for pool in range(5))  # 7..11
+DIR_INODES = tuple(ROOT_INODE + 1 + pool for pool in Pool)  # 2..6, by pool number
+LINK_INODES = tuple(ROOT_INODE + 6 + pool for pool in Pool)  # 7..11: "0" -> external
 EVENTS_INODE = ROOT_INODE + 11  # 12: the change feed, /.events
 EVENTS_NAME = b".events"
 FIXED_INODES = (ROOT_INODE, *DIR_INODES, *LINK_INODES, EVENTS_INODE)
@@ -101,19 +100,19 @@ class NodeTable:
     def add_guest(self, name: bytes, key: bytes | None) -> Node:
         """A new guest file not in the pool: a scratch file, or a key created (pending)."""
         if key is None:
-            node = Node(self.new_ino(), GUEST, None, name)
+            node = Node(self.new_ino(), Pool.GUEST, None, name)
         else:
             # Listed as any key is (a name over NAME_MAX shows shortened).
-            node = Node(self.new_ino(), GUEST, key, names.key_to_name(key), pending=True)
-            self.by_key[(GUEST, key)] = node
+            node = Node(self.new_ino(), Pool.GUEST, key, names.key_to_name(key), pending=True)
+            self.by_key[(Pool.GUEST, key)] = node
         self.by_ino[node.ino] = node
         self.guest_extra[node.name] = node
         return node
 
     def rename(self, node: Node, name: bytes, key: bytes | None) -> None:
         """The same inode lives on under its new guest name (a key, or scratch if None)."""
-        if node.key is not None and self.by_key.get((GUEST, node.key)) is node:
-            del self.by_key[(GUEST, node.key)]
+        if node.key is not None and self.by_key.get((Pool.GUEST, node.key)) is node:
+            del self.by_key[(Pool.GUEST, node.key)]
         if self.guest_extra.get(node.name) is node:
             del self.guest_extra[node.name]
         node.name = name if key is None else names.key_to_name(key)
@@ -122,7 +121,7 @@ class NodeTable:
         if key is None:
             self.guest_extra[name] = node
         else:
-            self.by_key[(GUEST, key)] = node
+            self.by_key[(Pool.GUEST, key)] = node
 
     def stored(self, node: Node) -> None:
         """A pending key's value is in the pool now: it is listed from there."""
@@ -151,9 +150,9 @@ class NodeTable:
             node.lookups -= count
             self.maybe_drop(node)
 
-    def pool_of_dir(self, inode: int) -> int:
+    def pool_of_dir(self, inode: int) -> Pool:
         if inode in DIR_INODES:
-            return DIR_INODES.index(inode)
+            return Pool(DIR_INODES.index(inode))
         raise pyfuse3.FUSEError(errno.ENOTDIR if inode in self.by_ino else errno.ENOENT)
 
     def pending_count(self) -> int:
@@ -162,23 +161,23 @@ class NodeTable:
 
     def listing(self, pool: int) -> list[Node]:
         """Every file of a pool directory (unordered)."""
-        if pool == AUTO_POOL:
+        if pool == Pool.AUTO:
             return [self.key_node(pool, k.encode()) for k in INTRINSIC_KEYS]
         nodes = [self.key_node(pool, key) for key in self.store.states[pool].unique_keys()]
-        if pool == GUEST:
+        if pool == Pool.GUEST:
             seen = {n.ino for n in nodes}
             nodes += [n for n in self.guest_extra.values() if n.ino not in seen]
         return nodes
 
     def find(self, pool: int, name: bytes) -> Node | None:
         """The live node for `name` in a pool directory, or None."""
-        if pool == GUEST:
+        if pool == Pool.GUEST:
             extra = self.guest_extra.get(name)
             if extra is not None:
                 return extra
             if name.startswith(b"."):
                 return None
-        if pool == AUTO_POOL:
+        if pool == Pool.AUTO:
             try:
                 key = names.name_to_key(name)
             except names.InvalidName:

@@ -37,14 +37,13 @@ import pyfuse3
 import trio
 
 from kvpfs.fuse.attr_invalidation import AttrInvalidator
-from kvpfs.fuse.echo_helper import DELETE
+from kvpfs.fuse.echo_helper import EchoKind
 from kvpfs.fuse.fsnotify_echo import EchoHelper, EchoOp, EchoQueue
 from kvpfs.fuse.nodes import DIR_INODES, Node, NodeTable
-from kvpfs.storage.store import Change, Origin, Store
+from kvpfs.storage.store import Change, ChangeKind, Origin, Store
 from kvpfs.storage.worker import Worker
 from kvpfs.wire import names
-from kvpfs.wire.pools import AUTO as AUTO_POOL
-from kvpfs.wire.pools import POOL_NAMES
+from kvpfs.wire.protocol import Pool
 
 log = logging.getLogger(__name__)
 
@@ -93,10 +92,9 @@ class Notifications:
         # Attribute-only invalidations take no lock in the kernel: a thread of their own,
         # never behind an echo or an entry invalidation.
         self.attrs = AttrInvalidator(lambda ino: pyfuse3.invalidate_inode(ino, True))
-        # inotify echoes; the helper starts with the invalidator, which is given the
-        # mount point.
+        # inotify echoes; the helper starts with `run`, which is given the mount point.
         self.echo_queue = EchoQueue({pool: store.states[pool].unique_keys()
-                                     for pool in range(len(POOL_NAMES)) if pool != AUTO_POOL})
+                                     for pool in Pool if pool != Pool.AUTO})
         self.echo: EchoHelper | None = None
         self.echo_op: EchoOp | None = None  # the echo running now
         self.host_deleted: set[int] = set()  # inodes whose kernel entry is still to drop
@@ -157,10 +155,11 @@ class Notifications:
         """
         echo = self.echo_mountpoint is not None
         for change in changes:
+            is_set = change.kind is ChangeKind.SET
             node = self.table.by_key.get((change.pool, change.key))
             if change.origin is Origin.MOUNT:
-                self.echo_queue.seen_by_kernel(change.pool, change.key, change.kind == "set")
-                if node is not None and change.kind == "set":
+                self.echo_queue.seen_by_kernel(change.pool, change.key, is_set)
+                if node is not None and is_set:
                     self.attr_invalidate(node, None)
                 continue
             if node is not None:
@@ -170,11 +169,11 @@ class Notifications:
                     # First of all: a `stat` or `cat` right after the host's reply must
                     # not get the old size from the kernel's attribute cache.
                     self.attr_invalidate(node, node.kernel_attr_until)
-                if change.kind == "set" and node.handles:
+                if is_set and node.handles:
                     # Pages an open file holds; a later open drops them itself (`cached`).
                     self._drop_pages(node.ino)
             deleted = None
-            if change.kind == "delete":
+            if change.kind is ChangeKind.DELETE:
                 deleted = node or Node(self.table.new_ino(), change.pool, change.key,
                                        names.key_to_name(change.key), linked=False)
             due: bool | None
@@ -182,10 +181,10 @@ class Notifications:
                 due = self.echo_queue.note(change.pool, change.key, deleted)
             else:  # not mounted yet (or no echo possible): nobody could watch
                 due = None
-                self.echo_queue.seen_by_kernel(change.pool, change.key, change.kind == "set")
+                self.echo_queue.seen_by_kernel(change.pool, change.key, is_set)
             if due:
                 self._queue(EchoDue())
-            if node is None or change.kind == "set":
+            if node is None or is_set:
                 continue
             name = node.name
             known = node.lookups > 0 or node.handles > 0
@@ -298,19 +297,19 @@ class Notifications:
             if self.echo is not None and not self.echo.disabled:
                 self.echo_op = op
                 try:
-                    error = await self.echo.run(op, POOL_NAMES[op.pool].encode())
+                    error = await self.echo.run(op, Pool(op.pool).dirname.encode())
                 finally:
                     self.echo_op = None
             if error:
-                log.debug("inotify echo %s of %s/%r: %s", op.kind, POOL_NAMES[op.pool],
-                          op.name, os.strerror(error))
-            node = op.node if isinstance(op.node, Node) else None  # DELETE's only
-            if error and op.kind == DELETE and node is not None \
+                log.debug("inotify echo %s of %s/%r: %s", op.kind.name.lower(),
+                          Pool(op.pool).dirname, op.name, os.strerror(error))
+            node = op.node  # DELETE's only
+            if error and op.kind is EchoKind.DELETE and node is not None \
                     and (node.lookups > 0 or node.handles > 0):
                 with contextlib.suppress(OSError):  # the kernel may have dropped it already
                     await worker.run(pyfuse3.invalidate_entry, DIR_INODES[op.pool],
                                      op.name, node.ino)
-            if op.kind == DELETE and node is not None:
+            if op.kind is EchoKind.DELETE and node is not None:
                 self.host_deleted.discard(node.ino)
             for ino in op.touched:  # echo-only attributes: the next stat asks again
                 touched = self.table.get(ino)

@@ -34,6 +34,7 @@ from kvpfs.fuse.attributes import Attributes
 from kvpfs.fuse.contents import Contents
 from kvpfs.fuse.errors import handler
 from kvpfs.fuse.events import EventFeed
+from kvpfs.fuse.handles import Buffer, Handle, Publication
 from kvpfs.fuse.nodes import (
     DIR_INODES,
     EVENTS_INODE,
@@ -46,11 +47,10 @@ from kvpfs.fuse.nodes import (
 )
 from kvpfs.fuse.notifications import Notifications
 from kvpfs.fuse.permissions import Permissions
-from kvpfs.fuse.writes import Handle, Writes
+from kvpfs.fuse.writes import Writes
 from kvpfs.storage.store import Origin, RequestLock, Store
 from kvpfs.wire import limits, names
-from kvpfs.wire.pools import AUTO as AUTO_POOL
-from kvpfs.wire.pools import GUEST, POOL_NAMES
+from kvpfs.wire.protocol import Pool
 
 __all__ = ["DIR_INODES", "EVENTS_INODE", "KvpOperations", "Parts", "Permissions"]
 
@@ -111,10 +111,10 @@ class KvpOperations(pyfuse3.Operations):
                 return await self.attributes.of(ROOT_INODE)
             if name == EVENTS_NAME:
                 return await self.attributes.of(EVENTS_INODE)
-            for pool, pool_name in enumerate(POOL_NAMES):
-                if name == pool_name.encode():
+            for pool in Pool:
+                if name == pool.dirname.encode():
                     return await self.attributes.of(DIR_INODES[pool])
-                if name == str(pool).encode():
+                if name == str(int(pool)).encode():
                     return await self.attributes.of(LINK_INODES[pool])
             raise pyfuse3.FUSEError(errno.ENOENT)
         pool = self.table.pool_of_dir(parent_inode)
@@ -140,7 +140,7 @@ class KvpOperations(pyfuse3.Operations):
     async def readlink(self, inode: pyfuse3.InodeT,
                        ctx: pyfuse3.RequestContext) -> pyfuse3.FileNameT:
         if inode in LINK_INODES:
-            return POOL_NAMES[LINK_INODES.index(inode)].encode()
+            return Pool(LINK_INODES.index(inode)).dirname.encode()
         raise pyfuse3.FUSEError(errno.EINVAL)
 
     @handler
@@ -148,8 +148,8 @@ class KvpOperations(pyfuse3.Operations):
                       ctx: pyfuse3.RequestContext) -> pyfuse3.FileHandleT:
         entries: list[DirEntry]
         if inode == ROOT_INODE:
-            entries = [(DIR_INODES[p], n.encode(), None) for p, n in enumerate(POOL_NAMES)]
-            entries += [(LINK_INODES[p], str(p).encode(), None) for p in range(len(POOL_NAMES))]
+            entries = [(DIR_INODES[p], p.dirname.encode(), None) for p in Pool]
+            entries += [(LINK_INODES[p], str(int(p)).encode(), None) for p in Pool]
             entries.append((EVENTS_INODE, EVENTS_NAME, None))
         else:
             pool = self.table.pool_of_dir(inode)
@@ -211,16 +211,19 @@ class KvpOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ESTALE)
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
         truncate = bool(flags & os.O_TRUNC)
-        if (writable or truncate) and node.pool != GUEST:
+        if (writable or truncate) and node.pool != Pool.GUEST:
             log.info("refused write to %s/%s: only guest is writable",
-                     POOL_NAMES[node.pool], node.name.decode(errors="replace"))
+                     Pool(node.pool).dirname, node.name.decode(errors="replace"))
             raise pyfuse3.FUSEError(errno.EACCES)
         self._check_open_files()
         value = await self.contents.current(node)
         if value is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
-        handle = Handle(node, bytearray() if truncate else value, writable,
-                        bool(flags & os.O_APPEND), dirty=truncate, private=truncate)
+        if truncate:
+            handle = Handle(node, bytearray(), writable, bool(flags & os.O_APPEND),
+                            mode=Buffer.PRIVATE, publication=Publication.TRUNCATED)
+        else:
+            handle = Handle(node, value, writable, bool(flags & os.O_APPEND))
         if truncate:
             # `: > key` stores at release, where nobody hears of a failure: check now.
             await self.writes.prepare(handle)
@@ -239,7 +242,7 @@ class KvpOperations(pyfuse3.Operations):
         node.handles += 1
         # The kernel may keep what it cached at an earlier open only if the value has not
         # changed since (every change clears `cached`); pool 2 is computed per read.
-        keep = node.cached and not handle.writable and node.pool != AUTO_POOL
+        keep = node.cached and not handle.writable and node.pool != Pool.AUTO
         node.cached = not handle.writable
         # Direct I/O while the kernel may still hold a size from before a host change:
         # a read must not stop there.
@@ -324,7 +327,7 @@ class KvpOperations(pyfuse3.Operations):
         if parent_inode == ROOT_INODE:
             raise pyfuse3.FUSEError(errno.EACCES)  # the root holds only the pools
         pool = self.table.pool_of_dir(parent_inode)
-        if pool != GUEST:
+        if pool != Pool.GUEST:
             raise pyfuse3.FUSEError(errno.EACCES)
         self._check_open_files()
         key = None
@@ -343,7 +346,9 @@ class KvpOperations(pyfuse3.Operations):
         truncate = bool(flags & os.O_TRUNC) or node.pending
         private = bool(flags & os.O_TRUNC) or (node.pending and not append)
         handle = Handle(node, bytearray() if private else (value or b""), True, append,
-                        dirty=truncate, private=private, prepared=key is not None)
+                        mode=Buffer.PRIVATE if private else Buffer.SHARED,
+                        publication=Publication.TRUNCATED if truncate else Publication.CLEAN,
+                        prepared=key is not None)
         info = self._new_handle(handle)
         attr = await self.attributes.of_node(node)
         node.lookups += 1
@@ -358,7 +363,7 @@ class KvpOperations(pyfuse3.Operations):
             if inode in FIXED_INODES:
                 raise pyfuse3.FUSEError(errno.EACCES)
             raise pyfuse3.FUSEError(errno.ENOENT)
-        if node.pool != GUEST:
+        if node.pool != Pool.GUEST:
             raise pyfuse3.FUSEError(errno.EACCES)
         if fields.update_size:
             handle = self._handles.get(fh) if fh is not None else None
@@ -383,14 +388,14 @@ class KvpOperations(pyfuse3.Operations):
         if parent_inode == ROOT_INODE:
             raise pyfuse3.FUSEError(errno.EACCES)
         pool = self.table.pool_of_dir(parent_inode)
-        if pool != GUEST:
+        if pool != Pool.GUEST:
             raise pyfuse3.FUSEError(errno.EACCES)
         async with self._guest_lock:
             node = self.table.find(pool, name)
             if node is None:
                 raise pyfuse3.FUSEError(errno.ENOENT)
             if node.key is not None and not node.pending:
-                await self.store.delete(GUEST, node.key, Origin.MOUNT)
+                await self.store.delete(Pool.GUEST, node.key, Origin.MOUNT)
             self.table.unlink(node)
 
     @handler
@@ -401,17 +406,17 @@ class KvpOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EACCES)  # the root holds only the pools
         pool_old = self.table.pool_of_dir(parent_old)
         pool_new = self.table.pool_of_dir(parent_new)
-        if pool_old != GUEST or pool_new != GUEST:
+        if pool_old != Pool.GUEST or pool_new != Pool.GUEST:
             raise pyfuse3.FUSEError(errno.EACCES)  # every pool but guest is read-only
         if flags & ~pyfuse3.RENAME_NOREPLACE:
             raise pyfuse3.FUSEError(errno.EINVAL)  # RENAME_EXCHANGE, RENAME_WHITEOUT
         async with self._guest_lock:
-            node = self.table.find(GUEST, name_old)
+            node = self.table.find(Pool.GUEST, name_old)
             if node is None:
                 raise pyfuse3.FUSEError(errno.ENOENT)
             if name_new == name_old:
                 return
-            target = self.table.find(GUEST, name_new)
+            target = self.table.find(Pool.GUEST, name_new)
             if target is not None and flags & pyfuse3.RENAME_NOREPLACE:
                 raise pyfuse3.FUSEError(errno.EEXIST)
             await self.writes.rename(node, target, name_new)
@@ -483,4 +488,4 @@ class KvpOperations(pyfuse3.Operations):
 def _no_such_entries(parent: int) -> pyfuse3.FUSEError:
     """Directories, links and special files: EPERM in guest (only values live there, as on a
     filesystem that does not support them), EACCES elsewhere (read-only)."""
-    return pyfuse3.FUSEError(errno.EPERM if parent == DIR_INODES[GUEST] else errno.EACCES)
+    return pyfuse3.FUSEError(errno.EPERM if parent == DIR_INODES[Pool.GUEST] else errno.EACCES)
