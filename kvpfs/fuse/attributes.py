@@ -85,15 +85,15 @@ class Attributes:
         """A file's attributes; notes until when the kernel may use them without asking."""
         value = await self.contents.current(node) if node.linked else None
         if value is not None:
-            node.last_size = len(value)
+            node.kernel.size = len(value)
         ttl = TTL if node.pool != Pool.AUTO else AUTO_TTL
-        node.kernel_attr_until = time.monotonic() + ttl + TTL_MARGIN
-        mode = node.mode if node.mode is not None else self.perm.file_mode(node.pool)
-        attr = self.base(node.ino, stat.S_IFREG | mode, node.last_size, node.mtime_ns, ttl)
+        node.kernel.attrs_until = time.monotonic() + ttl + TTL_MARGIN
+        mode = node.chmod.mode if node.chmod.mode is not None else self.perm.file_mode(node.pool)
+        attr = self.base(node.ino, stat.S_IFREG | mode, node.kernel.size, node.mtime_ns, ttl)
         attr.st_ctime_ns = max(node.ctime_ns, node.mtime_ns)
         if node.atime_ns:
             attr.st_atime_ns = node.atime_ns
-        attr.st_uid = node.uid if node.uid is not None else self.perm.uid
-        attr.st_gid = node.gid if node.gid is not None else self.perm.group(node.pool)
+        attr.st_uid = node.chmod.uid if node.chmod.uid is not None else self.perm.uid
+        attr.st_gid = node.chmod.gid if node.chmod.gid is not None else self.perm.group(node.pool)
         attr.st_nlink = 1 if node.linked else 0
         return attr

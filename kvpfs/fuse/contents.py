@@ -26,15 +26,15 @@ class Contents:
         """The current value of a key node as a reader sees it, None if it no longer exists:
         the bytes written through the mount while the stored value is still what they
         became, else the stored value."""
-        if node.inflight is not None:
-            return node.inflight
+        if node.held.inflight is not None:
+            return node.held.inflight
         if node.key is None or node.pending:
-            return node.content
+            return node.held.content
         if node.pool == Pool.AUTO:
             return None  # computed by current()
         value = self.store.get(node.pool, node.key)
-        if node.shown is not None and value is not None and node.shown[0] == value:
-            return node.shown[1]
+        if node.held.shown is not None and value is not None and node.held.shown[0] == value:
+            return node.held.shown[1]
         return value
 
     def stored(self, node: Node) -> bytes:

@@ -29,39 +29,68 @@ FIRST_KEY_INODE = 100
 
 
 @dataclass(eq=False)
+class KernelView:
+    """What the kernel may hold for a file without asking us again."""
+
+    cached: bool = False  # its page cache, if any, holds the current value
+    attrs_until: float = 0.0  # until then (monotonic) it may use the attributes we gave
+    size: int = 0  # the size those attributes said
+
+
+@dataclass(eq=False)
+class HeldBytes:
+    """Bytes kvpfs keeps for a file beside the pool, in memory only."""
+
+    content: bytes = b""  # scratch files and pending keys only
+    charged: int = 0  # bytes of `content` counted as unpublished
+    inflight: bytes | None = None  # being published: what readers must already see
+    # (stored value, bytes as written): what was written through the mount, shown while
+    # the stored value is still the one it became (read what you wrote, trailing newline
+    # included).
+    shown: tuple[bytes, bytes] | None = None
+
+
+@dataclass(eq=False)
+class AppendDraft:
+    """O_APPEND writes, at the end of the value as it was when they came, shared by every
+    appending handle until the last of them commits."""
+
+    data: bytearray | None = None
+    writers: int = 0  # appending handles whose bytes are in `data`, not yet committed
+    charged: int = 0  # bytes of `data` counted as unpublished
+
+
+@dataclass(eq=False)
+class ChmodMemory:
+    """chmod/chown are accepted and remembered while kvpfs runs; pools have no modes."""
+
+    mode: int | None = None
+    uid: int | None = None
+    gid: int | None = None
+
+
+@dataclass(eq=False)
 class Node:
-    """A key (or scratch) file; its inode number is never reused."""
+    """A key (or scratch) file; its inode number is never reused.
+
+    The fields here are the inode's bookkeeping; each other concern has its own part.
+    """
 
     ino: int
     pool: int
     key: bytes | None  # None for a scratch file
     name: bytes
-    lookups: int = 0
-    handles: int = 0
+    lookups: int = 0  # the kernel's references (LOOKUP, READDIRPLUS, CREATE minus FORGET)
+    handles: int = 0  # open files
     linked: bool = True
     pending: bool = False  # created through the mount, not committed yet
-    content: bytes = b""  # scratch files and pending keys only
-    last_size: int = 0
     mtime_ns: int = field(default_factory=time.time_ns)
     ctime_ns: int = 0
     atime_ns: int = 0
-    inflight: bytes | None = None  # being published: what readers must already see
-    cached: bool = False  # the kernel's page cache, if any, holds the current value
-    # Until then the kernel may use the attributes we gave it without asking.
-    kernel_attr_until: float = 0.0
-    mode: int | None = None  # chmod/chown are accepted and remembered, not stored in pools
-    uid: int | None = None
-    gid: int | None = None
-    # (stored value, bytes as written): what was written through the mount, shown while
-    # the stored value is still the one it became (read what you wrote, trailing newline
-    # included). Kept in memory only.
-    shown: tuple[bytes, bytes] | None = None
-    # O_APPEND writes go here, at the end of the value as it is at that moment, shared
-    # by every appending handle until the last of them commits.
-    draft: bytearray | None = None
-    draft_writers: int = 0  # appending handles whose bytes are in `draft`, not yet committed
-    charged: int = 0  # bytes of `content` counted as unpublished
-    draft_charged: int = 0  # bytes of `draft` counted as unpublished
+    kernel: KernelView = field(default_factory=KernelView)
+    held: HeldBytes = field(default_factory=HeldBytes)
+    appends: AppendDraft = field(default_factory=AppendDraft)
+    chmod: ChmodMemory = field(default_factory=ChmodMemory)
 
 
 class NodeTable:
@@ -132,8 +161,8 @@ class NodeTable:
     def unlink(self, node: Node) -> None:
         node.linked = False
         if node.key is None:  # a scratch file's bytes go with its name
-            node.content = b""
-            node.charged = self.unpublished.account(node.pool, node.name, node.charged, 0)
+            node.held.content = b""
+            node.held.charged = self.unpublished.account(node.pool, node.name, node.held.charged, 0)
         if node.key is not None and self.by_key.get((node.pool, node.key)) is node:
             del self.by_key[(node.pool, node.key)]
         if self.guest_extra.get(node.name) is node:

@@ -164,11 +164,11 @@ class Notifications:
                 continue
             if node is not None:
                 node.mtime_ns = node.ctime_ns = time.time_ns()
-                node.cached = False
-                if node.handles or time.monotonic() < node.kernel_attr_until:
+                node.kernel.cached = False
+                if node.handles or time.monotonic() < node.kernel.attrs_until:
                     # First of all: a `stat` or `cat` right after the host's reply must
                     # not get the old size from the kernel's attribute cache.
-                    self.attr_invalidate(node, node.kernel_attr_until)
+                    self.attr_invalidate(node, node.kernel.attrs_until)
                 if is_set and node.handles:
                     # Pages an open file holds; a later open drops them itself (`cached`).
                     self._drop_pages(node.ino)
@@ -197,8 +197,8 @@ class Notifications:
     def attr_invalidate(self, node: Node, given_until: float | None) -> None:
         def done() -> None:
             # The kernel asks again next time, unless it already has (a new deadline).
-            if given_until is not None and node.kernel_attr_until == given_until:
-                node.kernel_attr_until = 0.0
+            if given_until is not None and node.kernel.attrs_until == given_until:
+                node.kernel.attrs_until = 0.0
 
         self.attrs.submit(node.ino, done)
 

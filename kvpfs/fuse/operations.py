@@ -242,8 +242,8 @@ class KvpOperations(pyfuse3.Operations):
         node.handles += 1
         # The kernel may keep what it cached at an earlier open only if the value has not
         # changed since (every change clears `cached`); pool 2 is computed per read.
-        keep = node.cached and not handle.writable and node.pool != Pool.AUTO
-        node.cached = not handle.writable
+        keep = node.kernel.cached and not handle.writable and node.pool != Pool.AUTO
+        node.kernel.cached = not handle.writable
         # Direct I/O while the kernel may still hold a size from before a host change:
         # a read must not stop there.
         return pyfuse3.FileInfo(fh=fh, keep_cache=keep,
@@ -370,11 +370,11 @@ class KvpOperations(pyfuse3.Operations):
             await self.writes.truncate(node, attr.st_size, handle)
         now = time.time_ns()
         if fields.update_mode:
-            node.mode = stat.S_IMODE(attr.st_mode)
+            node.chmod.mode = stat.S_IMODE(attr.st_mode)
         if fields.update_uid:
-            node.uid = attr.st_uid
+            node.chmod.uid = attr.st_uid
         if fields.update_gid:
-            node.gid = attr.st_gid
+            node.chmod.gid = attr.st_gid
         if fields.update_mtime:
             node.mtime_ns = attr.st_mtime_ns
         if fields.update_atime:

@@ -77,7 +77,8 @@ class Writes:
         nothing and leaves what the others appended alone.
         """
         node = handle.node
-        base = node.draft if node.draft is not None else (self.contents.value(node) or b"")
+        draft = node.appends.data
+        base = draft if draft is not None else (self.contents.value(node) or b"")
         size = len(base) + len(buf)
         # Refused before this handle appended anything: it stores nothing at all (not
         # even the empty new key its open created), as a refused write does.
@@ -90,19 +91,19 @@ class Writes:
             if not handle.in_draft:
                 handle.refused()
             raise pyfuse3.FUSEError(error)
-        node.draft_charged = self.account(node, node.draft_charged, size)
-        node.draft = new
+        node.appends.charged = self.account(node, node.appends.charged, size)
+        node.appends.data = new
         if not handle.in_draft:
             handle.move_buffer(Buffer.DRAFT)
-            node.draft_writers += 1
+            node.appends.writers += 1
         handle.appended()  # what it appends now is stored at its close
         return len(buf)
 
     def view(self, handle: Handle) -> bytes | bytearray:
         """What a read through this handle returns."""
         node = handle.node
-        if handle.append and not handle.private and node.draft is not None:
-            return node.draft
+        if handle.append and not handle.private and node.appends.data is not None:
+            return node.appends.data
         return handle.buffer
 
     async def truncate(self, node: Node, size: int, handle: Handle | None) -> None:
@@ -129,16 +130,16 @@ class Writes:
         current = await self.contents.current(node) or b""
         data = current[:size] + b"\0" * max(0, size - len(current))
         if node.key is None:
-            node.charged = self.account(node, node.charged, len(data))
-            node.content = data
-            node.cached = False
+            node.held.charged = self.account(node, node.held.charged, len(data))
+            node.held.content = data
+            node.kernel.cached = False
             return
         if data == current:
             return  # nothing changes (e.g. `truncate -s` to the size it has)
         # truncate(2) by path: there is no close to wait for, publish now, with the rule
         # of a write: the file's bytes read back, one trailing newline is not stored.
         value = self.final_value(node, data)
-        node.cached = False
+        node.kernel.cached = False
         async with self.guest_lock:
             if node.linked:
                 await self.publish(node, value, data)
@@ -178,11 +179,11 @@ class Writes:
     def _leave_draft(self, handle: Handle) -> None:
         node = handle.node
         handle.move_buffer(Buffer.SHARED)  # its bytes are in the draft, published or not
-        node.draft_writers -= 1
-        if node.draft_writers <= 0:
-            node.draft_writers = 0
-            node.draft = None
-            node.draft_charged = self.account(node, node.draft_charged, 0)
+        node.appends.writers -= 1
+        if node.appends.writers <= 0:
+            node.appends.writers = 0
+            node.appends.data = None
+            node.appends.charged = self.account(node, node.appends.charged, 0)
 
     def discard(self, handle: Handle) -> None:
         """A released handle's memory goes back to the unpublished bound."""
@@ -277,8 +278,8 @@ class Writes:
             return
         node = handle.node
         if handle.in_draft:
-            assert node.draft is not None
-            data = bytes(node.draft)
+            assert node.appends.data is not None
+            data = bytes(node.appends.data)
             handle.published()
             self._leave_draft(handle)
         elif not handle.dirty:
@@ -287,7 +288,7 @@ class Writes:
             # An appending open of a new key that wrote nothing: it creates the key empty,
             # unless someone has stored it (or is appending to it) meanwhile.
             handle.published()
-            if not node.pending or node.draft is not None:
+            if not node.pending or node.appends.data is not None:
                 return
             data = b""
         else:
@@ -295,35 +296,35 @@ class Writes:
             handle.published()
         if node.key is None:  # scratch: keep exact bytes until renamed
             if node.linked:
-                node.charged = self.account(node, node.charged, len(data))
-                node.content = data
+                node.held.charged = self.account(node, node.held.charged, len(data))
+                node.held.content = data
             node.mtime_ns = time.time_ns()
-            node.cached = False
+            node.kernel.cached = False
             return
         value = self.final_value(node, data)
         # Visible to every reader from now on, before the first await: a `cat`
         # right after `close()` must not see the old value while we publish.
-        node.inflight = data
-        node.cached = False
+        node.held.inflight = data
+        node.kernel.cached = False
         try:
             async with self.guest_lock:
                 if node.linked:
                     await self.publish(node, value, data)
         finally:
-            if node.inflight is data:
-                node.inflight = None
+            if node.held.inflight is data:
+                node.held.inflight = None
 
     async def publish(self, node: Node, value: bytes, written: bytes | None = None) -> None:
         """Store a guest key's value; the caller holds guest_lock. `written` is what the
         user wrote, shown by reads while the stored value stays `value`."""
         assert node.key is not None
         await self.store.set(Pool.GUEST, node.key, value, Origin.MOUNT)
-        node.shown = (value, written) if written is not None and written != value else None
+        node.held.shown = (value, written) if written is not None and written != value else None
         if node.pending:
-            node.content = b""
+            node.held.content = b""
             self.table.stored(node)
-        node.last_size = len(node.shown[1] if node.shown is not None else value)
-        node.cached = False
+        node.kernel.size = len(node.held.shown[1] if node.held.shown is not None else value)
+        node.kernel.cached = False
         node.mtime_ns = node.ctime_ns = time.time_ns()
 
     async def rename(self, node: Node, target: Node | None, name_new: bytes) -> None:
@@ -337,30 +338,30 @@ class Writes:
             value = self.final_value(node, data) if new_key is not None else data
         else:
             value = self.contents.stored(node)
-        charged = node.charged
+        charged = node.held.charged
         if new_key is None:
             if node.key is not None and target is None:
                 self.check_scratch_room(name_new)
-            charged = self.account(node, node.charged, len(data))
+            charged = self.account(node, node.held.charged, len(data))
         try:
             if new_key is not None:
                 await self.store.set(Pool.GUEST, new_key, value, Origin.MOUNT)
             if node.key is not None and not node.pending:
                 await self.store.delete(Pool.GUEST, node.key, Origin.MOUNT)
         except BaseException:
-            self.account(node, charged, node.charged)
+            self.account(node, charged, node.held.charged)
             raise
         if target is not None and target is not node:
             self.table.unlink(target)
         self.table.rename(node, name_new, new_key)
-        node.cached = False
+        node.kernel.cached = False
         node.ctime_ns = time.time_ns()
         if new_key is None:
-            node.content = data
-            node.charged = charged
-            node.shown = None
+            node.held.content = data
+            node.held.charged = charged
+            node.held.shown = None
         else:
-            node.content = b""
-            node.charged = self.account(node, node.charged, 0)
-            node.shown = (value, data) if data != value else None
-            node.last_size = len(data)
+            node.held.content = b""
+            node.held.charged = self.account(node, node.held.charged, 0)
+            node.held.shown = (value, data) if data != value else None
+            node.kernel.size = len(data)
