@@ -15,11 +15,13 @@ state, and queues what the kernel and watchers must be told:
   single thread, fuse-pyfuse3.md 1.8);
 - wake-ups of /.events pollers (`wake_poller`), for the same reason.
 
-It coalesces: the requests queued while the lane is busy are taken as one
-batch, in which an inode's page drop, a name's entry drop and a poller's
-wake-up each run once, echoes are one per key (`EchoQueue`), and an inode's
-attribute invalidation folds into one still waiting for its thread. The
-host's reply never waits for any of it. `mount.py` builds this service, adds
+It coalesces: the lane lets a burst of changes end first (SETTLE, at most
+SETTLE_MAX), so that its work does not compete with the host's next request;
+then the requests queued meanwhile are taken as one batch, in which an
+inode's page drop, a name's entry drop and a poller's wake-up each run once,
+echoes are one per key (`EchoQueue`), and an inode's attribute invalidation
+folds into one still waiting for its thread. The host's reply never waits
+for any of it. `mount.py` builds this service, adds
 its listener to the store and runs it.
 """
 
@@ -46,6 +48,13 @@ from kvpfs.wire import names
 from kvpfs.wire.protocol import Pool
 
 log = logging.getLogger(__name__)
+
+# A burst of host (or other programs') changes is let end before the lane tells the
+# kernel and watchers, so that its work folds and does not compete with the host's next
+# request: the lane waits until no such change came for SETTLE seconds, and never
+# longer than SETTLE_MAX (a lone change's inotify events come SETTLE later).
+SETTLE = 0.001
+SETTLE_MAX = 0.004
 
 
 # ---------------------------------------------------------------- the requests
@@ -99,6 +108,7 @@ class Notifications:
         self.echo_op: EchoOp | None = None  # the echo running now
         self.host_deleted: set[int] = set()  # inodes whose kernel entry is still to drop
         self._page_drops: set[int] = set()  # inodes with an InodeDrop queued, not yet run
+        self._last_change = float("-inf")  # trio clock: the last change not through the mount
 
     def _queue(self, request: Invalidation) -> None:
         self._send.send_nowait(request)
@@ -154,6 +164,8 @@ class Notifications:
         without one, invalidated as before.
         """
         echo = self.echo_mountpoint is not None
+        if any(change.origin is not Origin.MOUNT for change in changes):
+            self._last_change = trio.current_time()
         for change in changes:
             is_set = change.kind is ChangeKind.SET
             node = self.table.by_key.get((change.pool, change.key))
@@ -250,10 +262,20 @@ class Notifications:
         worker = Worker("kvpfs invalidations")
         try:
             async for first in self._requests:
+                await self._settle()
                 for request in self._batch(first):
                     await self._perform(request, worker)
         finally:
             worker.close()
+
+    async def _settle(self) -> None:
+        """Wait while changes keep coming, SETTLE_MAX at most (see SETTLE)."""
+        until = trio.current_time() + SETTLE_MAX
+        while (now := trio.current_time()) < until:
+            quiet_at = self._last_change + SETTLE
+            if now >= quiet_at:
+                return
+            await trio.sleep(min(quiet_at, until) - now)
 
     def _batch(self, first: Invalidation) -> list[Invalidation]:
         """`first` and everything queued behind it, each invalidation and wake-up once
