@@ -8,6 +8,10 @@ unmount from outside ends pyfuse3's main loop. Then, in reverse: the tasks that
 use the mount end, the mount is removed, the services (device, control socket,
 simulated host) end, and the store is closed last. Under systemd's watchdog
 (WatchdogSec=), kvpfs/watchdog.py pings while every part makes progress.
+
+This is the one place that builds the parts and wires them together: the
+filesystem's (`build_filesystem`: handlers, node table, change feed, the
+notification service, subscribed to the store) and the services'.
 """
 
 from __future__ import annotations
