@@ -969,5 +969,9 @@ def test_readme_examples_are_what_kvpfs_accepts():
         assert f"{name}={value}" in section
     docker = section[section.index("docker run"):]
     docker = docker[:docker.index("```")]
-    assert f"-v {shared_parent()}:{shared_parent()}:ro,rslave" in docker
+    # Docker 25+: read-only but not recursively, so guest/ stays writable (docs/containers.md).
+    parent = shared_parent()
+    assert (f"--mount type=bind,src={parent},dst={parent},readonly,"
+            "bind-propagation=rslave,bind-recursive=writable") in docker
+    assert f"-v {parent}:{parent}:ro,rslave" in section  # Podman's ro is not recursive
     check_container_paths(docker)
