@@ -105,7 +105,7 @@ def build_filesystem(store: Store, intrinsics: Intrinsics, *, raw: bool = False,
     """
     perm = permissions or Permissions(uid=os.getuid(), gid=os.getgid())
     started_ns = time.time_ns()
-    unpublished = Unpublished()
+    unpublished = Unpublished(perm.privileged)
     table = NodeTable(store, unpublished, started_ns)
     contents = Contents(store, intrinsics)
     attributes = Attributes(store, table, contents, perm, started_ns)
@@ -292,7 +292,7 @@ async def _serve_store(config: MountConfig, store: Store, pool_dir: Path, contro
                 invalidations = _Notifying(fs.notifications, where)
                 mounted.start_soon(invalidations.run)
                 mounted.start_soon(store.watch)
-                mounted.start_soon(fs.feed.watch_interrupts)
+                mounted.start_soon(fs.feed.watch_interrupts, where)
                 mounted.start_soon(MountGuard(where).run)  # other users' mounts inside ours
                 # Handlers in place before READY=1: a stop right after it must unmount
                 # cleanly, not kill us with SIGTERM's default action and leave a dead mount.

@@ -66,7 +66,7 @@ class Attributes:
             return attr
         if ino in DIR_INODES:
             pool = DIR_INODES.index(ino)
-            mtime = self.store.states[pool].mtime_ns or self.started_ns
+            mtime = self.dir_mtime(pool)
             attr = self.base(ino, stat.S_IFDIR | self.perm.dir_mode(pool), 0, mtime)
             attr.st_nlink = 2
             attr.st_gid = self.perm.group(pool)
@@ -80,6 +80,17 @@ class Attributes:
         if node is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
         return await self.of_node(node)
+
+    def dir_mtime(self, pool: int) -> int:
+        """A pool directory's mtime: when its keys last changed (host or mount), or, for
+        external/ that not everyone may list, kvpfs's start: its times would tell anyone
+        when the host changes it (the kernel caches one set of attributes for all users)."""
+        if pool == Pool.EXTERNAL and not self.perm.external_readable:
+            return self.started_ns
+        mtime = self.store.states[pool].mtime_ns or self.started_ns
+        if pool == Pool.GUEST:
+            mtime = max(mtime, self.table.guest_changed_ns)
+        return mtime
 
     async def of_node(self, node: Node) -> pyfuse3.EntryAttributes:
         """A file's attributes; notes until when the kernel may use them without asking."""

@@ -14,9 +14,15 @@ from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
 
+from kvpfs.quietlog import RateLog
 from kvpfs.storage.errors import LockTimeout, PoolFileError
 
 log = logging.getLogger(__name__)
+
+# Refusals any local user can provoke at will (bad values, full bounds, read-only pools):
+# each is logged, up to a few lines per window, so that a storm of them cannot fill the
+# log; the rest are counted.
+refusals = RateLog(logging.getLogger("kvpfs.fuse.refusals"), lines=20, window=10.0)
 
 P = ParamSpec("P")
 R = TypeVar("R")

@@ -55,6 +55,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pyfuse3
 import trio
@@ -278,10 +279,11 @@ class EventFeed:
             self._refused[uid] = (last, count + 1)
 
     # ------------------------------------------------------------ interrupts
-    async def watch_interrupts(self) -> None:
-        """End waiting reads whose reader got a signal (see the module docstring)."""
+    async def watch_interrupts(self, mountpoint: Path | None = None) -> None:
+        """End waiting reads whose reader got a signal (see the module docstring); only
+        waits in reads of this mount's feed count (`ProcView`)."""
         worker = Worker("kvpfs feed interrupts")
-        procs = ProcView()
+        procs = ProcView(mountpoint=mountpoint)
         next_descendants = 0.0
         try:
             while True:

@@ -67,6 +67,7 @@ class Handle:
     publication: Publication = Publication.CLEAN
     prepared: bool = False  # the pool's lock and room were checked for this handle
     charged: int = 0  # bytes of `buffer` counted as unpublished
+    uid: int = 0  # who opened it: `buffer` counts against this user's bound
 
     # ---------------------------------------------------------------- buffer
     @property

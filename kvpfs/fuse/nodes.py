@@ -58,6 +58,7 @@ class AppendDraft:
     data: bytearray | None = None
     writers: int = 0  # appending handles whose bytes are in `data`, not yet committed
     charged: int = 0  # bytes of `data` counted as unpublished
+    owner: int = 0  # whose bound `charged` counts against: the appender who began it
 
 
 @dataclass(eq=False)
@@ -87,6 +88,9 @@ class Node:
     mtime_ns: int = field(default_factory=time.time_ns)
     ctime_ns: int = 0
     atime_ns: int = 0
+    # Whose bounds (per user, see Unpublished and Writes.check_scratch_room) this file's
+    # held bytes and its being a scratch file count against: who made it.
+    owner: int = 0
     kernel: KernelView = field(default_factory=KernelView)
     held: HeldBytes = field(default_factory=HeldBytes)
     appends: AppendDraft = field(default_factory=AppendDraft)
@@ -107,35 +111,42 @@ class NodeTable:
         self.by_ino: dict[int, Node] = {}
         self.by_key: dict[tuple[int, bytes], Node] = {}
         self.guest_extra: dict[bytes, Node] = {}  # name -> scratch or pending node
-        self._next_ino = FIRST_KEY_INODE
+        self.extra_version = 0  # changes whenever guest_extra does (listings are cached)
+        self.guest_changed_ns = 0  # when a name in guest/ last came, went or moved here
+        self._allocated = [0] * len(DIR_INODES)  # inode numbers given out, per pool
 
     def get(self, ino: int) -> Node | None:
         return self.by_ino.get(ino)
 
-    def new_ino(self) -> int:
-        ino = self._next_ino
-        self._next_ino += 1
-        return ino
+    def new_ino(self, pool: int) -> int:
+        """A never-used inode number. Each pool counts its own (interleaved), so the numbers
+        guest/'s files get do not tell how many external/ keys came and went."""
+        count = self._allocated[pool]
+        self._allocated[pool] += 1
+        return FIRST_KEY_INODE + pool + len(DIR_INODES) * count
 
     def key_node(self, pool: int, key: bytes) -> Node:
         node = self.by_key.get((pool, key))
         if node is None:
-            node = Node(self.new_ino(), pool, key, names.key_to_name(key))
+            node = Node(self.new_ino(pool), pool, key, names.key_to_name(key))
             node.mtime_ns = node.ctime_ns = self.store.states[pool].mtime_ns or self.started_ns
             self.by_ino[node.ino] = node
             self.by_key[(pool, key)] = node
         return node
 
-    def add_guest(self, name: bytes, key: bytes | None) -> Node:
-        """A new guest file not in the pool: a scratch file, or a key created (pending)."""
+    def add_guest(self, name: bytes, key: bytes | None, owner: int) -> Node:
+        """A new guest file not in the pool: a scratch file, or a key created (pending),
+        counted against `owner`'s bounds."""
         if key is None:
-            node = Node(self.new_ino(), Pool.GUEST, None, name)
+            node = Node(self.new_ino(Pool.GUEST), Pool.GUEST, None, name, owner=owner)
         else:
             # Listed as any key is (a name over NAME_MAX shows shortened).
-            node = Node(self.new_ino(), Pool.GUEST, key, names.key_to_name(key), pending=True)
+            node = Node(self.new_ino(Pool.GUEST), Pool.GUEST, key, names.key_to_name(key),
+                        pending=True, owner=owner)
             self.by_key[(Pool.GUEST, key)] = node
         self.by_ino[node.ino] = node
         self.guest_extra[node.name] = node
+        self.names_changed()
         return node
 
     def rename(self, node: Node, name: bytes, key: bytes | None) -> None:
@@ -151,23 +162,34 @@ class NodeTable:
             self.guest_extra[name] = node
         else:
             self.by_key[(Pool.GUEST, key)] = node
+        self.names_changed()
 
     def stored(self, node: Node) -> None:
         """A pending key's value is in the pool now: it is listed from there."""
         node.pending = False
         if self.guest_extra.get(node.name) is node:
             del self.guest_extra[node.name]
+        self.extra_version += 1
 
     def unlink(self, node: Node) -> None:
         node.linked = False
         if node.key is None:  # a scratch file's bytes go with its name
             node.held.content = b""
-            node.held.charged = self.unpublished.account(node.pool, node.name, node.held.charged, 0)
+            node.held.charged = self.unpublished.account(node.owner, node.pool, node.name,
+                                                         node.held.charged, 0)
         if node.key is not None and self.by_key.get((node.pool, node.key)) is node:
             del self.by_key[(node.pool, node.key)]
         if self.guest_extra.get(node.name) is node:
             del self.guest_extra[node.name]
+        if node.pool == Pool.GUEST:
+            self.names_changed()
         self.maybe_drop(node)
+
+    def names_changed(self) -> None:
+        """A name in guest/ came, went or moved through the mount: its listing and its
+        mtime change now, before the value (if any) is stored."""
+        self.extra_version += 1
+        self.guest_changed_ns = time.time_ns()
 
     def maybe_drop(self, node: Node) -> None:
         if not node.linked and node.lookups <= 0 and node.handles <= 0:

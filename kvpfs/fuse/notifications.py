@@ -186,7 +186,7 @@ class Notifications:
                     self._drop_pages(node.ino)
             deleted = None
             if change.kind is ChangeKind.DELETE:
-                deleted = node or Node(self.table.new_ino(), change.pool, change.key,
+                deleted = node or Node(self.table.new_ino(change.pool), change.pool, change.key,
                                        names.key_to_name(change.key), linked=False)
             due: bool | None
             if echo:

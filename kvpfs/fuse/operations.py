@@ -32,7 +32,7 @@ import pyfuse3
 
 from kvpfs.fuse.attributes import Attributes
 from kvpfs.fuse.contents import Contents
-from kvpfs.fuse.errors import handler
+from kvpfs.fuse.errors import handler, refusals
 from kvpfs.fuse.events import EventFeed
 from kvpfs.fuse.handles import Buffer, Handle, Publication
 from kvpfs.fuse.nodes import (
@@ -48,6 +48,7 @@ from kvpfs.fuse.nodes import (
 from kvpfs.fuse.notifications import Notifications
 from kvpfs.fuse.permissions import Permissions
 from kvpfs.fuse.writes import Writes
+from kvpfs.quota import UserQuota
 from kvpfs.storage.store import Origin, RequestLock, Store
 from kvpfs.wire import limits, names
 from kvpfs.wire.protocol import Pool
@@ -61,6 +62,12 @@ XATTR_POOL = b"user.kvp.pool"
 XATTR_CONTROL = b"user.kvpfs.control"
 
 DirEntry = tuple[int, bytes, "Node | None"]
+# `ls` of a pool and the kernel's readdir offsets: entries in inode order, shared by every
+# open directory (an open directory holds no copy: only the inode and who opened it).
+ROOT_ENTRIES: list[DirEntry] = sorted(
+    [(DIR_INODES[p], p.dirname.encode(), None) for p in Pool]
+    + [(LINK_INODES[p], str(int(p)).encode(), None) for p in Pool]
+    + [(EVENTS_INODE, EVENTS_NAME, None)], key=lambda entry: entry[0])
 
 
 @dataclass(frozen=True)
@@ -100,7 +107,15 @@ class KvpOperations(pyfuse3.Operations):
         self._new_fh = parts.new_fh
         self.control_path = parts.control_path
         self._handles: dict[int, Handle] = {}
-        self._dir_handles: dict[int, list[DirEntry]] = {}
+        self._dir_handles: dict[int, tuple[int, int]] = {}  # fh -> (directory inode, uid)
+        self._listings: dict[int, tuple[tuple[int, int], list[DirEntry]]] = {}
+        # Open files and directories per user; root (and the user kvpfs runs as) keeps
+        # headroom whatever other users hold.
+        self.open_files = UserQuota("open files and directories",
+                                    per_user=limits.OPEN_FILES_PER_USER,
+                                    total=limits.OPEN_FILES_MAX,
+                                    headroom=limits.OPEN_FILES_ROOT,
+                                    privileged=parts.perm.privileged)
 
     # ================================================================ lookup & dirs
     @handler
@@ -146,25 +161,35 @@ class KvpOperations(pyfuse3.Operations):
     @handler
     async def opendir(self, inode: pyfuse3.InodeT,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.FileHandleT:
-        entries: list[DirEntry]
-        if inode == ROOT_INODE:
-            entries = [(DIR_INODES[p], p.dirname.encode(), None) for p in Pool]
-            entries += [(LINK_INODES[p], str(int(p)).encode(), None) for p in Pool]
-            entries.append((EVENTS_INODE, EVENTS_NAME, None))
-        else:
-            pool = self.table.pool_of_dir(inode)
-            entries = [(n.ino, n.name, n) for n in self.table.listing(pool)]
-        entries.sort(key=lambda entry: entry[0])  # inode order: stable next_id
+        if inode != ROOT_INODE:
+            self.table.pool_of_dir(inode)  # ENOTDIR, ENOENT
+        self._take_open_file(ctx.uid, "open the directory")
         fh = self._new_fh()
-        self._dir_handles[fh] = entries
+        self._dir_handles[fh] = (inode, ctx.uid)
         return fh
+
+    def _listing(self, inode: int) -> list[DirEntry]:
+        """A directory's entries in inode order (stable next_id), built again only after
+        the pool or guest's unstored files changed."""
+        if inode == ROOT_INODE:
+            return ROOT_ENTRIES
+        pool = self.table.pool_of_dir(inode)
+        version = (self.store.states[pool].mtime_ns, self.table.extra_version)
+        cached = self._listings.get(pool)
+        if cached is not None and cached[0] == version:
+            return cached[1]
+        entries: list[DirEntry] = sorted(
+            ((n.ino, n.name, n) for n in self.table.listing(pool)), key=lambda e: e[0])
+        self._listings[pool] = (version, entries)
+        return entries
 
     @handler
     async def readdir(self, fh: pyfuse3.FileHandleT, start_id: int,
                       token: pyfuse3.ReaddirToken) -> None:
-        entries = self._dir_handles.get(fh)
-        if entries is None:
+        opened = self._dir_handles.get(fh)
+        if opened is None:
             raise pyfuse3.FUSEError(errno.EBADF)
+        entries = self._listing(opened[0])
         position = bisect_right(entries, start_id, key=lambda entry: entry[0])
         for ino, name, node in entries[position:]:
             if node is not None and not node.linked:
@@ -178,7 +203,9 @@ class KvpOperations(pyfuse3.Operations):
 
     @handler
     async def releasedir(self, fh: pyfuse3.FileHandleT) -> None:
-        self._dir_handles.pop(fh, None)
+        opened = self._dir_handles.pop(fh, None)
+        if opened is not None:
+            self.open_files.give(opened[1])
 
     async def forget(self, inode_list: Sequence[tuple[pyfuse3.InodeT, int]]) -> None:
         # Must not raise: no handler wrapper, nothing in here can fail.
@@ -187,11 +214,12 @@ class KvpOperations(pyfuse3.Operations):
 
     @handler
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        # No figures: counts of records would tell every user when the host changes
+        # external/, which they may not list, and a full-looking filesystem sets off
+        # disk-space alerts. Zero blocks and inodes: `df` shows `-` for Use%, and leaves
+        # the mount out of its listing unless named.
         st = pyfuse3.StatvfsData()
-        st.f_bsize = st.f_frsize = 2560
-        records = sum(len(s.records) for s in self.store.states)
-        st.f_blocks = records
-        st.f_files = records + len(self.table.guest_extra)
+        st.f_bsize = st.f_frsize = 4096
         st.f_namemax = names.NAME_MAX
         return st
 
@@ -215,25 +243,30 @@ class KvpOperations(pyfuse3.Operations):
             log.info("refused write to %s/%s: only guest is writable",
                      Pool(node.pool).dirname, node.name.decode(errors="replace"))
             raise pyfuse3.FUSEError(errno.EACCES)
-        self._check_open_files()
         value = await self.contents.current(node)
         if value is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
         if truncate:
             handle = Handle(node, bytearray(), writable, bool(flags & os.O_APPEND),
-                            mode=Buffer.PRIVATE, publication=Publication.TRUNCATED)
+                            mode=Buffer.PRIVATE, publication=Publication.TRUNCATED,
+                            uid=ctx.uid)
         else:
-            handle = Handle(node, value, writable, bool(flags & os.O_APPEND))
+            handle = Handle(node, value, writable, bool(flags & os.O_APPEND), uid=ctx.uid)
         if truncate:
             # `: > key` stores at release, where nobody hears of a failure: check now.
             await self.writes.prepare(handle)
+        self._take_open_file(ctx.uid, f"open {Pool(node.pool).dirname}/"
+                             f"{node.name.decode(errors='replace')}")
         return self._new_handle(handle)
 
-    def _check_open_files(self) -> None:
-        if len(self._handles) >= limits.OPEN_FILES_MAX:
-            log.warning("refused an open: %d value files are open, the most kvpfs keeps"
-                        " (all users together); close some", len(self._handles))
-            raise pyfuse3.FUSEError(errno.ENFILE)
+    def _take_open_file(self, uid: int, what: str) -> None:
+        """Count one more open file or directory for `uid`: EMFILE past the user's own
+        bound, ENFILE past what all users may hold (root keeps headroom)."""
+        why = self.open_files.take(uid)
+        if why is not None:
+            refusals.warning("refused to %s: %s; close some", what, why)
+            per_user = "per user" in why
+            raise pyfuse3.FUSEError(errno.EMFILE if per_user else errno.ENFILE)
 
     def _new_handle(self, handle: Handle) -> pyfuse3.FileInfo:
         fh = self._new_fh()
@@ -307,6 +340,7 @@ class KvpOperations(pyfuse3.Operations):
         handle = self._handles.pop(fh, None)
         if handle is None:
             return
+        self.open_files.give(handle.uid)
         node = handle.node
         node.handles -= 1
         try:
@@ -329,7 +363,17 @@ class KvpOperations(pyfuse3.Operations):
         pool = self.table.pool_of_dir(parent_inode)
         if pool != Pool.GUEST:
             raise pyfuse3.FUSEError(errno.EACCES)
-        self._check_open_files()
+        self._take_open_file(ctx.uid, f"create guest/{name.decode(errors='replace')}")
+        try:
+            return await self._create(parent_inode, name, flags, ctx)
+        except BaseException:
+            self.open_files.give(ctx.uid)
+            raise
+
+    async def _create(self, parent_inode: int, name: bytes, flags: int,
+                      ctx: pyfuse3.RequestContext,
+                      ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        pool = self.table.pool_of_dir(parent_inode)
         key = None
         if not name.startswith(b"."):
             key = self.writes.checked_key(name)
@@ -337,8 +381,8 @@ class KvpOperations(pyfuse3.Operations):
         async with self._guest_lock:
             node = self.table.find(pool, name)
             if node is None:
-                self.writes.check_scratch_room(name)
-                node = self.table.add_guest(name, key)
+                self.writes.check_scratch_room(name, ctx.uid)
+                node = self.table.add_guest(name, key, ctx.uid)
             elif flags & os.O_EXCL:
                 raise pyfuse3.FUSEError(errno.EEXIST)
         value = await self.contents.current(node)
@@ -348,7 +392,7 @@ class KvpOperations(pyfuse3.Operations):
         handle = Handle(node, bytearray() if private else (value or b""), True, append,
                         mode=Buffer.PRIVATE if private else Buffer.SHARED,
                         publication=Publication.TRUNCATED if truncate else Publication.CLEAN,
-                        prepared=key is not None)
+                        prepared=key is not None, uid=ctx.uid)
         info = self._new_handle(handle)
         attr = await self.attributes.of_node(node)
         node.lookups += 1
@@ -419,7 +463,7 @@ class KvpOperations(pyfuse3.Operations):
             target = self.table.find(Pool.GUEST, name_new)
             if target is not None and flags & pyfuse3.RENAME_NOREPLACE:
                 raise pyfuse3.FUSEError(errno.EEXIST)
-            await self.writes.rename(node, target, name_new)
+            await self.writes.rename(node, target, name_new, ctx.uid)
 
     @handler
     async def mkdir(self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT,

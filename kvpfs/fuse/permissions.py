@@ -32,5 +32,11 @@ class Permissions:
             return 0o400
         return 0o444
 
+    @property
+    def privileged(self) -> frozenset[int]:
+        """Users whose bounds are only the totals (`quota.UserQuota`): root, and the user
+        kvpfs runs as."""
+        return frozenset({0, self.uid})
+
     def group(self, pool: int) -> int:
         return self.guest_gid if pool == Pool.GUEST and self.guest_gid is not None else self.gid

@@ -3,18 +3,31 @@
 The change feed (events.py) asks this while reads wait; the kernel keeps an
 interrupted reader of a FUSE request in state D until the filesystem answers,
 and pyfuse3 does not pass FUSE_INTERRUPT on, so the signal is read from /proc.
+
+Only waits in a read of this mount's own feed count: a thread is one of our readers
+if its system call is a read of a descriptor on the feed's inode, on a mount of our
+FUSE connection (/proc/TID/syscall, fdinfo, mountinfo). A process waiting on another
+FUSE connection (a user's own mount) with a signal pending is not one of them, even
+when it descends from the feed's opener.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+from pathlib import Path
+
+from kvpfs import mountinfo
+from kvpfs.fuse.nodes import EVENTS_INODE
 
 # Signals that stop or continue a process: the reader should resume its read,
 # not fail, so they do not end a waiting read.
 _STOP_SIGNALS = sum(1 << (sig - 1) for sig in (signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN,
                                                 signal.SIGTTOU, signal.SIGCONT))
 _WAIT_CHANNEL = "request_wait_answer"
+# read, pread64, readv, preadv, preadv2: the calls a reader of the feed waits in
+_READ_CALLS = {"x86_64": {0, 17, 19, 295, 327},
+               "aarch64": {63, 65, 67, 69, 286}}.get(os.uname().machine)
 
 
 class ProcView:
@@ -24,8 +37,51 @@ class ProcView:
     opener, two small reads (its stat and wchan), a third only once it is in D.
     """
 
-    def __init__(self, root: str = "/proc") -> None:
+    def __init__(self, root: str = "/proc", *, mountpoint: Path | None = None,
+                 device: str | None = None) -> None:
         self.root = root
+        self.mountpoint = mountpoint
+        self.device = device  # our FUSE connection, "0:NN"; found from `mountpoint` if None
+        self._mount_devices: dict[int, str] = {}  # mount id -> device, as readers see them
+
+    def _our_device(self) -> str | None:
+        if self.device is None and self.mountpoint is not None:
+            mine = [e.device for e in mountinfo.kvpfs_entries()
+                    if e.point == self.mountpoint and e.owner == os.getuid()]
+            self.device = mine[-1] if mine else None
+        return self.device
+
+    def _reads_our_feed(self, path: str) -> bool:
+        """Whether the thread at `path` waits in a read of this mount's /.events: its
+        system call is a read of a descriptor whose inode is the feed's, on a mount of our
+        FUSE connection. A wait on any other FUSE connection (a user's own mount) or on
+        another of our files is not one of our reads."""
+        device = self._our_device()
+        if device is None or _READ_CALLS is None:
+            return True  # cannot tell: as before
+        call = (self._read(f"{path}/syscall") or "").split()
+        try:
+            if int(call[0]) not in _READ_CALLS:
+                return False
+            fd = int(call[1], 16)
+        except (IndexError, ValueError):
+            return False
+        info = dict(line.split(":", 1) for line in
+                    (self._read(f"{path}/fdinfo/{fd}") or "").splitlines() if ":" in line)
+        try:
+            mount_id, ino = int(info["mnt_id"]), int(info["ino"])
+        except (KeyError, ValueError):
+            return False
+        if ino != EVENTS_INODE:
+            return False
+        if mount_id not in self._mount_devices:
+            if len(self._mount_devices) > 4096:
+                self._mount_devices.clear()
+            for line in (self._read(f"{path}/mountinfo") or "").splitlines():
+                fields = line.split()
+                if len(fields) > 2 and fields[0].isdigit():
+                    self._mount_devices[int(fields[0])] = fields[2]
+        return self._mount_devices.get(mount_id) == device
 
     def _read(self, path: str) -> str | None:
         try:
@@ -51,6 +107,8 @@ class ProcView:
             return False, False
         channel = self._read(f"{path}/wchan")
         if channel is None or channel.strip() != _WAIT_CHANNEL:
+            return False, False
+        if not self._reads_our_feed(path):
             return False, False
         if state != "D":
             return True, False  # still in the interruptible wait: no signal yet

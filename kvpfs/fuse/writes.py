@@ -20,6 +20,7 @@ import time
 import pyfuse3
 
 from kvpfs.fuse.contents import Contents
+from kvpfs.fuse.errors import refusals
 from kvpfs.fuse.handles import Buffer, Handle
 from kvpfs.fuse.nodes import Node, NodeTable
 from kvpfs.fuse.unpublished import Unpublished
@@ -29,6 +30,11 @@ from kvpfs.wire.limits import VALUE_MAX_BYTES, VALUE_MAX_UNITS
 from kvpfs.wire.protocol import Pool
 
 log = logging.getLogger(__name__)
+
+
+def is_scratch(node: Node) -> bool:
+    """Asked again after an await: a rename may have made a key a scratch file meanwhile."""
+    return node.key is None
 
 
 class Writes:
@@ -42,7 +48,17 @@ class Writes:
         self.raw = raw
 
     def account(self, node: Node, old: int, new: int) -> int:
-        return self.unpublished.account(node.pool, node.name, old, new)
+        """A scratch file's content, counted for whoever made it (`Node.owner`)."""
+        return self.unpublished.account(node.owner, node.pool, node.name, old, new)
+
+    def account_handle(self, handle: Handle, new: int) -> None:
+        node = handle.node
+        handle.charged = self.unpublished.account(handle.uid, node.pool, node.name,
+                                                  handle.charged, new)
+
+    def account_draft(self, node: Node, new: int) -> None:
+        node.appends.charged = self.unpublished.account(node.appends.owner, node.pool,
+                                                        node.name, node.appends.charged, new)
 
     # ================================================================ writing
     async def write(self, handle: Handle, off: int, buf: bytes) -> int:
@@ -55,7 +71,13 @@ class Writes:
         self._check_size(handle, size, f"a write of {len(buf)} bytes at offset {off}")
         if not handle.prepared:
             await self.prepare(handle)
-        data = self._make_private(handle, size)
+        try:
+            data = self._make_private(handle, size)
+        except pyfuse3.FUSEError:
+            # Nothing of this handle may be stored now: not the empty value an O_TRUNC open
+            # left (the old value stays), nor a value with this write missing.
+            handle.refused()
+            raise
         if handle.append:
             off = len(data)  # the kernel's offset comes from a possibly stale size
         if off > len(data):
@@ -91,7 +113,9 @@ class Writes:
             if not handle.in_draft:
                 handle.refused()
             raise pyfuse3.FUSEError(error)
-        node.appends.charged = self.account(node, node.appends.charged, size)
+        if node.appends.data is None:
+            node.appends.owner = handle.uid
+        self.account_draft(node, size)
         node.appends.data = new
         if not handle.in_draft:
             handle.move_buffer(Buffer.DRAFT)
@@ -107,7 +131,8 @@ class Writes:
         return handle.buffer
 
     async def truncate(self, node: Node, size: int, handle: Handle | None) -> None:
-        """Through an open file (ftruncate, O_TRUNC after open), or by path: stored now."""
+        """Through an open file (ftruncate, O_TRUNC after open), or by path: stored now.
+        A scratch file's bytes count against its owner (see `Node.owner`)."""
         if size > self._file_max(node):
             self.refuse(node, f"truncate to {size} bytes; a value (and a scratch file, which"
                         f" may become one) is at most {self._file_max(node)} bytes")
@@ -117,10 +142,14 @@ class Writes:
         if handle is not None:
             if not handle.prepared:
                 await self.prepare(handle)
-            buffer = self._make_private(handle, size)
+            try:
+                buffer = self._make_private(handle, size)
+            except pyfuse3.FUSEError:
+                handle.refused()
+                raise
             del buffer[size:]
             buffer.extend(b"\0" * (size - len(buffer)))
-            handle.charged = self.account(node, handle.charged, len(buffer))
+            self.account_handle(handle, len(buffer))
             handle.changed()
             error = self._early_check(node, buffer)
             if error:
@@ -130,6 +159,10 @@ class Writes:
         current = await self.contents.current(node) or b""
         data = current[:size] + b"\0" * max(0, size - len(current))
         if node.key is None:
+            if not node.linked:
+                # Unlinked (truncate through /proc/PID/fd/N): its bytes went with its name
+                # and nobody can read them by name again; nothing to keep or count.
+                return
             node.held.charged = self.account(node, node.held.charged, len(data))
             node.held.content = data
             node.kernel.cached = False
@@ -141,7 +174,7 @@ class Writes:
         value = self.final_value(node, data)
         node.kernel.cached = False
         async with self.guest_lock:
-            if node.linked:
+            if node.linked and node.key is not None:  # not renamed to scratch meanwhile
                 await self.publish(node, value, data)
 
     # ================================================================ bounds
@@ -167,7 +200,7 @@ class Writes:
         """The handle's own buffer, counted for at least `size` bytes (ENOSPC past the
         unpublished bound); copied from what it shows at its first change."""
         base = handle.buffer if handle.private else self.view(handle)
-        handle.charged = self.account(handle.node, handle.charged, max(size, len(base)))
+        self.account_handle(handle, max(size, len(base)))
         if not handle.private:
             if handle.in_draft:
                 self._leave_draft(handle)
@@ -183,11 +216,11 @@ class Writes:
         if node.appends.writers <= 0:
             node.appends.writers = 0
             node.appends.data = None
-            node.appends.charged = self.account(node, node.appends.charged, 0)
+            self.account_draft(node, 0)
 
     def discard(self, handle: Handle) -> None:
         """A released handle's memory goes back to the unpublished bound."""
-        handle.charged = self.account(handle.node, handle.charged, 0)
+        self.account_handle(handle, 0)
         handle.buffer = b""
         if handle.in_draft:
             self._leave_draft(handle)
@@ -210,11 +243,24 @@ class Writes:
             new = 1 + self.table.pending_count()
         await self.store.prepare_set(Pool.GUEST, new)
 
-    def check_scratch_room(self, name: bytes) -> None:
-        if len(self.table.guest_extra) >= limits.SCRATCH_MAX_FILES:
-            log.warning("refused to create guest/%s: %d scratch files and unstored new keys"
-                        " exist, the most kvpfs keeps; rename or remove some",
-                        name.decode(errors="replace"), len(self.table.guest_extra))
+    def check_scratch_room(self, name: bytes, uid: int) -> None:
+        """ENOSPC if `uid` may not have one more scratch file or unstored new key: at most
+        SCRATCH_MAX_FILES per user and for all unprivileged users together; root (and the
+        user kvpfs runs as) has SCRATCH_ROOT_FILES more."""
+        extra = self.table.guest_extra.values()
+        privileged = self.unpublished.quota.privileged
+        if uid in privileged:
+            count, limit = len(extra), limits.SCRATCH_MAX_FILES + limits.SCRATCH_ROOT_FILES
+            whose = "of all users"
+        else:
+            mine = sum(1 for node in extra if node.owner == uid)
+            others = sum(1 for node in extra if node.owner not in privileged)
+            count, limit = max(mine, others), limits.SCRATCH_MAX_FILES
+            whose = f"of uid {uid}" if mine >= others else "of unprivileged users"
+        if count >= limit:
+            refusals.warning("refused to create guest/%s: %d scratch files and unstored new"
+                             " keys exist (%s), the most kvpfs keeps; rename or remove some",
+                             name.decode(errors="replace"), count, whose)
             raise pyfuse3.FUSEError(errno.ENOSPC)
 
     def _early_check(self, node: Node, buffer: bytes | bytearray) -> int:
@@ -242,20 +288,20 @@ class Writes:
         return 0
 
     def refuse(self, node: Node, why: str) -> None:
-        log.warning("refused value for %s/%s: %s; nothing stored",
-                    Pool(node.pool).dirname, node.name.decode(errors="replace"), why)
+        refusals.warning("refused value for %s/%s: %s; nothing stored",
+                         Pool(node.pool).dirname, node.name.decode(errors="replace"), why)
 
     def checked_key(self, name: bytes) -> bytes:
         """The guest key a new file name stands for; EINVAL or the limit's errno if none."""
         try:
             key = names.name_to_key(name)
         except names.InvalidName as exc:
-            log.warning("refused name %r in guest: %s", name, exc)
+            refusals.warning("refused name %r in guest: %s", name, exc)
             raise pyfuse3.FUSEError(errno.EINVAL) from None
         try:
             limits.check_key(key)
         except limits.LimitError as exc:
-            log.warning("refused key %r in guest: %s", key, exc)
+            refusals.warning("refused key %r in guest: %s", key, exc)
             raise pyfuse3.FUSEError(exc.errno) from None
         return key
 
@@ -308,8 +354,16 @@ class Writes:
         node.kernel.cached = False
         try:
             async with self.guest_lock:
-                if node.linked:
-                    await self.publish(node, value, data)
+                if not node.linked:
+                    return
+                if is_scratch(node):
+                    # Renamed to a scratch name while this waited for the lock: the bytes
+                    # stay the scratch file's, as a write to it would have left them.
+                    node.held.charged = self.account(node, node.held.charged, len(data))
+                    node.held.content = data
+                    node.mtime_ns = time.time_ns()
+                    return
+                await self.publish(node, value, data)
         finally:
             if node.held.inflight is data:
                 node.held.inflight = None
@@ -317,7 +371,8 @@ class Writes:
     async def publish(self, node: Node, value: bytes, written: bytes | None = None) -> None:
         """Store a guest key's value; the caller holds guest_lock. `written` is what the
         user wrote, shown by reads while the stored value stays `value`."""
-        assert node.key is not None
+        if node.key is None:  # callers check under guest_lock; a scratch file has no key
+            raise pyfuse3.FUSEError(errno.ESTALE)
         await self.store.set(Pool.GUEST, node.key, value, Origin.MOUNT)
         node.held.shown = (value, written) if written is not None and written != value else None
         if node.pending:
@@ -327,7 +382,8 @@ class Writes:
         node.kernel.cached = False
         node.mtime_ns = node.ctime_ns = time.time_ns()
 
-    async def rename(self, node: Node, target: Node | None, name_new: bytes) -> None:
+    async def rename(self, node: Node, target: Node | None, name_new: bytes,
+                     uid: int) -> None:
         """rename(2) in guest, the caller holding guest_lock: store under the new name, then
         delete the old key. A scratch file renamed to a key is stored as a write would be; a
         key renamed to a scratch file keeps its bytes as they read."""
@@ -341,7 +397,9 @@ class Writes:
         charged = node.held.charged
         if new_key is None:
             if node.key is not None and target is None:
-                self.check_scratch_room(name_new)
+                self.check_scratch_room(name_new, uid)
+            if node.key is not None:  # a key becomes scratch: its bytes count for `uid`
+                node.owner = uid
             charged = self.account(node, node.held.charged, len(data))
         try:
             if new_key is not None:

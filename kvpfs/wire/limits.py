@@ -65,6 +65,13 @@ FILE_MAX_BYTES = VALUE_MAX_BYTES + 1  # 2048
 # they edit (vim's: 4 KiB blocks, 12 KiB for a small file). Renaming it into a key still
 # checks the value's limit (EFBIG); its size stays bounded here and by the total below.
 SCRATCH_FILE_MAX_BYTES = 64 << 10  # 64 KiB
+# Each bound holds per user and for all users together, with headroom only root (and the
+# user kvpfs runs as) may use: no user, nor all of them, can take what root needs.
 UNPUBLISHED_MAX_BYTES = 8 << 20  # 8 MiB: some 4,000 values at their largest
-SCRATCH_MAX_FILES = 1024  # scratch files and created-but-unstored keys in guest/
-OPEN_FILES_MAX = 65536  # open value files, all users together (ENFILE beyond)
+UNPUBLISHED_PER_USER_BYTES = 4 << 20  # ... any one unprivileged user
+UNPUBLISHED_ROOT_BYTES = 1 << 20  # ... kept for root
+SCRATCH_MAX_FILES = 1024  # scratch files and created-but-unstored keys in guest/, per user
+SCRATCH_ROOT_FILES = 64  # ... and as many more kept for root
+OPEN_FILES_MAX = 65536  # open value files and directories, all users together (ENFILE)
+OPEN_FILES_PER_USER = 4096  # ... any one unprivileged user (EMFILE beyond)
+OPEN_FILES_ROOT = 4096  # ... kept for root

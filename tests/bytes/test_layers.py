@@ -76,10 +76,9 @@ def test_a_layer_never_imports_the_layers_above_it(layer):
 # composition root) and its services sit between the filesystem and the command line.
 LADDER = ("kvpfs.wire", "kvpfs.storage", "kvpfs.host", "kvpfs.fuse", "kvpfs.mount", "kvpfs.cli")
 # Modules of the mount's own services: they import only the foundation below.
-# (`mountguard`, issue 18's watch on other users' mounts inside ours, lands separately.)
 SERVICES = ("kvpfs.control", "kvpfs.watchdog", "kvpfs.recovery", "kvpfs.mountguard")
 # The foundation every layer may use; it imports nothing of kvpfs but itself.
-FOUNDATION = ("kvpfs", "kvpfs.compat", "kvpfs.quietlog", "kvpfs.mountinfo")
+FOUNDATION = ("kvpfs", "kvpfs.compat", "kvpfs.quietlog", "kvpfs.mountinfo", "kvpfs.quota")
 
 
 def in_package(name: str, package: str) -> bool:

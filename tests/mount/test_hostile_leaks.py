@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from kvpfs import mountinfo
 from tests.conftest import KvpfsProcess, requires_fuse
 from tests.support.figures import record_figure
 from tests.support.hostile import StuckInOwnFuse, as_user, user_dir
@@ -121,13 +122,17 @@ def test_a_directory_mtime_never_lags_behind_a_change(mount):
 
 
 READER = r"""
-import errno, os, signal, sys
-signal.signal(signal.SIGUSR1, lambda *_: None)
+import os, signal, sys
+class Interrupted(Exception):
+    pass
+def interrupted(*_):
+    raise Interrupted  # else Python retries the read that ended with EINTR (PEP 475)
+signal.signal(signal.SIGUSR1, interrupted)
 try:
     os.read(int(sys.argv[1]), 4096)
     print("read")
-except OSError as exc:
-    print(errno.errorcode[exc.errno])
+except Interrupted:
+    print("EINTR")
 """
 
 
@@ -135,7 +140,7 @@ def test_a_users_own_fuse_wait_is_not_taken_for_roots_interrupted_reader(mount):
     """Item 7: root's process opens /.events and hands it to a reader child; another of its
     children runs as a user whose process is stuck, signal pending, in the user's own FUSE
     mount. Only the wait on kvpfs's own feed counts as root's reader's."""
-    from kvpfs.fuse.events import ProcView
+    from kvpfs.fuse.procview import ProcView
 
     feed = os.open(mount.path(".events"), os.O_RDONLY)
     reader = subprocess.Popen([sys.executable, "-c", READER, str(feed)], pass_fds=[feed],
@@ -147,7 +152,8 @@ def test_a_users_own_fuse_wait_is_not_taken_for_roots_interrupted_reader(mount):
             stuck = StuckInOwnFuse(base)  # a descendant of this (the opening) process
             try:
                 stuck.interrupt()
-                _, hits = ProcView().interrupted({(os.getpid(), None)}, True)
+                device = [e.device for e in mountinfo.kvpfs_entries() if e.point == mount.mnt][-1]
+                _, hits = ProcView(device=device).interrupted({(os.getpid(), None)}, True)
                 assert hits == set(), "the user's own FUSE wait was blamed on root's reader"
             finally:
                 stuck.stop()
