@@ -164,3 +164,24 @@ def test_a_users_own_fuse_wait_is_not_taken_for_roots_interrupted_reader(mount):
         reader.kill()
         reader.wait()
         os.close(feed)
+
+
+def test_guest_inode_numbers_do_not_count_external_keys(mount):
+    """A member numbering its own new files learns nothing of external/ from the gaps:
+    the host adds and removes keys there (and root lists them) between two of its files,
+    and the gap is the same as without."""
+    guest = mount.path("guest")
+
+    def member_creates(name: str) -> int:
+        done = as_user(["sh", "-c", 'echo v > "$1" && stat -c %i "$1"', "sh",
+                        str(guest / name)], groups=(GROUP,))
+        assert done.returncode == 0, done.stderr
+        return int(done.stdout)
+
+    first, second = member_creates("InoA"), member_creates("InoB")
+    for i in range(5):
+        host_does(mount, "set", f"Hidden{i}", "x")
+        os.listdir(mount.path("external"))
+    host_does(mount, "delete", "Hidden0")
+    third = member_creates("InoC")
+    assert third - second == second - first
