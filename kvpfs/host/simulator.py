@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import trio
@@ -190,8 +191,10 @@ class SimulatedHost:
         version: str = DRIVER_VERSION,
         timeout: float = KERNEL_TIMEOUT,
         initial_pool3: tuple[tuple[str, str], ...] = SYNTHETIC_POOL3,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self.version = version
+        self.fake_clock = clock  # a test's clock: it then runs the timer with `tick`
         self.timeout = timeout
         self.initial_pool3 = initial_pool3
         self._lock = threading.Lock()
@@ -214,6 +217,8 @@ class SimulatedHost:
                          on_change=self._on_change)
 
     def _now(self) -> float:
+        if self.fake_clock is not None:
+            return self.fake_clock()
         if self._clock is None:
             self._clock = trio.lowlevel.current_clock()
         return self._clock.current_time()
@@ -311,8 +316,15 @@ class SimulatedHost:
         if self.kernel.counters["handshakes"] and not self._first_registration.is_set():
             self._first_registration.set()
 
+    def tick(self) -> None:
+        """With a test's clock: run the kernel's timer for the time the test moved on."""
+        with self._lock:
+            self.kernel.run_timer()
+
     async def _timer(self) -> None:
-        """Run the model's timer (`kvp_timeout_work`) when it is due."""
+        """Run the model's timer (`kvp_timeout_work`) when it is due on trio's clock."""
+        if self.fake_clock is not None:
+            return
         while True:
             wake = self._timer_wake = trio.Event()
             with self._lock:
