@@ -45,6 +45,7 @@ from kvpfs.host.device import Channel, DeviceUnavailable, Opener
 from kvpfs.host.handover import STOP, Handover
 from kvpfs.host.intrinsic import KEYS as INTRINSIC_KEYS
 from kvpfs.host.intrinsic import Intrinsics
+from kvpfs.host.replyfit import fit_record
 from kvpfs.host.replytiming import ReplyClock, Stamp, suspended_seconds
 from kvpfs.storage.errors import LockTimeout, PoolFileError
 from kvpfs.storage.store import Origin, Store
@@ -80,6 +81,24 @@ ECHO_TIMEOUT = 5.0
 """How long to wait for the registration echo before taking the registration as lost."""
 
 
+KERNEL_TIMEOUT_ENV = "KVPFS_KERNEL_TIMEOUT"
+"""Seconds the kernel waits for a reply, for kernels built otherwise and for test rigs
+whose emulated kernel waits less (emulation/emulated_device.py --timeout)."""
+
+
+def kernel_timeout_from_env() -> float:
+    text = os.environ.get(KERNEL_TIMEOUT_ENV, "")
+    try:
+        value = float(text) if text else KERNEL_TIMEOUT
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 3600:
+        log.warning("%s=%r is not a number of seconds in (0, 3600]; using %g s",
+                    KERNEL_TIMEOUT_ENV, text, KERNEL_TIMEOUT)
+        return KERNEL_TIMEOUT
+    return value
+
+
 class RegistrationRefused(Exception):
     """The kernel rejected our registration (at start: every try for `registration_window`)."""
 
@@ -102,8 +121,8 @@ class DeviceServer:
         ip_info: IpInfoHandler | None = None,
         reopen_delay: float = 0.1,
         max_reopen_delay: float = 5.0,
-        reply_deadline: float = REPLY_DEADLINE,
-        kernel_timeout: float = KERNEL_TIMEOUT,
+        reply_deadline: float | None = None,
+        kernel_timeout: float | None = None,
         registration_window: float = REGISTRATION_WINDOW,
         echo_timeout: float = ECHO_TIMEOUT,
         clock: Callable[[], float] = time.monotonic,
@@ -115,6 +134,10 @@ class DeviceServer:
         self.ip_info = ip_info
         self.reopen_delay = reopen_delay
         self.max_reopen_delay = max_reopen_delay
+        if kernel_timeout is None:
+            kernel_timeout = kernel_timeout_from_env()
+        if reply_deadline is None:
+            reply_deadline = kernel_timeout * REPLY_DEADLINE / KERNEL_TIMEOUT
         self.reply_deadline = reply_deadline
         self.kernel_timeout = kernel_timeout
         self.registration_window = registration_window
@@ -515,11 +538,12 @@ class DeviceServer:
             record = self.store.enumerate(request.pool, request.index)
             if record is None:
                 return protocol.encode_status(Status.S_CONT)
-            return protocol.encode_enumerate_reply(*_fit(record.key, record.value, request.pool))
+            return protocol.encode_enumerate_reply(
+                *fit_record(record.key, record.value, request.pool))
         value = self.store.get(request.pool, request.key)
         if value is None:
             return protocol.encode_status(Status.S_CONT)
-        return protocol.encode_get_reply(*_fit(request.key, value, request.pool))
+        return protocol.encode_get_reply(*fit_record(request.key, value, request.pool))
 
     def _read_intrinsic(self, request: protocol.EnumerateRequest | protocol.GetRequest) -> bytes:
         index = _intrinsic_index(request)
@@ -529,9 +553,9 @@ class DeviceServer:
         key, value = item
         if isinstance(request, protocol.EnumerateRequest):
             return protocol.encode_enumerate_reply(
-                *_fit(key.encode(), value.encode(), "intrinsic")
+                *fit_record(key.encode(), value.encode(), "intrinsic")
             )
-        return protocol.encode_get_reply(*_fit(request.key, value.encode(), "auto"))
+        return protocol.encode_get_reply(*fit_record(request.key, value.encode(), "auto"))
 
 
 _INTRINSIC_INDEX = {name.encode(): index for index, name in enumerate(INTRINSIC_KEYS)}
@@ -553,25 +577,3 @@ def _intrinsic_index(request: protocol.EnumerateRequest | protocol.GetRequest) -
     if isinstance(request, protocol.EnumerateRequest):
         return request.index
     return _INTRINSIC_INDEX.get(request.key)
-
-
-def _cut_utf8(data: bytes, limit: int) -> bytes:
-    """At most `limit` bytes of `data`, never ending inside a UTF-8 sequence."""
-    if len(data) <= limit:
-        return data
-    data = data[:limit]
-    return data.decode("utf-8", errors="ignore").encode("utf-8")
-
-
-def _fit(key: bytes, value: bytes, where: object) -> tuple[bytes, bytes]:
-    """Key and value cut to what one message can carry (511/2047 bytes + NUL).
-
-    Only records written by other tools without a terminator (a 512-byte key
-    packed by cloud-init) or intrinsic values longer than a field get here;
-    the host would truncate them further anyway (254/1022 UTF-16 units).
-    """
-    if len(key) > protocol.KEY_FIELD - 1 or len(value) > protocol.VALUE_FIELD - 1:
-        log.warning("record in pool %s longer than a message field; sent truncated", where)
-        key = _cut_utf8(key, protocol.KEY_FIELD - 1)
-        value = _cut_utf8(value, protocol.VALUE_FIELD - 1)
-    return key, value
