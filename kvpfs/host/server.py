@@ -125,6 +125,7 @@ class DeviceServer:
         kernel_timeout: float | None = None,
         registration_window: float = REGISTRATION_WINDOW,
         echo_timeout: float = ECHO_TIMEOUT,
+        idle_recheck: float | None = None,
         clock: Callable[[], float] = time.monotonic,
         suspended: Callable[[], float] = suspended_seconds,
     ) -> None:
@@ -144,6 +145,10 @@ class DeviceServer:
         self.echo_timeout = echo_timeout
         self.timing = ReplyClock(kernel_timeout, reply_deadline, clock=clock,
                                  suspended=suspended)
+        # While idle the device thread looks again this often (real seconds): a request
+        # is then read at most this long after the device was last seen empty.
+        self.idle_recheck = self.timing.write_limit / 5 if idle_recheck is None \
+            else idle_recheck
         if store.lock_timeout >= reply_deadline:
             log.warning("the pool-file lock timeout (%g s) is not below the reply deadline"
                         " (%g s): a host SET or DELETE waits for a lock only until the"
@@ -209,7 +214,7 @@ class DeviceServer:
             attempts += 1
             try:
                 return await self._open_and_register()
-            except RegistrationRefused as exc:
+            except (RegistrationRefused, RegistrationRaced) as exc:
                 if trio.current_time() + delay > give_up_at:
                     raise RegistrationRefused(
                         f"{exc}; it refused all {attempts} registrations over"
@@ -339,9 +344,7 @@ class DeviceServer:
         readable = channel.waiter(select.POLLIN, stop_fd)
         writable = channel.waiter(select.POLLOUT, stop_fd)
         timing = self.timing
-        # While idle, look again this often: a request is then read at most this long
-        # after the last moment the device was seen empty (the start of its count).
-        recheck = timing.write_limit / 5
+        recheck = self.idle_recheck
         try:
             while True:
                 before = timing.clock()
