@@ -61,8 +61,8 @@ import pyfuse3
 import trio
 
 from emulation import emuwire
-from kvpfs.wire.kernelmodel import KERNEL_TIMEOUT, HostRequest, KvpKernel, Mode
-from kvpfs.wire.protocol import MESSAGE_SIZE
+from kvpfs.wire.kernelmodel import KERNEL_TIMEOUT, HostRequest, KvpKernel, Mode, Source
+from kvpfs.wire.protocol import MESSAGE_SIZE, Status
 
 log = logging.getLogger("kvpemu")
 
@@ -153,6 +153,8 @@ class KvpDevice:
         self.present = True  # is the name hv_kvp visible
         self._unlink_on_release = False
         self._earlier: dict[str, int] = {}
+        self.hold_until_open = False  # host requests wait to arrive at the next open
+        self.held: list[HostRequest] = []
         self.generation = 0
         self.opener: int | None = None
         self.kernel = self._new_instance()
@@ -234,6 +236,13 @@ class KvpDevice:
         self.files[fh] = OpenFile(self.generation, _tgid_of(tid))
         self.opener = fh
         log.info("open fh=%d by tid %d", fh, tid)
+        if self.held:
+            # Host requests "arrive" right after the open, before the opener can write
+            # REGISTER1: the registration race after a hibernation.
+            held, self.held = self.held, []
+            self.hold_until_open = False
+            for request in held:
+                self.kernel.submit(request)
         return fh
 
     async def read(self, fh: int, size: int) -> bytes:
@@ -307,11 +316,17 @@ class KvpDevice:
     # ------------------------------------------------------------------ host side
 
     def submit(self, request: HostRequest) -> None:
-        """A host request lands in the ring."""
+        """A host request lands in the ring (or waits for the next open, if so told)."""
+        if self.hold_until_open:
+            self.held.append(request)
+            self._bump()
+            return
         self.kernel.submit(request)
 
     def abandon(self, request: HostRequest) -> None:
         """The host went away: a queued request is withdrawn, an in-flight one runs on."""
+        if request in self.held:
+            self.held.remove(request)
         self.kernel.withdraw(request)
 
     # ------------------------------------------------------------------ faults & control
@@ -369,6 +384,7 @@ class KvpDevice:
             **counters,
             "registered": self.registered,
             "opened": self.opener is not None,
+            "held": len(self.held),
             "present": self.present,
             "generation": self.generation,
             "opener_pid": opener.tgid if opener else None,
@@ -378,6 +394,9 @@ class KvpDevice:
 
     def shutdown(self) -> None:
         """Emulator exit: unload so blocked readers return (EBADF) before we unmount."""
+        held, self.held = self.held, []
+        for request in held:
+            request.answer(Status.E_FAIL, Source.DESTROYED, None)
         self.unload()
 
 
@@ -659,6 +678,9 @@ class ControlServer:
         if name == "hibernate":
             device.hibernate()
             return {"ok": True, "state": device.snapshot()}
+        if name == "hold_until_open":
+            device.hold_until_open = True
+            return {"ok": True}
         if name == "set_timeout":
             device.timeout = float(command["seconds"])
             return {"ok": True}
@@ -681,6 +703,7 @@ class ControlServer:
                 ("min_completed", "completed"),
                 ("min_resets", "resets"),
                 ("min_register_writes", "register_writes"),
+                ("min_held", "held"),
             ):
                 if key in command and snap[counter] < int(command[key]):
                     return False
