@@ -18,6 +18,7 @@ import errno
 import logging
 import os
 import select
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -43,6 +44,7 @@ class Channel:
         self.fd = fd
         self.name = name
         os.set_blocking(fd, False)
+        self.poll_reliable = _poll_reliable(fd)
 
     async def read_message(self) -> bytes:
         while True:
@@ -81,7 +83,11 @@ class Channel:
         return True
 
     def poll_now(self) -> int:
-        """The channel's poll bits right now, without waiting (0: nothing queued)."""
+        """The channel's poll bits right now, without waiting (0: nothing queued).
+
+        Only meaningful when `poll_reliable`: a FUSE file served without poll support
+        (pyfuse3 < 3.5) always reports itself readable.
+        """
         poller = select.poll()
         poller.register(self.fd, select.POLLIN)
         return sum(events for _, events in poller.poll(0))
@@ -111,6 +117,19 @@ class Channel:
             trio.lowlevel.notify_closing(self.fd)
             os.close(self.fd)
             self.fd = -1
+
+
+def _poll_reliable(fd: int) -> bool:
+    """Does poll(2) tell whether a message is queued? The kernel's device never reports
+    POLLOUT; a file whose driver has no poll gets the default mask, POLLOUT included."""
+    try:
+        if stat.S_ISSOCK(os.fstat(fd).st_mode):
+            return True  # a socket pair (the simulated host): poll is exact
+    except OSError:
+        return True
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return not any(events & select.POLLOUT for _, events in poller.poll(0))
 
 
 @dataclass(frozen=True)

@@ -272,7 +272,7 @@ class DeviceServer:
         read after REGISTER1 (a host request, GET_IP_INFO's op 4 among them) means it
         did. Either way the caller resets the kernel by closing the device.
         """
-        if channel.poll_now() & select.POLLIN:
+        if channel.poll_reliable and channel.poll_now() & select.POLLIN:
             raise RegistrationRaced(
                 f"{channel.name} had a host request queued before kvpfs registered (the"
                 " kernel was left READY by a hibernation); not registering on top of it")
@@ -348,7 +348,11 @@ class DeviceServer:
         try:
             while True:
                 before = timing.clock()
-                if not channel.poll_now():
+                if not channel.poll_reliable:
+                    timing.mark(before)  # no poll: counted from the read (best effort)
+                    if readable(None) is False:
+                        return None
+                elif not channel.poll_now():
                     timing.mark(before)  # empty then: what comes next is armed later
                     ready = readable(recheck)
                     if ready is None:

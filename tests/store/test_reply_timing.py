@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import select
 import time
 from pathlib import Path
 
@@ -106,3 +107,31 @@ async def test_no_wait_on_a_machine_that_is_not_a_hyper_v_guest(tmp_path: Path) 
             await device.open()
     assert "does not look like a Hyper-V guest" in str(info.value)
     assert not os.path.exists(tmp_path / "hv_kvp")
+
+
+def test_poll_is_trusted_only_where_it_says_whether_a_message_is_queued(tmp_path: Path) -> None:
+    """A file without a poll method reports POLLOUT (the default mask): kvpfs then cannot
+    see an empty device and does not pre-check before registering. Pipes and sockets,
+    like the kernel's device, can be trusted."""
+    import socket
+
+    from kvpfs.host.device import Channel
+
+    regular = tmp_path / "file"
+    regular.write_bytes(b"")
+    plain = Channel(os.open(regular, os.O_RDWR), "file")
+    read_end, write_end = os.pipe()
+    pipe = Channel(read_end, "pipe")
+    left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sock = Channel(left.detach(), "socket")
+    try:
+        assert (plain.poll_reliable, pipe.poll_reliable, sock.poll_reliable) == (
+            False, True, True)
+        assert pipe.poll_now() == 0
+        os.write(write_end, b"m")
+        assert pipe.poll_now() & select.POLLIN
+    finally:
+        for channel in (plain, pipe, sock):
+            os.close(channel.fd)
+        os.close(write_end)
+        right.close()
