@@ -288,3 +288,19 @@ async def test_a_request_after_the_daemon_left_waits_for_the_next_one(
         await channel.read_message()
         channel.write(ok_reply())
     assert pending.result is not None and pending.result.ok
+
+
+def test_the_simulated_host_and_the_emulated_device_drive_one_kernel_model() -> None:
+    """Issue 17: one model of hv_kvp.c, not a copy per stand-in."""
+    import inspect
+
+    from emulation import emulated_device
+    from kvpfs.host import simulator
+    from kvpfs.wire.kernelmodel import KvpKernel
+
+    device = emulated_device.KvpDevice(timeout=1.5)
+    assert type(SimulatedHost(initial_pool3=()).kernel) is KvpKernel
+    assert type(device.kernel) is KvpKernel and device.kernel.timeout == 1.5
+    for module in (simulator, emulated_device):
+        source = inspect.getsource(module)
+        assert "USERSPACE_REQ" not in source and "KERNEL_TIMEOUT = " not in source
