@@ -10,6 +10,7 @@ the host saw is the right one for its own request or the kernel's E_FAIL.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -344,3 +345,49 @@ async def test_registration_refused_for_the_whole_window_gives_up_saying_why(
     assert "refused registration" in message and "EINVAL" in message
     assert "over 0.3 s" in message and "protocol version" in message
     assert host.refused_writes >= 2  # closed, reopened and tried again in between
+
+
+@pytest.mark.parametrize("late", [False, True], ids=["in-time", "dropped"])
+@pytest.mark.log_errors(WITHHELD)
+async def test_set_ip_info_changes_the_guest_only_once_its_reply_was_written_in_time(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, late: bool,
+) -> None:
+    """The configuration is staged before the answer and put in place (then activated)
+    only after the answer reached the kernel in time; a dropped answer changes nothing."""
+    from kvpfs.host.netconfig import IpInfoService
+    from tests.bytes.test_ipinfo import GUIDS, FakeSystem
+
+    fake = FakeSystem(tmp_path / "net")
+    fake.fake_program("nmcli")
+    monkeypatch.setenv("PATH", f"{fake.bin}:{os.environ['PATH']}")
+    clock = FakeClock()
+
+    class SlowToPrepare(IpInfoService):
+        def prepare(self, request: protocol.IpInfoRequest):  # type: ignore[no-untyped-def]
+            outcome = super().prepare(request)
+            if late:
+                clock.advance(KERNEL_TIMEOUT)  # stuck in the thread: the kernel gave up
+            return outcome
+
+    service = SlowToPrepare(fake.settings())
+    keyfile = fake.out / "etc/NetworkManager/system-connections/hyperv-hv0.nmconnection"
+    async with trio.open_nursery() as nursery:
+        await nursery.start(service.run)
+        rig = await started(make_rig(nursery, store, service, clock=clock))
+        result = rig.start("SET_IP_INFO", lambda: rig.host.ip_set(
+            GUIDS["hv0"], "192.0.2.10", "255.255.255.0", "192.0.2.1"))
+        if late:
+            await wait_until(lambda: rig.server.late_replies_dropped == 1)
+            rig.host.tick()
+        await wait_until(lambda: result.result is not None)
+        if late:
+            assert result.result == HostResult(Status.E_FAIL)
+            await wait_until(lambda: rig.host.registrations == 2)
+            assert (await rig.host.set(Pool.GUEST, "after", "1")).ok
+            assert not keyfile.exists() and fake.recorded() == []
+            assert list(keyfile.parent.iterdir()) == []  # the staged file is gone too
+        else:
+            assert result.result == HostResult(Status.S_OK)
+            await wait_until(lambda: service.activations_succeeded == 1)
+            assert "address1=192.0.2.10/24" in keyfile.read_text()
+        nursery.cancel_scope.cancel()
