@@ -247,7 +247,7 @@ def test_slow_set_ip_info_never_answers_another_request(tmp_path: Path,
     """nmcli outlasts the kernel's timeout (1 s here): the host still gets S_OK for the SET
     (answered once the keyfile is written), and the ENUMERATE after it its own record,
     never the late reply the kernel would pair with it."""
-    from tests.bytes.test_ipinfo import GUIDS, FakeSystem  # the fake sysfs/root with hv0 on NM
+    from tests.support.fakenet import GUIDS, FakeSystem  # the fake sysfs/root with hv0 on NM
 
     fake = FakeSystem(tmp_path / "net")
     fake.fake_program("nmcli", sleep=1.5)

@@ -355,7 +355,7 @@ async def test_set_ip_info_changes_the_guest_only_once_its_reply_was_written_in_
     """The configuration is staged before the answer and put in place (then activated)
     only after the answer reached the kernel in time; a dropped answer changes nothing."""
     from kvpfs.host.netconfig import IpInfoService
-    from tests.bytes.test_ipinfo import GUIDS, FakeSystem
+    from tests.support.fakenet import GUIDS, FakeSystem
 
     fake = FakeSystem(tmp_path / "net")
     fake.fake_program("nmcli")
