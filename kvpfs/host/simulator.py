@@ -207,6 +207,7 @@ class SimulatedHost:
         self._timer_wake = trio.Event()
         self._first_registration = trio.Event()
         self.refused_writes = 0
+        self._blocked_readers = 0
         self.transactions = 0
         self.host_data_pushed = False
         self._earlier: dict[str, int] = {}  # counters of unloaded modules
@@ -263,13 +264,18 @@ class SimulatedHost:
                     "message_queued": snap["message_queued"], "ring": snap["ring"],
                     "transaction": snap["transaction"], "timeouts": self.timeouts,
                     "registrations": self.registrations, "ebusy_opens": self.ebusy_opens,
-                    "refused_writes": self.refused_writes}
+                    "refused_writes": self.refused_writes,
+                    "blocked_readers": self._blocked_readers}
 
     def _daemon_read(self, channel: SimulatedChannel, size: int) -> bytes:
         with self._lock:
             kernel = channel.kernel
-            while kernel.read_blocks and channel.fd >= 0:
-                self._readable.wait()
+            while kernel.read_blocks and channel is self._channel and kernel is self.kernel:
+                self._blocked_readers += 1
+                try:
+                    self._readable.wait()
+                finally:
+                    self._blocked_readers -= 1
             return kernel.read(size)
 
     def _daemon_write(self, channel: SimulatedChannel, data: bytes) -> int:
