@@ -391,3 +391,67 @@ async def test_set_ip_info_changes_the_guest_only_once_its_reply_was_written_in_
             await wait_until(lambda: service.activations_succeeded == 1)
             assert "address1=192.0.2.10/24" in keyfile.read_text()
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.log_errors(WITHHELD)
+async def test_random_stalls_never_give_a_request_another_ones_answer(store: Store) -> None:
+    """Stalls of random length (0 to 70 s of the kernel's clock) in the device thread, with
+    the host's next request sent meanwhile: every answer is the record asked for, the end
+    of the pool, or E_FAIL."""
+    from tests.support.safety import seeded_random
+
+    rng, _ = seeded_random("test_random_stalls_never_give_a_request_another_ones_answer")
+    records = [(f"key{i}", f"value{i}") for i in range(5)]
+
+    def expected(index: int) -> HostResult:
+        if index < len(records):
+            return HostResult(Status.S_OK, *records[index])
+        return HostResult(Status.S_CONT)
+
+    async with trio.open_nursery() as nursery:
+        rig = await started(make_rig(nursery, store))
+        for key, value in records:
+            assert (await rig.host.set(Pool.GUEST, key, value)).ok
+        real = rig.server.read_reply
+        stall_next = threading.Event()
+        holding, held = threading.Event(), threading.Event()
+
+        def maybe_stalled(request: protocol.EnumerateRequest | protocol.GetRequest) -> bytes:
+            if stall_next.is_set():
+                stall_next.clear()
+                holding.set()
+                held.wait()
+            return real(request)
+
+        rig.server.read_reply = maybe_stalled  # type: ignore[method-assign]
+        outcomes: dict[str, int] = {"right": 0, "e_fail": 0}
+
+        def check(pending: Pending, index: int) -> None:
+            assert pending.result is not None
+            assert correct_or_e_fail(pending.result, expected(index)), (pending, index)
+            outcomes["right" if pending.result == expected(index) else "e_fail"] += 1
+
+        for _ in range(30):
+            first, second = rng.randrange(7), rng.randrange(7)
+            if rng.random() < 0.4:
+                a = rig.start("plain", lambda i=first: rig.host.enumerate(Pool.GUEST, i))
+                await wait_until(lambda a=a: a.result is not None)
+                check(a, first)
+                continue
+            holding.clear()
+            held.clear()
+            stall_next.set()
+            a = rig.start("stalled", lambda i=first: rig.host.enumerate(Pool.GUEST, i))
+            await trio.to_thread.run_sync(holding.wait)
+            rig.clock.advance(rng.uniform(0, 70))
+            rig.host.tick()
+            b = rig.start("meanwhile", lambda i=second: rig.host.enumerate(Pool.GUEST, i))
+            await wait_until(lambda b=b: b.result is not None or rig.host.state["ring"] == 1
+                             or bool(rig.host.state["message_queued"]))
+            held.set()
+            await wait_until(lambda a=a, b=b: a.result is not None and b.result is not None)
+            check(a, first)
+            check(b, second)
+        assert outcomes["right"] > 0 and outcomes["e_fail"] > 0, outcomes
+        assert rig.host.refused_writes == 0  # no late write ever reached the kernel
+        nursery.cancel_scope.cancel()
