@@ -296,6 +296,7 @@ def test_registration_refused_after_hibernation_is_retried(tmp_path: Path) -> No
             proc.cleanup()
 
 
+@pytest.mark.fuse_poll  # kvpfs looks for a queued request with poll before registering
 def test_registration_race_after_hibernation_resets_instead_of_answering(
         tmp_path: Path) -> None:
     """A host SET arrives right after kvpfs opens a device left READY by a hibernation:
