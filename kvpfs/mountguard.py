@@ -12,7 +12,7 @@ So kvpfs, when it runs as root, watches the mount table (poll(2) on /proc/self/m
 wakes at every change) and lazily detaches every FUSE mount made by another user whose
 parent is its own mount. It acts through a descriptor checked to be on exactly that mount
 (as `recovery` does), never through a path the user could change meanwhile. Mounts made by
-root are left alone. The log says so at a bounded rate (`QuietLog`).
+root are left alone. The log says so at a bounded rate (`RateLog`).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import threading
 from pathlib import Path
 
 from kvpfs import compat, mountinfo
-from kvpfs.quietlog import QuietLog
+from kvpfs.quietlog import RateLog
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ class MountGuard:
     def __init__(self, where: Path, uid: int | None = None) -> None:
         self.where = where
         self.uid = os.getuid() if uid is None else uid
-        self.quiet = QuietLog(log, reminder=60.0)
+        self.said = RateLog(log, lines=10, window=10.0)  # a user may mount again and again
         self.detached = 0
 
     def sweep(self) -> None:
@@ -86,8 +86,7 @@ class MountGuard:
                 error = detach(mount)
                 if error == 0:
                     self.detached += 1
-                self.quiet.say(
-                    ("intruder", mount.owner), logging.WARNING,
+                self.said.warning(
                     "%s a FUSE mount of uid %s on %s: only root may mount inside kvpfs (a"
                     " user's mount there would hide guest/ from root and the host)",
                     "detached" if error == 0 else f"could not detach ({os.strerror(error)})",

@@ -478,6 +478,46 @@ def test_a_members_mount_over_guest_is_refused_or_undone(mount, what):
             subprocess.run(["umount", "-l", str(target)], capture_output=True)
 
 
+MANY_MOUNTS = r"""
+import array, os, socket, subprocess, sys
+mounted = 0
+for target in sys.argv[1:]:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    done = subprocess.run(["fusermount3", "-o", "fsname=usermount,subtype=kvpfs", "--",
+                           target], env={"_FUSE_COMMFD": str(theirs.fileno()),
+                                         "PATH": "/usr/bin:/bin"},
+                          pass_fds=[theirs.fileno()], capture_output=True)
+    theirs.close()
+    if done.returncode == 0:
+        mounted += 1
+        fds = array.array("i")
+        _, anc, _, _ = ours.recvmsg(1, socket.CMSG_LEN(fds.itemsize))
+        fds.frombytes(anc[0][2][: fds.itemsize])
+        os.close(fds[0])
+    ours.close()
+print(mounted)
+"""
+
+
+def test_a_storm_of_mounts_over_keys_is_undone_in_few_log_lines(mount):
+    keys = [mount.path("guest", f"Cover{i:02d}") for i in range(40)]
+    for key in keys:
+        key.write_text("v")
+    before = log_lines(mount)
+    done = as_user([system_python(), "-c", MANY_MOUNTS, *map(str, keys)], groups=MEMBER)
+    assert done.returncode == 0, done.stderr
+    record_figure("test_a_storm_of_mounts_over_keys_is_undone_in_few_log_lines",
+                  "member's mounts over keys that fusermount3 made", int(done.stdout))
+    for key in keys:
+        wait_for(lambda k=key: not users_mounts_in(mount, k), 10,
+                 what=f"nobody's mount on {key} to be undone")
+    lines = log_lines(mount) - before
+    record_figure("test_a_storm_of_mounts_over_keys_is_undone_in_few_log_lines",
+                  "log lines", lines)
+    assert lines < 25
+    root_works(mount)
+
+
 def test_a_members_kvpfs_over_guest_is_refused_or_undone(mount):
     """The reviewer's attack as it was run: `kvpfs mount GUEST --simulate` as a member."""
     with tempfile.TemporaryDirectory(prefix="kvpfs-hostile18-u-") as base:
