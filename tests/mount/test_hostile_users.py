@@ -10,35 +10,32 @@ refusals log, and the value the host sees. The long storms run with --soak.
     item 2  open files: bounded per user, root keeps headroom, refusals logged at a rate
     item 3  unpublished-bytes budget: nothing leaks (unlinked scratch files, storms)
     item 4  a refused O_TRUNC write leaves the old value, for the host and in the pool
-    item 5  a member's mount over guest/ (or a key in it) is refused or undone
+    item 5  (test_hostile_mounts.py)
     item 8  a commit racing a rename: an errno, never an assertion
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
-import tempfile
-import uuid
-from pathlib import Path
 
 import pytest
 
-from kvpfs.storage.poolfile import pool_path
-from kvpfs.storage.records import parse_pool
 from kvpfs.wire import limits
 from tests.conftest import KvpfsProcess, requires_fuse
 from tests.support.figures import record_figure
 from tests.support.hostile import (
-    NOBODY,
     Holder,
-    UserKvpfs,
     as_user,
     fd_limit,
-    mounted_on,
+    group_mount,
+    host_value,
+    log_lines,
+    pool_value,
+    root_works,
     rss_kib,
     system_python,
+    unique,
     user_argv,
 )
 from tests.support.waiting import wait_for
@@ -54,45 +51,8 @@ LOG_LINES_BAR = 100  # fewer log lines than this for a storm of refusals
 
 @pytest.fixture
 def mount():
-    base = Path(tempfile.mkdtemp(prefix="kvpfs-hostile18-", dir="/tmp"))
-    os.chmod(base, 0o755)
-    proc = KvpfsProcess(base, "--allow-other", "--guest-group", str(GROUP)).start()
-    try:
+    with group_mount(GROUP) as proc:
         yield proc
-    finally:
-        proc.cleanup()
-        shutil.rmtree(base, ignore_errors=True)
-
-
-def unique(prefix: str = "k") -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:8]}"
-
-
-def log_lines(kv: KvpfsProcess) -> int:
-    return len(kv.output().splitlines())
-
-
-def host_value(kv: KvpfsProcess, key: str) -> str | None:
-    return dict(kv.host("list", "guest")["items"]).get(key)
-
-
-def pool_value(kv: KvpfsProcess, key: str) -> bytes | None:
-    records, _ = parse_pool(pool_path(kv.pools, 1).read_bytes())
-    found = [r.value for r in records if r.key == key.encode()]
-    return found[-1] if found else None
-
-
-def root_works(kv: KvpfsProcess) -> None:
-    """Root's reads and writes through the mount, and the host sees the write."""
-    kv.host("set", "external", "RootProbe", "from-host")
-    assert kv.path("external", "RootProbe").read_text() == "from-host"
-    assert "RootProbe" in os.listdir(kv.path("external"))
-    key = unique("root")
-    done = subprocess.run(["sh", "-c", 'echo "$1" > "$2"', "sh", "root-value",
-                           str(kv.path("guest", key))], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    assert host_value(kv, key) == "root-value"
-    assert kv.path("guest", key).read_text() == "root-value\n"
 
 
 # ------------------------------------------------------------------ item 1: directory handles
@@ -416,119 +376,6 @@ def test_a_refused_truncating_write_keeps_the_old_value(mount):
     for name in os.listdir(mount.path("guest")):
         if name.startswith(".fill"):
             os.unlink(mount.path("guest", name))
-
-
-# ------------------------------------------------------------------ item 5: mounts over guest/
-
-USER_FUSERMOUNT = r"""
-import array, os, socket, subprocess, sys
-target = sys.argv[1]
-ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-done = subprocess.run(["fusermount3", "-o", "fsname=usermount,subtype=kvpfs", "--", target],
-                      env={"_FUSE_COMMFD": str(theirs.fileno()), "PATH": "/usr/bin:/bin"},
-                      pass_fds=[theirs.fileno()], capture_output=True, text=True)
-theirs.close()
-fd = None
-if done.returncode == 0:
-    fds = array.array("i")
-    msg, anc, _, _ = ours.recvmsg(1, socket.CMSG_LEN(fds.itemsize))
-    for level, kind, data in anc:
-        fds.frombytes(data[: fds.itemsize])
-        fd = fds[0]
-print(done.returncode, done.stderr.strip().replace("\n", " "), flush=True)
-sys.stdin.readline()  # hold the connection (and so the mount) until told
-"""
-
-
-def user_mount_over(kv: KvpfsProcess, target: Path) -> tuple[Holder, str]:
-    holder = Holder.__new__(Holder)
-    holder.proc = subprocess.Popen(
-        user_argv([system_python(), "-c", USER_FUSERMOUNT, str(target)], groups=MEMBER),
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert holder.proc.stdout is not None
-    return holder, holder.proc.stdout.readline().strip()
-
-
-def users_mounts_in(kv: KvpfsProcess, path: Path) -> list[dict[str, str]]:
-    return [m for m in mounted_on(path) if m["user_id"] == str(NOBODY)]
-
-
-@pytest.mark.parametrize("what", ["guest/", "guest/ReadyAck"])
-def test_a_members_mount_over_guest_is_refused_or_undone(mount, what):
-    target = mount.path(*what.strip("/").split("/"))
-    if what.endswith("ReadyAck"):
-        target.write_text("before")
-    holder, said = user_mount_over(mount, target)
-    try:
-        record_figure("test_a_members_mount_over_guest_is_refused_or_undone",
-                      f"fusermount3 over {what} as a member", int(said.split()[0]))
-        # Refused by fusermount3, or undone by kvpfs: either way none is left...
-        wait_for(lambda: not users_mounts_in(mount, target), 10,
-                 what=f"no mount of nobody's left on {target} (fusermount3 said: {said})")
-        # ...and root's `ls guest` and `echo x > guest/ReadyAck` work, as the unit expects.
-        assert "ReadyAck" in os.listdir(mount.path("guest")) or what == "guest/"
-        done = subprocess.run(["sh", "-c", 'echo ready > "$1"', "sh",
-                               str(mount.path("guest", "ReadyAck"))],
-                              capture_output=True, text=True)
-        assert done.returncode == 0, done.stderr
-        assert host_value(mount, "ReadyAck") == "ready"
-    finally:
-        holder.kill()
-        for _ in users_mounts_in(mount, target):
-            subprocess.run(["umount", "-l", str(target)], capture_output=True)
-
-
-MANY_MOUNTS = r"""
-import array, os, socket, subprocess, sys
-mounted = 0
-for target in sys.argv[1:]:
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    done = subprocess.run(["fusermount3", "-o", "fsname=usermount,subtype=kvpfs", "--",
-                           target], env={"_FUSE_COMMFD": str(theirs.fileno()),
-                                         "PATH": "/usr/bin:/bin"},
-                          pass_fds=[theirs.fileno()], capture_output=True)
-    theirs.close()
-    if done.returncode == 0:
-        mounted += 1
-        fds = array.array("i")
-        _, anc, _, _ = ours.recvmsg(1, socket.CMSG_LEN(fds.itemsize))
-        fds.frombytes(anc[0][2][: fds.itemsize])
-        os.close(fds[0])
-    ours.close()
-print(mounted)
-"""
-
-
-def test_a_storm_of_mounts_over_keys_is_undone_in_few_log_lines(mount):
-    keys = [mount.path("guest", f"Cover{i:02d}") for i in range(40)]
-    for key in keys:
-        key.write_text("v")
-    before = log_lines(mount)
-    done = as_user([system_python(), "-c", MANY_MOUNTS, *map(str, keys)], groups=MEMBER)
-    assert done.returncode == 0, done.stderr
-    record_figure("test_a_storm_of_mounts_over_keys_is_undone_in_few_log_lines",
-                  "member's mounts over keys that fusermount3 made", int(done.stdout))
-    for key in keys:
-        wait_for(lambda k=key: not users_mounts_in(mount, k), 10,
-                 what=f"nobody's mount on {key} to be undone")
-    lines = log_lines(mount) - before
-    record_figure("test_a_storm_of_mounts_over_keys_is_undone_in_few_log_lines",
-                  "log lines", lines)
-    assert lines < 25
-    root_works(mount)
-
-
-def test_a_members_kvpfs_over_guest_is_refused_or_undone(mount):
-    """The reviewer's attack as it was run: `kvpfs mount GUEST --simulate` as a member."""
-    with tempfile.TemporaryDirectory(prefix="kvpfs-hostile18-u-") as base:
-        os.chown(base, NOBODY, NOBODY)
-        users = UserKvpfs(Path(base), mnt=mount.path("guest")).start(must_mount=False)
-        try:
-            wait_for(lambda: not users_mounts_in(mount, mount.path("guest")), 15,
-                     what="nobody's kvpfs over guest/ to be refused or undone")
-            root_works(mount)
-        finally:
-            users.stop()
 
 
 # ------------------------------------------------------------------ item 8: commit vs rename

@@ -17,13 +17,67 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from kvpfs.storage.poolfile import pool_path
+from kvpfs.storage.records import parse_pool
 from tests.support.waiting import wait_for
+
+if TYPE_CHECKING:
+    from tests.conftest import KvpfsProcess
 
 REPO = Path(__file__).resolve().parent.parent.parent
 NOBODY = 65534
+
+
+@contextlib.contextmanager
+def group_mount(group: int, prefix: str = "kvpfs-hostile18-") -> Iterator[KvpfsProcess]:
+    """root's kvpfs with --allow-other and `group` as its guest group, in a directory every
+    user can reach (pytest's tmp_path is root's only)."""
+    from tests.conftest import KvpfsProcess
+
+    base = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    os.chmod(base, 0o755)
+    proc = KvpfsProcess(base, "--allow-other", "--guest-group", str(group)).start()
+    try:
+        yield proc
+    finally:
+        proc.cleanup()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def unique(prefix: str = "k") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def log_lines(kv: KvpfsProcess) -> int:
+    return len(kv.output().splitlines())
+
+
+def host_value(kv: KvpfsProcess, key: str) -> str | None:
+    return dict(kv.host("list", "guest")["items"]).get(key)
+
+
+def pool_value(kv: KvpfsProcess, key: str) -> bytes | None:
+    records, _ = parse_pool(pool_path(kv.pools, 1).read_bytes())
+    found = [r.value for r in records if r.key == key.encode()]
+    return found[-1] if found else None
+
+
+def root_works(kv: KvpfsProcess) -> None:
+    """Root's reads and writes through the mount, and the host sees the write."""
+    kv.host("set", "external", "RootProbe", "from-host")
+    assert kv.path("external", "RootProbe").read_text() == "from-host"
+    assert "RootProbe" in os.listdir(kv.path("external"))
+    key = unique("root")
+    done = subprocess.run(["sh", "-c", 'echo "$1" > "$2"', "sh", "root-value",
+                           str(kv.path("guest", key))], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert host_value(kv, key) == "root-value"
+    assert kv.path("guest", key).read_text() == "root-value\n"
 
 
 def user_argv(argv: list[str], *, groups: tuple[int, ...] = (), nofile: int | None = None,
