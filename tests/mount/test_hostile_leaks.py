@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -27,7 +28,7 @@ import pytest
 from kvpfs import mountinfo
 from tests.conftest import KvpfsProcess, requires_fuse
 from tests.support.figures import record_figure
-from tests.support.hostile import StuckInOwnFuse, as_user, user_dir
+from tests.support.hostile import StuckInOwnFuse, as_user, user_argv, user_dir
 from tests.support.waiting import wait_for
 
 pytestmark = requires_fuse
@@ -185,3 +186,32 @@ def test_guest_inode_numbers_do_not_count_external_keys(mount):
     host_does(mount, "delete", "Hidden0")
     third = member_creates("InoC")
     assert third - second == second - first
+
+
+def test_a_strangers_inotify_sees_nothing_of_external(mount):
+    """inotify on the whole tree, as a user with no groups: the host's changes to external/
+    (echoed through the mount for inotify) show nothing; a later guest change does, and as
+    echoes come in order, it marks that the external ones have passed."""
+    watcher = subprocess.Popen(
+        user_argv(["inotifywait", "-m", "-r", "--format", "%w%f %e", str(mount.mnt)]),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    bound = threading.Timer(60, watcher.kill)  # a missing event ends the reads below
+    bound.start()
+    try:
+        assert watcher.stderr is not None and watcher.stdout is not None
+        while "Watches established" not in watcher.stderr.readline():
+            assert watcher.poll() is None, "inotifywait ended"
+        for i in range(3):
+            host_does(mount, "set", f"Watched{i}", "x")
+        host_does(mount, "delete", "Watched0")
+        mount.host("set", "guest", "AfterExternal", "x")
+        seen = []
+        while not any("AfterExternal" in line for line in seen):
+            line = watcher.stdout.readline()
+            assert line, "inotifywait ended"
+            seen.append(line.strip())
+        assert not [line for line in seen if "/external" in line], seen
+    finally:
+        bound.cancel()
+        watcher.kill()
+        watcher.wait()
