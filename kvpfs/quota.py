@@ -13,6 +13,17 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 
+@dataclass(frozen=True)
+class Refusal:
+    """Why an amount was refused; `own` when it was the user's own bound, not a total."""
+
+    reason: str
+    own: bool = False
+
+    def __str__(self) -> str:
+        return self.reason
+
+
 @dataclass
 class UserQuota:
     what: str  # "open files", "unpublished bytes": for the refusal's message
@@ -24,20 +35,21 @@ class UserQuota:
     sum_all: int = 0
     sum_others: int = 0
 
-    def refusal(self, uid: int, amount: int = 1) -> str | None:
+    def refusal(self, uid: int, amount: int = 1) -> Refusal | None:
         """Why `uid` may not take `amount` more, or None if it may."""
         if self.sum_all + amount > self.total:
-            return f"{self.what} of all users would exceed {self.total}"
+            return Refusal(f"{self.what} of all users would exceed {self.total}")
         if uid in self.privileged:
             return None
         if self.held[uid] + amount > self.per_user:
-            return f"{self.what} of uid {uid} would exceed {self.per_user} (the most per user)"
+            return Refusal(f"{self.what} of uid {uid} would exceed {self.per_user} (the most"
+                           " per user)", own=True)
         if self.sum_others + amount > self.total - self.headroom:
-            return (f"{self.what} of unprivileged users would exceed"
-                    f" {self.total - self.headroom} (the rest is kept for root)")
+            return Refusal(f"{self.what} of unprivileged users would exceed"
+                           f" {self.total - self.headroom} (the rest is kept for root)")
         return None
 
-    def take(self, uid: int, amount: int = 1) -> str | None:
+    def take(self, uid: int, amount: int = 1) -> Refusal | None:
         """Count `amount` more for `uid`, or say why not (then nothing is counted)."""
         if amount <= 0:
             self.give(uid, -amount)

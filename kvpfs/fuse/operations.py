@@ -265,8 +265,7 @@ class KvpOperations(pyfuse3.Operations):
         why = self.open_files.take(uid)
         if why is not None:
             refusals.warning("refused to %s: %s; close some", what, why)
-            per_user = "per user" in why
-            raise pyfuse3.FUSEError(errno.EMFILE if per_user else errno.ENFILE)
+            raise pyfuse3.FUSEError(errno.EMFILE if why.own else errno.ENFILE)
 
     def _new_handle(self, handle: Handle) -> pyfuse3.FileInfo:
         fh = self._new_fh()
@@ -365,15 +364,18 @@ class KvpOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EACCES)
         self._take_open_file(ctx.uid, f"create guest/{name.decode(errors='replace')}")
         try:
-            return await self._create(parent_inode, name, flags, ctx)
+            handle = await self._new_guest_file(name, flags, ctx.uid)
         except BaseException:
-            self.open_files.give(ctx.uid)
+            self.open_files.give(ctx.uid)  # no handle: nothing will release it
             raise
+        info = self._new_handle(handle)
+        attr = await self.attributes.of_node(handle.node)
+        handle.node.lookups += 1
+        return info, attr
 
-    async def _create(self, parent_inode: int, name: bytes, flags: int,
-                      ctx: pyfuse3.RequestContext,
-                      ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
-        pool = self.table.pool_of_dir(parent_inode)
+    async def _new_guest_file(self, name: bytes, flags: int, uid: int) -> Handle:
+        """create(2)'s handle on `name` in guest, made (counted against `uid`) or found."""
+        pool = Pool.GUEST
         key = None
         if not name.startswith(b"."):
             key = self.writes.checked_key(name)
@@ -381,8 +383,8 @@ class KvpOperations(pyfuse3.Operations):
         async with self._guest_lock:
             node = self.table.find(pool, name)
             if node is None:
-                self.writes.check_scratch_room(name, ctx.uid)
-                node = self.table.add_guest(name, key, ctx.uid)
+                self.writes.check_scratch_room(name, uid)
+                node = self.table.add_guest(name, key, uid)
             elif flags & os.O_EXCL:
                 raise pyfuse3.FUSEError(errno.EEXIST)
         value = await self.contents.current(node)
@@ -392,11 +394,8 @@ class KvpOperations(pyfuse3.Operations):
         handle = Handle(node, bytearray() if private else (value or b""), True, append,
                         mode=Buffer.PRIVATE if private else Buffer.SHARED,
                         publication=Publication.TRUNCATED if truncate else Publication.CLEAN,
-                        prepared=key is not None, uid=ctx.uid)
-        info = self._new_handle(handle)
-        attr = await self.attributes.of_node(node)
-        node.lookups += 1
-        return info, attr
+                        prepared=key is not None, uid=uid)
+        return handle
 
     @handler
     async def setattr(self, inode: pyfuse3.InodeT, attr: pyfuse3.EntryAttributes,

@@ -13,11 +13,13 @@ from kvpfs.quota import UserQuota
 def test_a_user_gets_at_most_its_share_and_root_keeps_headroom():
     quota = UserQuota("open files", per_user=3, total=10, headroom=4)
     assert [quota.take(1000) for _ in range(3)] == [None] * 3
-    assert "of uid 1000 would exceed 3" in (quota.take(1000) or "")
+    refused = quota.take(1000)
+    assert refused is not None and refused.own and "of uid 1000 would exceed 3" in str(refused)
     assert quota.take(1001, 3) is None
-    assert "kept for root" in (quota.take(1002) or "")  # users together: 10 - 4
+    refused = quota.take(1002)  # users together: 10 - 4
+    assert refused is not None and not refused.own and "kept for root" in str(refused)
     assert quota.take(0, 4) is None  # root: the headroom is there
-    assert "of all users would exceed 10" in (quota.take(0) or "")
+    assert "of all users would exceed 10" in str(quota.take(0))
     quota.give(1000, 3)
     assert quota.take(0) is None and quota.take(1002) is None
     assert (quota.sum_all, quota.sum_others) == (9, 4)
