@@ -82,15 +82,13 @@ class Attributes:
         return await self.of_node(node)
 
     def dir_mtime(self, pool: int) -> int:
-        """A pool directory's mtime: when its keys last changed (host or mount), or, for
-        external/ that not everyone may list, kvpfs's start: its times would tell anyone
-        when the host changes it (the kernel caches one set of attributes for all users)."""
+        """A pool directory's mtime: when a name in it last came, went or moved (a new
+        value leaves it, as on any filesystem, so what the kernel cached stays right), or,
+        for external/ that not everyone may list, kvpfs's start: its times would tell
+        anyone when the host changes it (the kernel keeps one set of attributes for all)."""
         if pool == Pool.EXTERNAL and not self.perm.external_readable:
             return self.started_ns
-        mtime = self.store.states[pool].mtime_ns or self.started_ns
-        if pool == Pool.GUEST:
-            mtime = max(mtime, self.table.guest_changed_ns)
-        return mtime
+        return self.table.names_changed_ns[pool]
 
     async def of_node(self, node: Node) -> pyfuse3.EntryAttributes:
         """A file's attributes; notes until when the kernel may use them without asking."""

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import errno
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import pyfuse3
 
 from kvpfs.fuse.unpublished import Unpublished
 from kvpfs.host.intrinsic import KEYS as INTRINSIC_KEYS
-from kvpfs.storage.store import Store
+from kvpfs.storage.store import Change, ChangeKind, Origin, Store
 from kvpfs.wire import names
 from kvpfs.wire.protocol import Pool
 
@@ -112,7 +113,10 @@ class NodeTable:
         self.by_key: dict[tuple[int, bytes], Node] = {}
         self.guest_extra: dict[bytes, Node] = {}  # name -> scratch or pending node
         self.extra_version = 0  # changes whenever guest_extra does (listings are cached)
-        self.guest_changed_ns = 0  # when a name in guest/ last came, went or moved here
+        # When a name last came, went or moved in each pool directory: its mtime, as on
+        # any filesystem (a changed value leaves it alone). From the pool file at start.
+        self.names_changed_ns = [state.mtime_ns or started_ns for state in store.states]
+        self._key_counts = [len(state.slots) for state in store.states]
         self._allocated = [0] * len(DIR_INODES)  # inode numbers given out, per pool
 
     def get(self, ino: int) -> Node | None:
@@ -189,7 +193,18 @@ class NodeTable:
         """A name in guest/ came, went or moved through the mount: its listing and its
         mtime change now, before the value (if any) is stored."""
         self.extra_version += 1
-        self.guest_changed_ns = time.time_ns()
+        self.names_changed_ns[Pool.GUEST] = time.time_ns()
+
+    def pools_changed(self, changes: Iterable[Change]) -> None:
+        """Store changes: a key deleted, or one more key, by the host or another program,
+        changes its pool directory's names (the mount's own are counted as they happen)."""
+        now = time.time_ns()
+        for pool in {change.pool for change in changes}:
+            count = len(self.store.states[pool].slots)
+            grew, self._key_counts[pool] = count > self._key_counts[pool], count
+            theirs = [c for c in changes if c.pool == pool and c.origin is not Origin.MOUNT]
+            if theirs and (grew or any(c.kind is ChangeKind.DELETE for c in theirs)):
+                self.names_changed_ns[pool] = now
 
     def maybe_drop(self, node: Node) -> None:
         if not node.linked and node.lookups <= 0 and node.handles <= 0:

@@ -164,6 +164,7 @@ class Notifications:
         without one, invalidated as before.
         """
         echo = self.echo_mountpoint is not None
+        self.table.pools_changed(changes)  # the directories' mtimes
         if any(change.origin is not Origin.MOUNT for change in changes):
             self._last_change = trio.current_time()
         for change in changes:
