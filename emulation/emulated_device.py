@@ -12,7 +12,7 @@ the real Debian ``hv_kvp_daemon`` -- opens a *path* and uses plain open/read/wri
 so only a file system can reproduce EBUSY on a second open, EINVAL on a short read,
 poll readiness and "close resets the device" without patching the daemon.
 
-Modelled faithfully (see kvp-protocol.md sections 2, 3.1, 3.4):
+Modelled faithfully (on hv_utils_transport.c and hv_kvp.c; docs/design.md, "The kernel model"):
 
 * one opener (EBUSY otherwise); release -> transport INIT, queued message dropped, a pending
   transaction answered E_FAIL, KVP state DEVICE_INIT (the next opener must handshake);

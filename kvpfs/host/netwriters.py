@@ -31,14 +31,12 @@ from kvpfs.host.netlinks import (
 from kvpfs.host.netprograms import run, run_async
 from kvpfs.host.netsettings import NetSettings
 from kvpfs.wire import protocol
+from kvpfs.wire.ipconfigfiles import render_ifcfg, render_networkd, render_nm_keyfile
 from kvpfs.wire.ipinfo import (
     InvalidArgument,
     StaticConfig,
     nm_connection_uuid,
     parse_set,
-    render_ifcfg,
-    render_networkd,
-    render_nm_keyfile,
     safe_ifname,
 )
 from kvpfs.wire.protocol import Status

@@ -2,7 +2,7 @@
 
 Device messages go through a real DeviceServer + SimulatedHost + Store in-process (trio),
 as raw bytes with `host.transact()`. Every message is judged by an oracle written here from
-the protocol reference (/work/shared/docs/kvp-protocol.md §1, §3) and README's contract:
+the message layout (kvpfs/wire/protocol.py) and the documented contract (docs/host.md):
 a well-formed SET/DELETE changes the model, anything malformed is answered E_FAIL and changes
 nothing, unknown operations NOT_SUPPORTED, a message of the wrong size is a device error after
 which kvpfs registers again. Checked after every message: kvpfs answered (7432 bytes, a status
@@ -63,7 +63,7 @@ from tests.support.safety import (
 SIZE = 7432
 S_OK, E_FAIL, S_CONT, NOT_SUPPORTED = 0, 0x80004005, 0x80070103, 0x80070032
 GET, SET, DELETE, ENUMERATE, GET_IP_INFO, SET_IP_INFO, REGISTER1 = 0, 1, 2, 3, 4, 5, 100
-# offsets in struct hv_kvp_msg (kvp-protocol.md §1)
+# offsets in struct hv_kvp_msg (pinned in tests/bytes/test_protocol.py)
 SET_KEY_SIZE, SET_VALUE_SIZE, SET_KEY, SET_VALUE = 8, 12, 16, 528
 ENUM_INDEX, ENUM_KEY, ENUM_VALUE = 4, 20, 532
 DEL_KEY_SIZE, DEL_KEY = 4, 8
@@ -755,7 +755,7 @@ async def test_pool_file_replaced_while_running(tmp_path: Path, what: str, caplo
 
 
 def escape(key: bytes) -> bytes:
-    """README's escaping, written out again: `/`, `%`, control bytes, a leading `.`."""
+    """docs/filesystem.md's escaping, written out again: `/`, `%`, control bytes, a leading `.`."""
     out = bytearray()
     for i, byte in enumerate(key):
         if byte in b"/%" or byte < 0x20 or byte == 0x7F or (i == 0 and byte == 0x2E):

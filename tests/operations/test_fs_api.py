@@ -1,4 +1,7 @@
-"""KvpOperations called directly, without a mount (the s3ql way): FUSE semantics in detail."""
+"""The mounted handlers called directly, without a mount (the s3ql way): FUSE semantics.
+
+Built by kvpfs.mount.build_filesystem, as mounted (the echo seam included).
+"""
 
 from __future__ import annotations
 
@@ -9,8 +12,9 @@ import pyfuse3
 import pytest
 
 from kvpfs.fuse import events
-from kvpfs.fuse.operations import DIR_INODES, EVENTS_INODE, KvpOperations
+from kvpfs.fuse.operations import DIR_INODES, EVENTS_INODE
 from kvpfs.host.intrinsic import FqdnCache, Intrinsics
+from kvpfs.mount import build_filesystem
 from kvpfs.storage.store import Origin, Store
 
 
@@ -36,7 +40,7 @@ EXTERNAL_DIR = DIR_INODES[0]
 async def ops(tmp_path, monkeypatch):
     store = Store(tmp_path / "pools", lock_timeout=0.5)
     await store.open()
-    operations = KvpOperations(store, Intrinsics(FqdnCache()))
+    operations = build_filesystem(store, Intrinsics(FqdnCache())).operations
     listing: list[tuple[bytes, int]] = []
 
     def fake_reply(token, name, attr, next_id):
