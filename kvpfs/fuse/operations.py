@@ -30,8 +30,9 @@ from dataclasses import dataclass
 
 import pyfuse3
 
-from kvpfs.fuse.attributes import Attributes
+from kvpfs.fuse.attributes import TTL, Attributes
 from kvpfs.fuse.contents import Contents
+from kvpfs.fuse.durable import DurableMeta
 from kvpfs.fuse.errors import handler
 from kvpfs.fuse.events import EventFeed
 from kvpfs.fuse.handles import Buffer, Handle, Publication
@@ -47,6 +48,8 @@ from kvpfs.fuse.nodes import (
 )
 from kvpfs.fuse.notifications import Notifications
 from kvpfs.fuse.permissions import Permissions
+from kvpfs.fuse.privatedirs import PrivateDirs
+from kvpfs.fuse.tempnames import is_temporary_create
 from kvpfs.fuse.writes import Writes
 from kvpfs.storage.store import Origin, RequestLock, Store
 from kvpfs.wire import limits, names
@@ -77,6 +80,8 @@ class Parts:
     perm: Permissions
     guest_lock: RequestLock  # held while changing guest; waiters give up at their deadline
     new_fh: Callable[[], int]  # file handle numbers, shared with the echo helper's files
+    dirs: PrivateDirs  # mkdir in guest/ (docs/tools.md)
+    meta: DurableMeta  # what users set on guest keys, kept across restarts
     control_path: str | None = None
 
 
@@ -98,6 +103,8 @@ class KvpOperations(pyfuse3.Operations):
         self.perm = parts.perm
         self._guest_lock = parts.guest_lock
         self._new_fh = parts.new_fh
+        self.dirs = parts.dirs
+        self.meta = parts.meta
         self.control_path = parts.control_path
         self._handles: dict[int, Handle] = {}
         self._dir_handles: dict[int, list[DirEntry]] = {}
@@ -117,11 +124,20 @@ class KvpOperations(pyfuse3.Operations):
                 if name == str(int(pool)).encode():
                     return await self.attributes.of(LINK_INODES[pool])
             raise pyfuse3.FUSEError(errno.ENOENT)
+        if self.dirs.get(parent_inode) is not None:
+            if name in (b".", b".."):
+                return await self._attributes(parent_inode if name == b"." else
+                                              DIR_INODES[Pool.GUEST])
+            raise pyfuse3.FUSEError(errno.ENOENT)  # private directories hold nothing
         pool = self.table.pool_of_dir(parent_inode)
         if name == b".":
             return await self.attributes.of(parent_inode)
         if name == b"..":
             return await self.attributes.of(ROOT_INODE)
+        directory = self.dirs.find(name) if pool == Pool.GUEST else None
+        if directory is not None:
+            directory.lookups += 1
+            return self.dirs.attributes(directory, TTL)
         node = self.table.find(pool, name)
         if node is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
@@ -134,6 +150,13 @@ class KvpOperations(pyfuse3.Operations):
                       ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
         if self.notifications.host_deleted_gone(inode):
             raise pyfuse3.FUSEError(errno.ESTALE)  # see Notifications.host_deleted_gone
+        return await self._attributes(inode)
+
+    async def _attributes(self, inode: int) -> pyfuse3.EntryAttributes:
+        """Any inode's attributes, private directories' included."""
+        directory = self.dirs.get(inode)
+        if directory is not None:
+            return self.dirs.attributes(directory, TTL)
         return await self.attributes.of(inode)
 
     @handler
@@ -150,10 +173,15 @@ class KvpOperations(pyfuse3.Operations):
         if inode == ROOT_INODE:
             entries = [(DIR_INODES[p], p.dirname.encode(), None) for p in Pool]
             entries += [(LINK_INODES[p], str(int(p)).encode(), None) for p in Pool]
-            entries.append((EVENTS_INODE, EVENTS_NAME, None))
+            # /.events is reachable by name but not listed: tree walkers (cp -r, find, grep
+            # -r, tar, updatedb) would block on it or copy it as an empty file.
+        elif self.dirs.get(inode) is not None:
+            entries = []  # a private directory holds nothing
         else:
             pool = self.table.pool_of_dir(inode)
             entries = [(n.ino, n.name, n) for n in self.table.listing(pool)]
+            if pool == Pool.GUEST:
+                entries += [(d.ino, d.name, None) for d in self.dirs.by_name.values()]
         entries.sort(key=lambda entry: entry[0])  # inode order: stable next_id
         fh = self._new_fh()
         self._dir_handles[fh] = entries
@@ -169,6 +197,15 @@ class KvpOperations(pyfuse3.Operations):
         for ino, name, node in entries[position:]:
             if node is not None and not node.linked:
                 continue
+            if node is None and ino not in FIXED_INODES:
+                directory = self.dirs.get(ino)
+                if directory is None or not directory.linked:
+                    continue  # removed since opendir
+                if not pyfuse3.readdir_reply(token, name, self.dirs.attributes(directory, TTL),
+                                             ino):
+                    return
+                directory.lookups += 1
+                continue
             attr = await (self.attributes.of_node(node) if node is not None
                           else self.attributes.of(ino))
             if not pyfuse3.readdir_reply(token, name, attr, ino):
@@ -183,7 +220,8 @@ class KvpOperations(pyfuse3.Operations):
     async def forget(self, inode_list: Sequence[tuple[pyfuse3.InodeT, int]]) -> None:
         # Must not raise: no handler wrapper, nothing in here can fail.
         for inode, count in inode_list:
-            self.table.forget(inode, count)
+            if not self.dirs.forget(inode, count):
+                self.table.forget(inode, count)
 
     @handler
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
@@ -240,6 +278,9 @@ class KvpOperations(pyfuse3.Operations):
         self._handles[fh] = handle
         node = handle.node
         node.handles += 1
+        node.writers += handle.writable
+        if not handle.writable and isinstance(handle.buffer, bytes):
+            node.kernel.seen = handle.buffer
         # The kernel may keep what it cached at an earlier open only if the value has not
         # changed since (every change clears `cached`); pool 2 is computed per read.
         keep = node.kernel.cached and not handle.writable and node.pool != Pool.AUTO
@@ -309,6 +350,7 @@ class KvpOperations(pyfuse3.Operations):
             return
         node = handle.node
         node.handles -= 1
+        node.writers -= handle.writable
         try:
             await self.writes.commit(handle)
         finally:
@@ -326,12 +368,16 @@ class KvpOperations(pyfuse3.Operations):
                      ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         if parent_inode == ROOT_INODE:
             raise pyfuse3.FUSEError(errno.EACCES)  # the root holds only the pools
+        if self.dirs.get(parent_inode) is not None:
+            raise pyfuse3.FUSEError(errno.EPERM)  # private directories hold nothing
         pool = self.table.pool_of_dir(parent_inode)
         if pool != Pool.GUEST:
             raise pyfuse3.FUSEError(errno.EACCES)
         self._check_open_files()
         key = None
-        if not name.startswith(b"."):
+        # A temporary file (by its name, docs/tools.md) is private until renamed to a key.
+        if not is_temporary_create(name, exclusive=bool(flags & os.O_EXCL), mode=mode,
+                                   exists=lambda n: self.table.find(Pool.GUEST, n) is not None):
             key = self.writes.checked_key(name)
             await self.writes.prepare_key(key)  # the value is stored at close: check now
         async with self._guest_lock:
@@ -339,6 +385,12 @@ class KvpOperations(pyfuse3.Operations):
             if node is None:
                 self.writes.check_scratch_room(name)
                 node = self.table.add_guest(name, key)
+                # Its creator owns it (the group stays guest/'s, as in a setgid directory);
+                # a file made owner-only (mkstemp) stays so until chmod.
+                if ctx.uid != self.perm.uid:
+                    node.chmod.uid = ctx.uid
+                if stat.S_IMODE(mode) & 0o077 == 0:
+                    node.chmod.mode = stat.S_IMODE(mode)
             elif flags & os.O_EXCL:
                 raise pyfuse3.FUSEError(errno.EEXIST)
         value = await self.contents.current(node)
@@ -358,8 +410,16 @@ class KvpOperations(pyfuse3.Operations):
     async def setattr(self, inode: pyfuse3.InodeT, attr: pyfuse3.EntryAttributes,
                       fields: pyfuse3.SetattrFields, fh: pyfuse3.FileHandleT | None,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        directory = self.dirs.get(inode)
+        if directory is not None:
+            self.dirs.setattr(directory, attr, fields)
+            return self.dirs.attributes(directory, TTL)
         node = self.table.get(inode)
         if node is None:
+            if inode in (ROOT_INODE, *DIR_INODES) and _only_times(fields):
+                # rsync -a, cp -a and touch set times on a pool directory: accepted, and not
+                # kept (a pool directory's mtime is its pool's last change). docs/tools.md
+                return await self.attributes.of(inode)
             if inode in FIXED_INODES:
                 raise pyfuse3.FUSEError(errno.EACCES)
             raise pyfuse3.FUSEError(errno.ENOENT)
@@ -377,9 +437,17 @@ class KvpOperations(pyfuse3.Operations):
             node.chmod.gid = attr.st_gid
         if fields.update_mtime:
             node.mtime_ns = attr.st_mtime_ns
+            node.mtime_explicit = True
         if fields.update_atime:
             node.atime_ns = attr.st_atime_ns
         node.ctime_ns = now
+        if node.key is not None and not node.pending and node.linked and (
+                fields.update_mode or fields.update_uid or fields.update_gid
+                or fields.update_mtime):
+            # On disk before chmod returns (durable.py).
+            stored = self.contents.stored(node)
+            await self.meta.keep(node.key, self.meta.record_of(
+                node, stored, self.contents.value(node) or stored))
         return await self.attributes.of_node(node)
 
     @handler
@@ -396,6 +464,7 @@ class KvpOperations(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.ENOENT)
             if node.key is not None and not node.pending:
                 await self.store.delete(Pool.GUEST, node.key, Origin.MOUNT)
+                await self.meta.keep(node.key, None)  # after the key is gone (durable.py)
             self.table.unlink(node)
 
     @handler
@@ -425,12 +494,24 @@ class KvpOperations(pyfuse3.Operations):
     async def mkdir(self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT,
                     mode: pyfuse3.ModeT, ctx: pyfuse3.RequestContext,
                     ) -> pyfuse3.EntryAttributes:
-        raise _no_such_entries(parent_inode)
+        if parent_inode != DIR_INODES[Pool.GUEST]:
+            raise _no_such_entries(parent_inode)
+        # A private directory (Puppet's lock, docs/tools.md): never stored, never published.
+        if self.table.find(Pool.GUEST, name) is not None:
+            raise pyfuse3.FUSEError(errno.EEXIST)
+        directory = self.dirs.make(name, mode, ctx.uid, ctx.gid)
+        directory.lookups += 1
+        return self.dirs.attributes(directory, TTL)
 
     @handler
     async def rmdir(self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT,
                     ctx: pyfuse3.RequestContext) -> None:
-        raise pyfuse3.FUSEError(errno.EACCES)
+        if parent_inode != DIR_INODES[Pool.GUEST]:
+            raise pyfuse3.FUSEError(errno.EACCES)
+        if self.dirs.find(name) is None:
+            missing = self.table.find(Pool.GUEST, name) is None
+            raise pyfuse3.FUSEError(errno.ENOENT if missing else errno.ENOTDIR)
+        self.dirs.remove(name)
 
     @handler
     async def symlink(self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT,
@@ -483,6 +564,12 @@ class KvpOperations(pyfuse3.Operations):
     async def removexattr(self, inode: pyfuse3.InodeT, name: pyfuse3.XAttrNameT,
                           ctx: pyfuse3.RequestContext) -> None:
         raise pyfuse3.FUSEError(errno.ENOTSUP)
+
+
+def _only_times(fields: pyfuse3.SetattrFields) -> bool:
+    """A setattr that changes nothing but atime, mtime or ctime."""
+    return not (fields.update_mode or fields.update_uid or fields.update_gid
+                or fields.update_size)
 
 
 def _no_such_entries(parent: int) -> pyfuse3.FUSEError:

@@ -15,7 +15,9 @@ from pathlib import Path
 from types import TracebackType
 
 from kvpfs.storage.records import parse_pool
-from kvpfs.wire.pools import GUEST
+from kvpfs.wire.protocol import Pool
+
+GUEST = int(Pool.GUEST)
 
 POLL_INTERVAL = 0.002
 
