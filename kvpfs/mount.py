@@ -112,7 +112,7 @@ def build_filesystem(store: Store, intrinsics: Intrinsics, *, raw: bool = False,
     table = NodeTable(store, unpublished, started_ns)
     # What users set on guest keys, kept beside the pools (docs/tools.md); read once, here,
     # before anything is served.
-    meta = DurableMeta(KeyMetaFile(store.pool_dir))
+    meta = DurableMeta(KeyMetaFile(store.pool_dir), store.states[Pool.GUEST].unique_keys())
     table.on_guest_node = meta.apply
     contents = Contents(store, intrinsics)
     attributes = Attributes(store, table, contents, perm, started_ns)

@@ -18,6 +18,7 @@ Saves run in a worker thread, one at a time, in order.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 
 import trio
 
@@ -30,11 +31,14 @@ COALESCE_SECONDS = 0.05  # value facts written within this are saved together
 
 
 class DurableMeta:
-    def __init__(self, file: KeyMetaFile | None) -> None:
+    def __init__(self, file: KeyMetaFile | None, guest_keys: Iterable[bytes] = ()) -> None:
+        """`guest_keys`: the keys the guest pool holds now; records of others (keys deleted
+        while kvpfs was not running, or by the host) are dropped at the next save."""
         self.file = file
         loaded = file.load() if file is not None else None
-        self.records: dict[bytes, KeyMeta] = dict(loaded.records) if loaded else {}
-        self.on_disk: dict[bytes, KeyMeta] = dict(self.records)
+        self.on_disk: dict[bytes, KeyMeta] = dict(loaded.records) if loaded else {}
+        keys = set(guest_keys)
+        self.records = {k: r for k, r in self.on_disk.items() if k in keys}
         self.unreadable = loaded.unreadable if loaded else False
         self._saving = trio.Lock()
         self._dirty = trio.Event()
