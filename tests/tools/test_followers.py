@@ -52,6 +52,22 @@ def test_held_guest_key_changed_by_the_host(kvp):
         assert (size, data) == (21, b"written by the guest\n")
 
 
+def test_held_descriptor_follows_writes_through_the_mount(kvp):
+    """Another program writing the key through the mount changes it in place, as on any
+    filesystem: the held descriptor reads the new value, with its size."""
+    path = kvp.path("guest", "InPlace")
+    path.write_text("aaaa\n")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert held_view(fd) == (5, b"aaaa\n")
+        for value in ("bbbb\n", "cccccccccccc\n", "dd\n"):  # same size, longer, shorter
+            path.write_text(value)
+            size, data = held_view(fd)
+            assert (size, data) == (len(value), value.encode())
+    finally:
+        os.close(fd)
+
+
 class Follower:
     """`tail -F` on a path; everything it printed, collected by a thread."""
 
