@@ -10,8 +10,9 @@ Two speeds (docs/tools.md):
   worst a record about a value never stored, never a key shown more widely than its user
   set it;
 - facts about the value (mtime, trailing newline), which every write changes, are saved
-  by `saver()` a moment later, many writes in one save, and at shutdown; a crash may lose
-  the last moment's, and then shows the value as the pool holds it, with the pool's time.
+  by `saver()` a moment later, many writes in one save (not fsynced, like the pools), and
+  at shutdown; a crash may lose the last moment's, and then shows the value as the pool
+  holds it, with the pool's time.
 Saves run in a worker thread, one at a time, in order.
 """
 
@@ -27,7 +28,9 @@ from kvpfs.storage.keymeta import UNREADABLE_MODE, KeyMeta, KeyMetaFile
 
 log = logging.getLogger(__name__)
 
-COALESCE_SECONDS = 0.05  # value facts written within this are saved together
+# Value facts written within this are saved together, without fsync: a save that syncs
+# would make writes to the pool files wait for the disk.
+COALESCE_SECONDS = 0.2
 
 
 class DurableMeta:
@@ -94,20 +97,21 @@ class DurableMeta:
             while True:
                 await self._dirty.wait()
                 await trio.sleep(COALESCE_SECONDS)
-                await self._save()
+                await self._save(durable=False)
         finally:
             with trio.CancelScope(shield=True):
                 if self.records != self.on_disk:
                     await self._save()
 
-    async def _save(self) -> None:
+    async def _save(self, *, durable: bool = True) -> None:
         if self.file is None:
             return
         async with self._saving:
             self._dirty = trio.Event()
             snapshot = dict(self.records)
             try:
-                await trio.to_thread.run_sync(self.file.save, snapshot)
+                await trio.to_thread.run_sync(
+                    lambda: self.file.save(snapshot, durable=durable) if self.file else None)
             except OSError as exc:
                 log.warning("could not save guest keys' modes, owners and mtimes to %s: %s;"
                             " they hold until kvpfs restarts", self.file.path, exc)

@@ -4,8 +4,9 @@ Pool records hold only key and value, so a key's mode, owner, group and mtime, a
 written form of its value (the trailing newline the pool does not keep), live in one file
 of their own: `<pool dir>/.kvpfs-keymeta`, outside the `.kvp_pool_*` names the host side
 and hv_kvp_daemon read. It is JSON, rewritten whole by atomic replace (a temporary file
-beside it, fsync, rename, fsync of the directory), so after a crash it is the old or the
-new version, never a mix.
+beside it, renamed over it), so after a crash it is the old or the new version, never a
+mix. A `durable` save also fsyncs the file and the directory, so that it survives a power
+loss too (the pools themselves survive the death of a process, not a power loss).
 
 Two kinds of facts, two rules:
 - the key's own (mode, uid, gid) hold whatever the value becomes;
@@ -151,9 +152,9 @@ class KeyMetaFile:
                         " until kvpfs saves it anew", self.path, exc, UNREADABLE_MODE)
             return Loaded({}, unreadable=True)
 
-    def save(self, records: Mapping[bytes, KeyMeta]) -> None:
-        """Replace the file with `records`, durably (OSError if that fails; the old file
-        then stays as it was)."""
+    def save(self, records: Mapping[bytes, KeyMeta], *, durable: bool = True) -> None:
+        """Replace the file with `records`; with `durable`, on disk when this returns
+        (OSError if it fails; the old file then stays as it was)."""
         data = serialize(records)
         fd = os.open(self._temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
                      | os.O_CLOEXEC, 0o600)
@@ -161,10 +162,13 @@ class KeyMetaFile:
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view):]
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(self._temp, self.path)
+        if not durable:
+            return
         dfd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             os.fsync(dfd)
