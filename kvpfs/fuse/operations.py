@@ -416,10 +416,13 @@ class KvpOperations(pyfuse3.Operations):
             return self.dirs.attributes(directory, TTL)
         node = self.table.get(inode)
         if node is None:
-            if inode in (ROOT_INODE, *DIR_INODES) and _only_times(fields):
-                # rsync -a, cp -a and touch set times on a pool directory: accepted, and not
-                # kept (a pool directory's mtime is its pool's last change). docs/tools.md
-                return await self.attributes.of(inode)
+            if inode in (ROOT_INODE, *DIR_INODES):
+                # rsync -a, cp -a, tar -x and touch set times on a pool directory, and its
+                # mode and owner as they are: accepted, times not kept (a pool directory's
+                # mtime is its pool's last change). docs/tools.md
+                current = await self.attributes.of(inode)
+                if _changes_only_times(fields, attr, current):
+                    return current
             if inode in FIXED_INODES:
                 raise pyfuse3.FUSEError(errno.EACCES)
             raise pyfuse3.FUSEError(errno.ENOENT)
@@ -566,10 +569,14 @@ class KvpOperations(pyfuse3.Operations):
         raise pyfuse3.FUSEError(errno.ENOTSUP)
 
 
-def _only_times(fields: pyfuse3.SetattrFields) -> bool:
-    """A setattr that changes nothing but atime, mtime or ctime."""
-    return not (fields.update_mode or fields.update_uid or fields.update_gid
-                or fields.update_size)
+def _changes_only_times(fields: pyfuse3.SetattrFields, new: pyfuse3.EntryAttributes,
+                        current: pyfuse3.EntryAttributes) -> bool:
+    """A setattr that changes nothing but atime, mtime or ctime (mode, owner and group, if
+    given, are what they are)."""
+    mode_changes = stat.S_IMODE(new.st_mode) != stat.S_IMODE(current.st_mode)
+    return not (fields.update_size or (fields.update_mode and mode_changes)
+                or (fields.update_uid and new.st_uid != current.st_uid)
+                or (fields.update_gid and new.st_gid != current.st_gid))
 
 
 def _no_such_entries(parent: int) -> pyfuse3.FUSEError:

@@ -234,3 +234,23 @@ class Terminal:
             os.kill(self.pid, 9)
             os.waitpid(self.pid, 0)
         os.close(self.fd)
+
+
+def test_tar_and_cp_a_extract_into_guest(kvp, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    src.chmod(0o755)  # guest/'s own mode: a tool may set it again
+    (src / "FromTar").write_text("tarred\n")
+    (src / "FromTar").chmod(0o640)
+    old = time.time() - 3600
+    os.utime(src / "FromTar", (old, old))
+    ok("tar", "-cf", tmp_path / "keys.tar", "-C", src, ".")
+    guest = kvp.path("guest")
+    with HostWatch(kvp.pools) as watch:
+        ok("tar", "-xf", tmp_path / "keys.tar", "-C", guest)
+        ok("cp", "-a", f"{src}/.", f"{guest}/")
+    assert watch.names == {"FromTar"}, watch.names
+    assert read_pool(kvp.pools) == {"FromTar": "tarred"}
+    assert (guest / "FromTar").read_text() == "tarred\n"
+    assert stat.S_IMODE((guest / "FromTar").stat().st_mode) == 0o640
+    assert int((guest / "FromTar").stat().st_mtime) == int(old)
