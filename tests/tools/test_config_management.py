@@ -138,15 +138,20 @@ def test_salt_file_managed_create_noop_restart_absent(kvp, tmp_path):
     - contents: s3cret
     - mode: '0600'
     - user: nobody
+{guest}/Plain:
+  file.managed:
+    - contents: plain
 """
-    allowed = {"Role", "Secret"}
+    allowed = {"Role", "Secret", "Plain"}
     changed = salt_run(kvp, tmp_path, state, allowed)
     assert all(changed.values()), changed
     assert (guest / "Role").read_bytes() == b"web\n"  # Salt adds the newline itself
+    # No mode given: as on any filesystem, the default (not its temporary file's 0600).
+    assert stat.S_IMODE((guest / "Plain").stat().st_mode) == 0o644
     assert stat.S_IMODE((guest / "Secret").stat().st_mode) == 0o600
     assert (guest / "Secret").stat().st_uid == NOBODY
-    assert read_pool(kvp.pools) == {"Role": "web", "Secret": "s3cret"}
-    assert sorted(os.listdir(guest)) == ["Role", "Secret"]
+    assert read_pool(kvp.pools) == {"Role": "web", "Secret": "s3cret", "Plain": "plain"}
+    assert sorted(os.listdir(guest)) == ["Plain", "Role", "Secret"]
 
     assert not any(salt_run(kvp, tmp_path, state, allowed).values())
 
@@ -158,4 +163,4 @@ def test_salt_file_managed_create_noop_restart_absent(kvp, tmp_path):
     - contents: web
     - mode: '0640'""", "  file.absent")
     assert salt_run(kvp, tmp_path, absent, allowed)[f"{guest}/Role"]
-    assert read_pool(kvp.pools) == {"Secret": "s3cret"}
+    assert read_pool(kvp.pools) == {"Secret": "s3cret", "Plain": "plain"}
