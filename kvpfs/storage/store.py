@@ -21,13 +21,14 @@ never across I/O.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import enum
 import logging
 import os
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -278,6 +279,16 @@ class Store:
         """Remove every record with this key; False if there was none."""
         _check_writable(pool)
         return await self._change(pool, origin, writeplan.Delete(key))
+
+    @contextlib.contextmanager
+    def lock_waits_within(self, seconds: float) -> Iterator[None]:
+        """Changes made inside stop waiting for pool locks after `seconds` (or the lock
+        timeout, if sooner): for a caller with a deadline of its own, a host request."""
+        token = _request_deadline.set(Deadline.after(max(0.0, min(seconds, self.lock_timeout))))
+        try:
+            yield
+        finally:
+            _request_deadline.reset(token)
 
     def request_lock(self, pool: int) -> RequestLock:
         """A lock for a caller's own queue of changes to `pool`, bounded like the store's."""

@@ -18,7 +18,7 @@ import trio
 from kvpfs.host import simulator
 from kvpfs.host.intrinsic import FqdnCache, Intrinsics, OsInfo
 from kvpfs.host.netconfig import IpInfoService
-from kvpfs.host.server import DeviceServer
+from kvpfs.host.server import Deferred, DeviceServer
 from kvpfs.host.simulator import SimulatedHost
 from kvpfs.storage.store import Store
 from kvpfs.wire import kernelside, protocol
@@ -94,6 +94,9 @@ async def test_slow_activation_never_answers_another_request(fake: FakeSystem,
                                    "192.0.2.53")
         assert result.ok, result.status_name
         keyfile = fake.out / "etc/NetworkManager/system-connections/hyperv-hv0.nmconnection"
+        with trio.fail_after(10):  # put in place once the S_OK has reached the kernel
+            while not keyfile.exists():
+                await trio.sleep(0.01)
         assert "address1=192.0.2.10/24\ngateway=192.0.2.1\n" in keyfile.read_text()
         assert service.activations_succeeded == 0  # still activating
         assert await host.list(1) == [("k", "v")]
@@ -127,7 +130,9 @@ async def test_activation_is_cancelled_cleanly_at_shutdown(fake: FakeSystem) -> 
     async with trio.open_nursery() as nursery:
         await nursery.start(service.run)
         reply = await service(set_request(GUIDS["hv0"], "192.0.2.10", "24"))
-        assert kernelside.decode_daemon_message(reply).status == Status.S_OK
+        assert isinstance(reply, Deferred)  # activation waits until the reply is delivered
+        assert kernelside.decode_daemon_message(reply.reply).status == Status.S_OK
+        reply.commit()
         with trio.fail_after(10):
             while not pid_file.exists() or not pid_file.read_text():
                 await trio.sleep(0.02)

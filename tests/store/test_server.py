@@ -513,9 +513,8 @@ async def test_kernel_timeout_makes_server_register_again(tmp_path: Path) -> Non
         assert (await rig.host.set(1, "existing", "1")).ok
         proc = start_locker(rig.path(1))
         try:
-            started = time.monotonic()
             assert (await rig.host.set(1, "blocked", "x")).status == Status.E_FAIL
-            assert time.monotonic() - started < 0.45
+            assert rig.host.timeouts == 1  # the kernel's own E_FAIL, from its timer
             # The server is still waiting for the lock; once it gives up, its reply cannot
             # be delivered and it registers again.
             with trio.fail_after(2):
