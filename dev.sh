@@ -24,7 +24,7 @@ SYSTEM_PATH=/usr/local/sbin:/usr/sbin:/sbin:/usr/bin:/bin
 TEST_DEBS=(fuse3 libfuse3-dev pkg-config hyperv-daemons iproute2 util-linux attr
            systemd udev python3-gi gir1.2-nm-1.0 man-db python3-venv inotify-tools
            vim-tiny podman runc bubblewrap busybox-static puppet rsync nano tar findutils
-           grep)
+           grep plocate)
 # What building the package and running the suite on Debian's libraries need.
 DEB_BUILD_DEBS=(build-essential debhelper dh-python pybuild-plugin-pyproject python3-all
                 python3-setuptools lintian man-db)

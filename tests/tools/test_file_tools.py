@@ -139,6 +139,12 @@ def test_tree_walkers_finish_and_skip_the_change_feed(kvp, tmp_path):
     assert "./guest/Walked" in listing and "./.events" not in listing, archive.stderr
     ok("du", "-s", mnt)
     ok("ls", "-laR", mnt)
+    # updatedb (plocate) indexes the mount as it would at night, nothing pruned.
+    database = tmp_path / "locate.db"
+    ok(tool("updatedb", "plocate"), "--output", database, "--database-root", mnt,
+       "--prunefs", "", "--prunepaths", "", "--prunenames", "", "--require-visibility", "no")
+    located = ok("locate", "--database", database, "Walked").stdout.split()
+    assert located == [f"{mnt}/guest/Walked"], located
 
 
 def test_guest_directories_are_private_and_bounded(kvp):
