@@ -7,8 +7,10 @@ builds and hands over (`Parts`): inodes in `nodes`, what a file reads as in
 `writes`, the change feed (/.events) in `events`, and everything the kernel
 and watchers must be told after a change in `notifications` (never from a
 handler: it runs in a task of its own). Only `guest` (pool 1) is writable.
-Names starting with `.` in `guest` are scratch files kept in memory until
-renamed to a key, which is how editors, `sed -i` and rsync save.
+Temporary names in `guest` (dot-files, `sedXXXXXX`, Puppet's and Salt's: `tempnames`)
+are scratch files kept in memory until renamed to a key, which is how editors, `sed -i`,
+rsync and configuration tools save; directories made there are private (`privatedirs`);
+what users set on guest keys is kept across restarts (`durable`). docs/tools.md.
 
 The inotify echo helper's requests never reach these handlers: they are taken
 aside by `echoes.EchoingOperations`, the subclass that is mounted. Every
