@@ -38,11 +38,13 @@ from kvpfs import __version__, compat, control, mountinfo
 from kvpfs.fuse import events
 from kvpfs.fuse.attributes import Attributes
 from kvpfs.fuse.contents import Contents
+from kvpfs.fuse.durable import DurableMeta
 from kvpfs.fuse.echoes import EchoingOperations, EchoRequests
 from kvpfs.fuse.events import EventFeed
 from kvpfs.fuse.nodes import NodeTable
 from kvpfs.fuse.notifications import Notifications
 from kvpfs.fuse.operations import Parts, Permissions
+from kvpfs.fuse.privatedirs import PrivateDirs
 from kvpfs.fuse.unpublished import Unpublished
 from kvpfs.fuse.writes import Writes
 from kvpfs.host.controlrpc import answer
@@ -53,6 +55,7 @@ from kvpfs.host.server import DeviceServer, RegistrationRefused
 from kvpfs.host.simulator import SimulatedHost
 from kvpfs.mountguard import MountGuard
 from kvpfs.storage.errors import PoolFileError
+from kvpfs.storage.keymeta import KeyMetaFile
 from kvpfs.storage.locks import DEFAULT_LOCK_TIMEOUT
 from kvpfs.storage.store import Store, default_pool_dir
 from kvpfs.watchdog import PINGS_PER_PERIOD, Watchdog, sd_notify, watchdog_period
@@ -93,6 +96,7 @@ class Filesystem:
     notifications: Notifications  # run by `serve` (Notifications.run)
     feed: EventFeed  # its interrupt watcher is run by `serve`
     table: NodeTable
+    meta: DurableMeta  # its saver is run by `serve`
 
 
 def build_filesystem(store: Store, intrinsics: Intrinsics, *, raw: bool = False,
@@ -107,10 +111,14 @@ def build_filesystem(store: Store, intrinsics: Intrinsics, *, raw: bool = False,
     started_ns = time.time_ns()
     unpublished = Unpublished(perm.privileged)
     table = NodeTable(store, unpublished, started_ns)
+    # What users set on guest keys, kept beside the pools (docs/tools.md); read once, here,
+    # before anything is served.
+    meta = DurableMeta(KeyMetaFile(store.pool_dir), store.states[Pool.GUEST].unique_keys())
+    table.on_guest_node = meta.apply
     contents = Contents(store, intrinsics)
     attributes = Attributes(store, table, contents, perm, started_ns)
     guest_lock = store.request_lock(Pool.GUEST)
-    writes = Writes(store, table, contents, unpublished, guest_lock, raw=raw)
+    writes = Writes(store, table, contents, unpublished, guest_lock, meta, raw=raw)
     notifications = Notifications(store, table)
     feed = EventFeed(notifications.wake_poller)
     handles = itertools.count(1)
@@ -121,10 +129,12 @@ def build_filesystem(store: Store, intrinsics: Intrinsics, *, raw: bool = False,
     echoes = EchoRequests(notifications, table, attributes, perm, new_fh)
     parts = Parts(store=store, table=table, contents=contents, attributes=attributes,
                   writes=writes, feed=feed, notifications=notifications, perm=perm,
-                  guest_lock=guest_lock, new_fh=new_fh, control_path=control_path)
+                  guest_lock=guest_lock, new_fh=new_fh,
+                  dirs=PrivateDirs(lambda: table.new_ino(Pool.GUEST)),
+                  meta=meta, control_path=control_path)
     store.add_listener(feed.on_store_change)
     store.add_listener(notifications.on_store_change)
-    return Filesystem(EchoingOperations(parts, echoes), notifications, feed, table)
+    return Filesystem(EchoingOperations(parts, echoes), notifications, feed, table, meta)
 
 
 async def clear_stale_mount(mountpoint: Path, where: Path, *, bound: float = 2.0) -> None:
@@ -294,6 +304,7 @@ async def _serve_store(config: MountConfig, store: Store, pool_dir: Path, contro
                 mounted.start_soon(store.watch)
                 mounted.start_soon(fs.feed.watch_interrupts, where)
                 mounted.start_soon(MountGuard(where).run)  # other users' mounts inside ours
+                mounted.start_soon(fs.meta.saver)  # guest keys' mtimes and newlines
                 # Handlers in place before READY=1: a stop right after it must unmount
                 # cleanly, not kill us with SIGTERM's default action and leave a dead mount.
                 await compat.start(mounted, _terminate_on_signals, fs.feed, invalidations)

@@ -95,6 +95,7 @@ class Attributes:
         value = await self.contents.current(node) if node.linked else None
         if value is not None:
             node.kernel.size = len(value)
+            node.kernel.seen = value
         ttl = TTL if node.pool != Pool.AUTO else AUTO_TTL
         node.kernel.attrs_until = time.monotonic() + ttl + TTL_MARGIN
         mode = node.chmod.mode if node.chmod.mode is not None else self.perm.file_mode(node.pool)

@@ -28,7 +28,7 @@ class Contents:
         became, else the stored value."""
         if node.held.inflight is not None:
             return node.held.inflight
-        if node.key is None or node.pending:
+        if node.key is None or node.pending or node.replaced:
             return node.held.content
         if node.pool == Pool.AUTO:
             return None  # computed by current()

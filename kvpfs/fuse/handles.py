@@ -14,9 +14,15 @@ against the moves allowed (a wrong one is a bug in kvpfs, raised as such):
 from __future__ import annotations
 
 import enum
+import errno
 from dataclasses import dataclass
 
+import pyfuse3
+
+from kvpfs.fuse.errors import refusals
 from kvpfs.fuse.nodes import Node
+from kvpfs.quota import UserQuota
+from kvpfs.wire import limits
 
 
 class Buffer(enum.Enum):
@@ -117,3 +123,24 @@ class Handle:
         if to is not self.publication and to not in PUBLICATION_MOVES[self.publication]:
             raise BadMove(f"handle publication {self.publication.name} -> {to.name}")
         self.publication = to
+
+
+class OpenFiles:
+    """Open files and directories, counted per user (`quota.UserQuota`): EMFILE past a
+    user's own bound, ENFILE past what all users may hold; root (and the user kvpfs runs
+    as) keeps headroom whatever other users hold. Refusals are logged at a bounded rate."""
+
+    def __init__(self, privileged: frozenset[int]) -> None:
+        self.quota = UserQuota("open files and directories",
+                               per_user=limits.OPEN_FILES_PER_USER,
+                               total=limits.OPEN_FILES_MAX, headroom=limits.OPEN_FILES_ROOT,
+                               privileged=privileged)
+
+    def take(self, uid: int, what: str) -> None:
+        why = self.quota.take(uid)
+        if why is not None:
+            refusals.warning("refused to %s: %s; close some", what, why)
+            raise pyfuse3.FUSEError(errno.EMFILE if why.own else errno.ENFILE)
+
+    def give(self, uid: int) -> None:
+        self.quota.give(uid)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import errno
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import pyfuse3
@@ -36,6 +36,7 @@ class KernelView:
     cached: bool = False  # its page cache, if any, holds the current value
     attrs_until: float = 0.0  # until then (monotonic) it may use the attributes we gave
     size: int = 0  # the size those attributes said
+    seen: bytes | None = None  # the value last handed to it (by that size or an open)
 
 
 @dataclass(eq=False)
@@ -84,9 +85,14 @@ class Node:
     name: bytes
     lookups: int = 0  # the kernel's references (LOOKUP, READDIRPLUS, CREATE minus FORGET)
     handles: int = 0  # open files
+    writers: int = 0  # open files that may write (among `handles`)
     linked: bool = True
+    # Replaced by a host change while open for reading (docs/tools.md): its open files keep
+    # `held.content`, the value they saw, with its size; the key's name leads to a new node.
+    replaced: bool = False
     pending: bool = False  # created through the mount, not committed yet
     mtime_ns: int = field(default_factory=time.time_ns)
+    mtime_explicit: bool = False  # set by utimensat after the last write: a close keeps it
     ctime_ns: int = 0
     atime_ns: int = 0
     # Whose bounds (per user, see Unpublished and Writes.check_scratch_room) this file's
@@ -118,6 +124,8 @@ class NodeTable:
         self.names_changed_ns = [state.mtime_ns or started_ns for state in store.states]
         self._key_counts = [len(state.slots) for state in store.states]
         self._allocated = [0] * len(DIR_INODES)  # inode numbers given out, per pool
+        # Applies what users set on a guest key (durable.DurableMeta.apply) to a new node.
+        self.on_guest_node: Callable[[Node, bytes | None], None] | None = None
 
     def get(self, ino: int) -> Node | None:
         return self.by_ino.get(ino)
@@ -134,6 +142,8 @@ class NodeTable:
         if node is None:
             node = Node(self.new_ino(pool), pool, key, names.key_to_name(key))
             node.mtime_ns = node.ctime_ns = self.store.states[pool].mtime_ns or self.started_ns
+            if pool == Pool.GUEST and self.on_guest_node is not None:
+                self.on_guest_node(node, self.store.get(pool, key))
             self.by_ino[node.ino] = node
             self.by_key[(pool, key)] = node
         return node
@@ -167,6 +177,21 @@ class NodeTable:
         else:
             self.by_key[(Pool.GUEST, key)] = node
         self.names_changed()
+
+    def replace(self, node: Node) -> None:
+        """A host change replaces a key's file open for reading, as a rename over it would:
+        its open files keep the value the kernel saw (`kernel.seen`), with its size; the
+        key's name leads to a new node."""
+        if node.key is not None and self.by_key.get((node.pool, node.key)) is node:
+            del self.by_key[(node.pool, node.key)]
+        frozen = node.kernel.seen if node.kernel.seen is not None else b""
+        node.linked = False
+        node.replaced = True
+        node.held.content = frozen
+        node.held.shown = None
+        node.held.inflight = None
+        node.kernel.size = len(frozen)
+        node.kernel.cached = False
 
     def stored(self, node: Node) -> None:
         """A pending key's value is in the pool now: it is listed from there."""

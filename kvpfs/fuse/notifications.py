@@ -175,6 +175,14 @@ class Notifications:
                 if node is not None and is_set:
                     self.attr_invalidate(node, None)
                 continue
+            if node is not None and is_set and node.handles > 0 and node.writers == 0 \
+                    and node.linked and not node.pending:
+                # Open for reading only: the host's value replaces the file, as a rename
+                # would (its readers keep what they opened, with its size: docs/tools.md);
+                # the kernel drops the name, the echo below then reaches the new file.
+                self.table.replace(node)
+                self._queue(EntryDrop(DIR_INODES[change.pool], node.name, 0))
+                node = None
             if node is not None:
                 node.mtime_ns = node.ctime_ns = time.time_ns()
                 node.kernel.cached = False

@@ -7,8 +7,10 @@ builds and hands over (`Parts`): inodes in `nodes`, what a file reads as in
 `writes`, the change feed (/.events) in `events`, and everything the kernel
 and watchers must be told after a change in `notifications` (never from a
 handler: it runs in a task of its own). Only `guest` (pool 1) is writable.
-Names starting with `.` in `guest` are scratch files kept in memory until
-renamed to a key, which is how editors, `sed -i` and rsync save.
+Temporary names in `guest` (dot-files, `sedXXXXXX`, Puppet's and Salt's: `tempnames`)
+are scratch files kept in memory until renamed to a key, which is how editors, `sed -i`,
+rsync and configuration tools save; directories made there are private (`privatedirs`);
+what users set on guest keys is kept across restarts (`durable`). docs/tools.md.
 
 The inotify echo helper's requests never reach these handlers: they are taken
 aside by `echoes.EchoingOperations`, the subclass that is mounted. Every
@@ -30,11 +32,13 @@ from dataclasses import dataclass
 
 import pyfuse3
 
-from kvpfs.fuse.attributes import Attributes
+from kvpfs.fuse.attributes import TTL, Attributes
 from kvpfs.fuse.contents import Contents
-from kvpfs.fuse.errors import handler, refusals
+from kvpfs.fuse.durable import DurableMeta
+from kvpfs.fuse.errors import handler
 from kvpfs.fuse.events import EventFeed
-from kvpfs.fuse.handles import Buffer, Handle, Publication
+from kvpfs.fuse.handles import Buffer, Handle, OpenFiles, Publication
+from kvpfs.fuse.listings import Listings
 from kvpfs.fuse.nodes import (
     DIR_INODES,
     EVENTS_INODE,
@@ -42,15 +46,15 @@ from kvpfs.fuse.nodes import (
     FIXED_INODES,
     LINK_INODES,
     ROOT_INODE,
-    Node,
     NodeTable,
 )
 from kvpfs.fuse.notifications import Notifications
 from kvpfs.fuse.permissions import Permissions
+from kvpfs.fuse.privatedirs import PrivateDirs
+from kvpfs.fuse.tempnames import is_temporary_create
 from kvpfs.fuse.writes import Writes
-from kvpfs.quota import UserQuota
 from kvpfs.storage.store import Origin, RequestLock, Store
-from kvpfs.wire import limits, names
+from kvpfs.wire import names
 from kvpfs.wire.protocol import Pool
 
 __all__ = ["DIR_INODES", "EVENTS_INODE", "KvpOperations", "Parts", "Permissions"]
@@ -60,15 +64,6 @@ log = logging.getLogger(__name__)
 XATTR_KEY = b"user.kvp.key"
 XATTR_POOL = b"user.kvp.pool"
 XATTR_CONTROL = b"user.kvpfs.control"
-
-DirEntry = tuple[int, bytes, "Node | None"]
-# `ls` of a pool and the kernel's readdir offsets: entries in inode order, shared by every
-# open directory (an open directory holds no copy: only the inode and who opened it).
-ROOT_ENTRIES: list[DirEntry] = sorted(
-    [(DIR_INODES[p], p.dirname.encode(), None) for p in Pool]
-    + [(LINK_INODES[p], str(int(p)).encode(), None) for p in Pool]
-    + [(EVENTS_INODE, EVENTS_NAME, None)], key=lambda entry: entry[0])
-
 
 @dataclass(frozen=True)
 class Parts:
@@ -84,6 +79,8 @@ class Parts:
     perm: Permissions
     guest_lock: RequestLock  # held while changing guest; waiters give up at their deadline
     new_fh: Callable[[], int]  # file handle numbers, shared with the echo helper's files
+    dirs: PrivateDirs  # mkdir in guest/ (docs/tools.md)
+    meta: DurableMeta  # what users set on guest keys, kept across restarts
     control_path: str | None = None
 
 
@@ -105,17 +102,13 @@ class KvpOperations(pyfuse3.Operations):
         self.perm = parts.perm
         self._guest_lock = parts.guest_lock
         self._new_fh = parts.new_fh
+        self.dirs = parts.dirs
+        self.meta = parts.meta
         self.control_path = parts.control_path
         self._handles: dict[int, Handle] = {}
         self._dir_handles: dict[int, tuple[int, int]] = {}  # fh -> (directory inode, uid)
-        self._listings: dict[int, tuple[tuple[int, int], list[DirEntry]]] = {}
-        # Open files and directories per user; root (and the user kvpfs runs as) keeps
-        # headroom whatever other users hold.
-        self.open_files = UserQuota("open files and directories",
-                                    per_user=limits.OPEN_FILES_PER_USER,
-                                    total=limits.OPEN_FILES_MAX,
-                                    headroom=limits.OPEN_FILES_ROOT,
-                                    privileged=parts.perm.privileged)
+        self.listings = Listings(parts.store, parts.table, parts.dirs)
+        self.open_files = OpenFiles(parts.perm.privileged)
 
     # ================================================================ lookup & dirs
     @handler
@@ -132,11 +125,20 @@ class KvpOperations(pyfuse3.Operations):
                 if name == str(int(pool)).encode():
                     return await self.attributes.of(LINK_INODES[pool])
             raise pyfuse3.FUSEError(errno.ENOENT)
+        if self.dirs.get(parent_inode) is not None:
+            if name in (b".", b".."):
+                return await self._attributes(parent_inode if name == b"." else
+                                              DIR_INODES[Pool.GUEST])
+            raise pyfuse3.FUSEError(errno.ENOENT)  # private directories hold nothing
         pool = self.table.pool_of_dir(parent_inode)
         if name == b".":
             return await self.attributes.of(parent_inode)
         if name == b"..":
             return await self.attributes.of(ROOT_INODE)
+        directory = self.dirs.find(name) if pool == Pool.GUEST else None
+        if directory is not None:
+            directory.lookups += 1
+            return self.dirs.attributes(directory, TTL)
         node = self.table.find(pool, name)
         if node is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
@@ -149,6 +151,13 @@ class KvpOperations(pyfuse3.Operations):
                       ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
         if self.notifications.host_deleted_gone(inode):
             raise pyfuse3.FUSEError(errno.ESTALE)  # see Notifications.host_deleted_gone
+        return await self._attributes(inode)
+
+    async def _attributes(self, inode: int) -> pyfuse3.EntryAttributes:
+        """Any inode's attributes, private directories' included."""
+        directory = self.dirs.get(inode)
+        if directory is not None:
+            return self.dirs.attributes(directory, TTL)
         return await self.attributes.of(inode)
 
     @handler
@@ -161,27 +170,12 @@ class KvpOperations(pyfuse3.Operations):
     @handler
     async def opendir(self, inode: pyfuse3.InodeT,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.FileHandleT:
-        if inode != ROOT_INODE:
+        if inode != ROOT_INODE and self.dirs.get(inode) is None:
             self.table.pool_of_dir(inode)  # ENOTDIR, ENOENT
-        self._take_open_file(ctx.uid, "open the directory")
+        self.open_files.take(ctx.uid, "open the directory")
         fh = self._new_fh()
         self._dir_handles[fh] = (inode, ctx.uid)
         return fh
-
-    def _listing(self, inode: int) -> list[DirEntry]:
-        """A directory's entries in inode order (stable next_id), built again only after
-        the pool or guest's unstored files changed."""
-        if inode == ROOT_INODE:
-            return ROOT_ENTRIES
-        pool = self.table.pool_of_dir(inode)
-        version = (self.store.states[pool].mtime_ns, self.table.extra_version)
-        cached = self._listings.get(pool)
-        if cached is not None and cached[0] == version:
-            return cached[1]
-        entries: list[DirEntry] = sorted(
-            ((n.ino, n.name, n) for n in self.table.listing(pool)), key=lambda e: e[0])
-        self._listings[pool] = (version, entries)
-        return entries
 
     @handler
     async def readdir(self, fh: pyfuse3.FileHandleT, start_id: int,
@@ -189,10 +183,19 @@ class KvpOperations(pyfuse3.Operations):
         opened = self._dir_handles.get(fh)
         if opened is None:
             raise pyfuse3.FUSEError(errno.EBADF)
-        entries = self._listing(opened[0])
+        entries = self.listings.entries(opened[0])
         position = bisect_right(entries, start_id, key=lambda entry: entry[0])
         for ino, name, node in entries[position:]:
             if node is not None and not node.linked:
+                continue
+            if node is None and ino not in FIXED_INODES:
+                directory = self.dirs.get(ino)
+                if directory is None or not directory.linked:
+                    continue  # removed since opendir
+                if not pyfuse3.readdir_reply(token, name, self.dirs.attributes(directory, TTL),
+                                             ino):
+                    return
+                directory.lookups += 1
                 continue
             attr = await (self.attributes.of_node(node) if node is not None
                           else self.attributes.of(ino))
@@ -210,7 +213,8 @@ class KvpOperations(pyfuse3.Operations):
     async def forget(self, inode_list: Sequence[tuple[pyfuse3.InodeT, int]]) -> None:
         # Must not raise: no handler wrapper, nothing in here can fail.
         for inode, count in inode_list:
-            self.table.forget(inode, count)
+            if not self.dirs.forget(inode, count):
+                self.table.forget(inode, count)
 
     @handler
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
@@ -255,23 +259,18 @@ class KvpOperations(pyfuse3.Operations):
         if truncate:
             # `: > key` stores at release, where nobody hears of a failure: check now.
             await self.writes.prepare(handle)
-        self._take_open_file(ctx.uid, f"open {Pool(node.pool).dirname}/"
+        self.open_files.take(ctx.uid, f"open {Pool(node.pool).dirname}/"
                              f"{node.name.decode(errors='replace')}")
         return self._new_handle(handle)
-
-    def _take_open_file(self, uid: int, what: str) -> None:
-        """Count one more open file or directory for `uid`: EMFILE past the user's own
-        bound, ENFILE past what all users may hold (root keeps headroom)."""
-        why = self.open_files.take(uid)
-        if why is not None:
-            refusals.warning("refused to %s: %s; close some", what, why)
-            raise pyfuse3.FUSEError(errno.EMFILE if why.own else errno.ENFILE)
 
     def _new_handle(self, handle: Handle) -> pyfuse3.FileInfo:
         fh = self._new_fh()
         self._handles[fh] = handle
         node = handle.node
         node.handles += 1
+        node.writers += handle.writable
+        if not handle.writable and isinstance(handle.buffer, bytes):
+            node.kernel.seen = handle.buffer
         # The kernel may keep what it cached at an earlier open only if the value has not
         # changed since (every change clears `cached`); pool 2 is computed per read.
         keep = node.kernel.cached and not handle.writable and node.pool != Pool.AUTO
@@ -342,6 +341,7 @@ class KvpOperations(pyfuse3.Operations):
         self.open_files.give(handle.uid)
         node = handle.node
         node.handles -= 1
+        node.writers -= handle.writable
         try:
             await self.writes.commit(handle)
         finally:
@@ -359,12 +359,14 @@ class KvpOperations(pyfuse3.Operations):
                      ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         if parent_inode == ROOT_INODE:
             raise pyfuse3.FUSEError(errno.EACCES)  # the root holds only the pools
+        if self.dirs.get(parent_inode) is not None:
+            raise pyfuse3.FUSEError(errno.EPERM)  # private directories hold nothing
         pool = self.table.pool_of_dir(parent_inode)
         if pool != Pool.GUEST:
             raise pyfuse3.FUSEError(errno.EACCES)
-        self._take_open_file(ctx.uid, f"create guest/{name.decode(errors='replace')}")
+        self.open_files.take(ctx.uid, f"create guest/{name.decode(errors='replace')}")
         try:
-            handle = await self._new_guest_file(name, flags, ctx.uid)
+            handle = await self._new_guest_file(name, mode, flags, ctx.uid)
         except BaseException:
             self.open_files.give(ctx.uid)  # no handle: nothing will release it
             raise
@@ -373,11 +375,13 @@ class KvpOperations(pyfuse3.Operations):
         handle.node.lookups += 1
         return info, attr
 
-    async def _new_guest_file(self, name: bytes, flags: int, uid: int) -> Handle:
+    async def _new_guest_file(self, name: bytes, mode: int, flags: int, uid: int) -> Handle:
         """create(2)'s handle on `name` in guest, made (counted against `uid`) or found."""
         pool = Pool.GUEST
         key = None
-        if not name.startswith(b"."):
+        # A temporary file (by its name, docs/tools.md) is private until renamed to a key.
+        if not is_temporary_create(name, exclusive=bool(flags & os.O_EXCL), mode=mode,
+                                   exists=lambda n: self.table.find(Pool.GUEST, n) is not None):
             key = self.writes.checked_key(name)
             await self.writes.prepare_key(key)  # the value is stored at close: check now
         async with self._guest_lock:
@@ -385,6 +389,12 @@ class KvpOperations(pyfuse3.Operations):
             if node is None:
                 self.writes.check_scratch_room(name, uid)
                 node = self.table.add_guest(name, key, uid)
+                # Its creator owns it (the group stays guest/'s, as in a setgid directory);
+                # a file made owner-only (mkstemp) stays so until chmod.
+                if uid != self.perm.uid:
+                    node.chmod.uid = uid
+                if stat.S_IMODE(mode) & 0o077 == 0:
+                    node.chmod.mode = stat.S_IMODE(mode)
             elif flags & os.O_EXCL:
                 raise pyfuse3.FUSEError(errno.EEXIST)
         value = await self.contents.current(node)
@@ -401,8 +411,19 @@ class KvpOperations(pyfuse3.Operations):
     async def setattr(self, inode: pyfuse3.InodeT, attr: pyfuse3.EntryAttributes,
                       fields: pyfuse3.SetattrFields, fh: pyfuse3.FileHandleT | None,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        directory = self.dirs.get(inode)
+        if directory is not None:
+            self.dirs.setattr(directory, attr, fields)
+            return self.dirs.attributes(directory, TTL)
         node = self.table.get(inode)
         if node is None:
+            if inode in (ROOT_INODE, *DIR_INODES):
+                # rsync -a, cp -a, tar -x and touch set times on a pool directory, and its
+                # mode and owner as they are: accepted, times not kept (a pool directory's
+                # mtime is when a name in it last came, went or moved). docs/tools.md
+                current = await self.attributes.of(inode)
+                if _changes_only_times(fields, attr, current):
+                    return current
             if inode in FIXED_INODES:
                 raise pyfuse3.FUSEError(errno.EACCES)
             raise pyfuse3.FUSEError(errno.ENOENT)
@@ -420,9 +441,17 @@ class KvpOperations(pyfuse3.Operations):
             node.chmod.gid = attr.st_gid
         if fields.update_mtime:
             node.mtime_ns = attr.st_mtime_ns
+            node.mtime_explicit = True
         if fields.update_atime:
             node.atime_ns = attr.st_atime_ns
         node.ctime_ns = now
+        if node.key is not None and not node.pending and node.linked and (
+                fields.update_mode or fields.update_uid or fields.update_gid
+                or fields.update_mtime):
+            # On disk before chmod returns (durable.py).
+            stored = self.contents.stored(node)
+            await self.meta.keep(node.key, self.meta.record_of(
+                node, stored, self.contents.value(node) or stored))
         return await self.attributes.of_node(node)
 
     @handler
@@ -439,6 +468,7 @@ class KvpOperations(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.ENOENT)
             if node.key is not None and not node.pending:
                 await self.store.delete(Pool.GUEST, node.key, Origin.MOUNT)
+                await self.meta.keep(node.key, None)  # after the key is gone (durable.py)
             self.table.unlink(node)
 
     @handler
@@ -468,12 +498,26 @@ class KvpOperations(pyfuse3.Operations):
     async def mkdir(self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT,
                     mode: pyfuse3.ModeT, ctx: pyfuse3.RequestContext,
                     ) -> pyfuse3.EntryAttributes:
-        raise _no_such_entries(parent_inode)
+        if parent_inode != DIR_INODES[Pool.GUEST]:
+            raise _no_such_entries(parent_inode)
+        # A private directory (Puppet's lock, docs/tools.md): never stored, never published.
+        if self.table.find(Pool.GUEST, name) is not None:
+            raise pyfuse3.FUSEError(errno.EEXIST)
+        directory = self.dirs.make(name, mode, ctx.uid, ctx.gid)
+        self.table.names_changed()
+        directory.lookups += 1
+        return self.dirs.attributes(directory, TTL)
 
     @handler
     async def rmdir(self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT,
                     ctx: pyfuse3.RequestContext) -> None:
-        raise pyfuse3.FUSEError(errno.EACCES)
+        if parent_inode != DIR_INODES[Pool.GUEST]:
+            raise pyfuse3.FUSEError(errno.EACCES)
+        if self.dirs.find(name) is None:
+            missing = self.table.find(Pool.GUEST, name) is None
+            raise pyfuse3.FUSEError(errno.ENOENT if missing else errno.ENOTDIR)
+        self.dirs.remove(name)
+        self.table.names_changed()
 
     @handler
     async def symlink(self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT,
@@ -526,6 +570,16 @@ class KvpOperations(pyfuse3.Operations):
     async def removexattr(self, inode: pyfuse3.InodeT, name: pyfuse3.XAttrNameT,
                           ctx: pyfuse3.RequestContext) -> None:
         raise pyfuse3.FUSEError(errno.ENOTSUP)
+
+
+def _changes_only_times(fields: pyfuse3.SetattrFields, new: pyfuse3.EntryAttributes,
+                        current: pyfuse3.EntryAttributes) -> bool:
+    """A setattr that changes nothing but atime, mtime or ctime (mode, owner and group, if
+    given, are what they are)."""
+    mode_changes = stat.S_IMODE(new.st_mode) != stat.S_IMODE(current.st_mode)
+    return not (fields.update_size or (fields.update_mode and mode_changes)
+                or (fields.update_uid and new.st_uid != current.st_uid)
+                or (fields.update_gid and new.st_gid != current.st_gid))
 
 
 def _no_such_entries(parent: int) -> pyfuse3.FUSEError:

@@ -20,9 +20,11 @@ import time
 import pyfuse3
 
 from kvpfs.fuse.contents import Contents
+from kvpfs.fuse.durable import DurableMeta
 from kvpfs.fuse.errors import refusals
 from kvpfs.fuse.handles import Buffer, Handle
 from kvpfs.fuse.nodes import Node, NodeTable
+from kvpfs.fuse.tempnames import is_temporary
 from kvpfs.fuse.unpublished import Unpublished
 from kvpfs.storage.store import Origin, RequestLock, Store
 from kvpfs.wire import limits, names
@@ -39,8 +41,10 @@ def is_scratch(node: Node) -> bool:
 
 class Writes:
     def __init__(self, store: Store, table: NodeTable, contents: Contents,
-                 unpublished: Unpublished, guest_lock: RequestLock, *, raw: bool) -> None:
+                 unpublished: Unpublished, guest_lock: RequestLock, meta: DurableMeta, *,
+                 raw: bool) -> None:
         self.store = store
+        self.meta = meta  # what users set on guest keys, kept across restarts
         self.table = table
         self.contents = contents
         self.unpublished = unpublished
@@ -84,6 +88,7 @@ class Writes:
             data.extend(b"\0" * (off - len(data)))
         data[off : off + len(buf)] = buf
         handle.changed()
+        handle.node.mtime_explicit = False
         error = self._early_check(handle.node, data)
         if error:
             handle.refused()
@@ -121,14 +126,23 @@ class Writes:
             handle.move_buffer(Buffer.DRAFT)
             node.appends.writers += 1
         handle.appended()  # what it appends now is stored at its close
+        node.mtime_explicit = False
         return len(buf)
 
     def view(self, handle: Handle) -> bytes | bytearray:
-        """What a read through this handle returns."""
+        """What a read through this handle returns: its own bytes once it changed them,
+        else the file's current value, so that size and bytes always agree (a host change
+        replaces a file open for reading, `NodeTable.replace`; pool 2 is computed once per
+        open)."""
         node = handle.node
-        if handle.append and not handle.private and node.appends.data is not None:
+        if handle.private:
+            return handle.buffer
+        if handle.append and node.appends.data is not None:
             return node.appends.data
-        return handle.buffer
+        if node.pool == Pool.AUTO:
+            return handle.buffer
+        current = self.contents.value(node)
+        return handle.buffer if current is None else current
 
     async def truncate(self, node: Node, size: int, handle: Handle | None) -> None:
         """Through an open file (ftruncate, O_TRUNC after open), or by path: stored now.
@@ -151,6 +165,7 @@ class Writes:
             buffer.extend(b"\0" * (size - len(buffer)))
             self.account_handle(handle, len(buffer))
             handle.changed()
+            node.mtime_explicit = False
             error = self._early_check(node, buffer)
             if error:
                 handle.refused()
@@ -344,7 +359,8 @@ class Writes:
             if node.linked:
                 node.held.charged = self.account(node, node.held.charged, len(data))
                 node.held.content = data
-            node.mtime_ns = time.time_ns()
+            if not node.mtime_explicit:
+                node.mtime_ns = time.time_ns()
             node.kernel.cached = False
             return
         value = self.final_value(node, data)
@@ -373,6 +389,11 @@ class Writes:
         user wrote, shown by reads while the stored value stays `value`."""
         if node.key is None:  # callers check under guest_lock; a scratch file has no key
             raise pyfuse3.FUSEError(errno.ESTALE)
+        now = time.time_ns()
+        if not node.mtime_explicit:  # cp -p and touch -d set it before the close
+            node.mtime_ns = now
+        # Its record first when it changes the key's mode or owner (durable.py).
+        await self.meta.keep(node.key, self.meta.record_of(node, value, written or value))
         await self.store.set(Pool.GUEST, node.key, value, Origin.MOUNT)
         node.held.shown = (value, written) if written is not None and written != value else None
         if node.pending:
@@ -380,14 +401,16 @@ class Writes:
             self.table.stored(node)
         node.kernel.size = len(node.held.shown[1] if node.held.shown is not None else value)
         node.kernel.cached = False
-        node.mtime_ns = node.ctime_ns = time.time_ns()
+        node.ctime_ns = now
 
     async def rename(self, node: Node, target: Node | None, name_new: bytes,
                      uid: int) -> None:
         """rename(2) in guest, the caller holding guest_lock: store under the new name, then
         delete the old key. A scratch file renamed to a key is stored as a write would be; a
         key renamed to a scratch file keeps its bytes as they read."""
-        new_key = None if name_new.startswith(b".") else self.checked_key(name_new)
+        # A temporary name (docs/tools.md) is never a key: renamed to one, a key leaves
+        # the host; renamed from one to a key name, the file is published now.
+        new_key = None if is_temporary(name_new) else self.checked_key(name_new)
         # The file's bytes (a key's written form, newline included) and what is stored.
         data = await self.contents.current(node) or b""
         if node.key is None:
@@ -403,9 +426,11 @@ class Writes:
             charged = self.account(node, node.held.charged, len(data))
         try:
             if new_key is not None:
+                await self.meta.keep(new_key, self.meta.record_of(node, value, data))
                 await self.store.set(Pool.GUEST, new_key, value, Origin.MOUNT)
             if node.key is not None and not node.pending:
                 await self.store.delete(Pool.GUEST, node.key, Origin.MOUNT)
+                await self.meta.keep(node.key, None)
         except BaseException:
             self.account(node, charged, node.held.charged)
             raise

@@ -780,7 +780,8 @@ def escape(key: bytes) -> bytes:
 
 def tree(base: Path, skip: Path) -> dict[str, bytes | None]:
     """Every path under `base` except `skip` (the mount), with file contents. The pools'
-    redo journals are left out once checked empty: they are kept between changes."""
+    redo journals are left out once checked empty: they are kept between changes; so is
+    the guest keys' metadata file."""
     found: dict[str, bytes | None] = {}
     for root, dirs, files in os.walk(base):
         if Path(root) == skip.parent and skip.name in dirs:
@@ -790,6 +791,8 @@ def tree(base: Path, skip: Path) -> dict[str, bytes | None]:
             if name.startswith(".kvpfs-journal.kvp_pool_") and path.parent.name == "pools":
                 assert path.read_bytes() == b"", f"{path} holds a change after it ended"
                 continue
+            if name == ".kvpfs-keymeta" and path.parent.name == "pools":
+                continue  # what users set on guest keys (docs/tools.md): changes with them
             found[str(path.relative_to(base))] = (
                 path.read_bytes() if path.is_file() and not path.is_symlink() else None)
     return found

@@ -61,8 +61,12 @@ async def test_host_is_answered_while_invalidations_are_stuck(tmp_path, mock_clo
         assert result.status == Status.S_OK
         stuck = fs.notifications.queued()
         assert stuck >= 1  # queued, not lost, not waited for
-        # Our side answers the new value at once, whatever the kernel still caches.
-        assert (await ops.getattr(attr.st_ino, Ctx())).st_size == len("two, longer")
+        # The held file keeps the value it opened, with its size (docs/tools.md); the name
+        # answers the new value at once, whatever the kernel still caches.
+        assert (await ops.getattr(attr.st_ino, Ctx())).st_size == len("one")
+        assert await ops.read(held.fh, 0, 100) == b"one"
+        attr = await ops.lookup(DIR_INODES[0], b"Config", Ctx())
+        assert attr.st_size == len("two, longer")
         fresh = await ops.open(attr.st_ino, os.O_RDONLY, Ctx())
         assert await ops.read(fresh.fh, 0, 100) == b"two, longer"
         assert not fresh.keep_cache  # the kernel drops pages from before the change

@@ -340,7 +340,10 @@ def test_restart_after_kill_clears_dead_mount_and_keeps_data(tmp_path):
     assert info.value.errno == errno.ENOTCONN
     proc.start()
     try:
-        assert proc.path("guest", "Persist").read_text() == "kept"
+        # As written, or (killed within the moment before its trailing newline was saved,
+        # docs/tools.md) as stored; the host's value is the same either way.
+        assert proc.path("guest", "Persist").read_text() in ("kept\n", "kept")
+        assert host_items(proc, "guest")["Persist"] == "kept"
     finally:
         proc.cleanup()
 

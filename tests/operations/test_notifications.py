@@ -99,12 +99,14 @@ async def test_back_to_back_host_sets_of_an_open_key_queue_one_page_drop(tmp_pat
     try:
         fs = build_filesystem(store, Intrinsics(FqdnCache()))  # its lane is not running
         ops = fs.operations
-        await store.set(Pool.EXTERNAL, b"Config", b"zero", Origin.HOST)
-        attr = await ops.lookup(DIR_INODES[Pool.EXTERNAL], b"Config", Ctx())
-        held = await ops.open(attr.st_ino, os.O_RDONLY, Ctx())
+        # Open for writing: changed in place (a file open for reading only is replaced
+        # instead, docs/tools.md, test_a_host_change_replaces_a_file_open_for_reading).
+        await store.set(Pool.GUEST, b"Config", b"zero", Origin.HOST)
+        attr = await ops.lookup(DIR_INODES[Pool.GUEST], b"Config", Ctx())
+        held = await ops.open(attr.st_ino, os.O_RDWR, Ctx())
         before = fs.notifications.queued()
         for value in (b"one", b"two", b"three"):
-            await store.set(Pool.EXTERNAL, b"Config", value, Origin.HOST)
+            await store.set(Pool.GUEST, b"Config", value, Origin.HOST)
         # The kernel's pages of the open file are dropped once for the three changes,
         # and its attributes once (the later requests fold into the waiting one).
         assert fs.notifications.queued() == before + 1
@@ -113,6 +115,30 @@ async def test_back_to_back_host_sets_of_an_open_key_queue_one_page_drop(tmp_pat
         # Our side answers the last value at once.
         fresh = await ops.open(attr.st_ino, os.O_RDONLY, Ctx())
         assert await ops.read(fresh.fh, 0, 100) == b"three"
+        await ops.release(fresh.fh)
+        await ops.release(held.fh)
+    finally:
+        store.close()
+
+
+async def test_a_host_change_replaces_a_file_open_for_reading(tmp_path):
+    store = Store(tmp_path / "pools", lock_timeout=0.5)
+    await store.open()
+    try:
+        fs = build_filesystem(store, Intrinsics(FqdnCache()))  # its lane is not running
+        ops = fs.operations
+        await store.set(Pool.EXTERNAL, b"Config", b"zero", Origin.HOST)
+        attr = await ops.lookup(DIR_INODES[Pool.EXTERNAL], b"Config", Ctx())
+        held = await ops.open(attr.st_ino, os.O_RDONLY, Ctx())
+        for value in (b"one", b"two, longer"):
+            await store.set(Pool.EXTERNAL, b"Config", value, Origin.HOST)
+        # The held file keeps its value and size; the name leads to a new inode.
+        assert (await ops.getattr(attr.st_ino, Ctx())).st_size == 4
+        assert await ops.read(held.fh, 0, 100) == b"zero"
+        new = await ops.lookup(DIR_INODES[Pool.EXTERNAL], b"Config", Ctx())
+        assert new.st_ino != attr.st_ino and new.st_size == len(b"two, longer")
+        fresh = await ops.open(new.st_ino, os.O_RDONLY, Ctx())
+        assert await ops.read(fresh.fh, 0, 100) == b"two, longer"
         await ops.release(fresh.fh)
         await ops.release(held.fh)
     finally:

@@ -371,8 +371,9 @@ def test_unit_under_real_systemd(systemd):
     wait_for(lambda: systemd.main_pid() not in (0, old_pid)
              and systemd.state("kvpfs.service") == "active", timeout=30,
              what="kvpfs.service to restart")
-    # After a restart the mount shows what the pool holds: the newline is not stored.
-    assert systemd.run("cat", "/run/kvp/guest/Status").stdout == "Ready"
+    # After a restart the key reads back as written: its newline is kept beside the pools
+    # (docs/tools.md; a SIGKILL may come before it is saved), the host sees "Ready".
+    assert systemd.run("cat", "/run/kvp/guest/Status").stdout in ("Ready\n", "Ready")
 
     # Conflicts= both ways with hv-kvp-daemon.service (a stand-in here).
     time.sleep(1.5)  # a stop right after the start is test_stop_right_after_ready_is_clean's
@@ -402,7 +403,8 @@ def served_after_restart(systemd: NamespacedSystemd, old_pid: int) -> bool:
     if pid in (0, old_pid) or systemd.state("kvpfs.service") != "active":
         return False
     done = systemd.run("timeout", "5", "cat", "/run/kvp/guest/Status", check=False)
-    return done.returncode == 0 and done.stdout == "Ready"
+    # As written, or as stored if the kill came before its newline was saved (docs/tools.md)
+    return done.returncode == 0 and done.stdout in ("Ready\n", "Ready")
 
 
 # Bounds the tests assert, generous for a loaded machine; the figures measured are printed.
