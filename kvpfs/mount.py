@@ -130,7 +130,7 @@ def build_filesystem(store: Store, intrinsics: Intrinsics, *, raw: bool = False,
     parts = Parts(store=store, table=table, contents=contents, attributes=attributes,
                   writes=writes, feed=feed, notifications=notifications, perm=perm,
                   guest_lock=guest_lock, new_fh=new_fh,
-                  dirs=PrivateDirs(lambda: table.new_ino(Pool.GUEST)),
+                  dirs=PrivateDirs(lambda: table.new_ino(Pool.GUEST), perm.privileged),
                   meta=meta, control_path=control_path)
     store.add_listener(feed.on_store_change)
     store.add_listener(notifications.on_store_change)

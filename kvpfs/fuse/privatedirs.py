@@ -4,8 +4,9 @@ Puppet takes a lock by making a directory beside the file it replaces (`NAME<dat
 <random>.lock`) and removes it a moment later. A pool has no directories to store, so kvpfs
 offers exactly that: mkdir and rmdir of an empty directory directly in guest/, listed and
 stat-able through the mount, never stored in a pool nor shown to the host, holding nothing
-(creating anything inside is refused with EPERM), at most `MAX_DIRS` at once, and kept in
-memory only.
+(creating anything inside is refused with EPERM), at most `MAX_DIRS` at once per user and
+for all users but root together (root has `ROOT_DIRS` more, whatever others made), and
+kept in memory only.
 """
 
 from __future__ import annotations
@@ -19,9 +20,13 @@ from dataclasses import dataclass, field
 
 import pyfuse3
 
+from kvpfs.fuse.errors import refusals
+from kvpfs.quota import UserQuota
+
 log = logging.getLogger(__name__)
 
 MAX_DIRS = 64
+ROOT_DIRS = 16
 
 
 @dataclass(eq=False)
@@ -38,8 +43,12 @@ class PrivateDir:
 
 
 class PrivateDirs:
-    def __init__(self, new_ino: Callable[[], int]) -> None:
+    def __init__(self, new_ino: Callable[[], int],
+                 privileged: frozenset[int] = frozenset({0})) -> None:
         self._new_ino = new_ino
+        self.quota = UserQuota("private directories", per_user=MAX_DIRS,
+                               total=MAX_DIRS + ROOT_DIRS, headroom=ROOT_DIRS,
+                               privileged=privileged)
         self.by_name: dict[bytes, PrivateDir] = {}
         self.by_ino: dict[int, PrivateDir] = {}
 
@@ -52,9 +61,10 @@ class PrivateDirs:
     def make(self, name: bytes, mode: int, uid: int, gid: int) -> PrivateDir:
         if name in self.by_name:
             raise pyfuse3.FUSEError(errno.EEXIST)
-        if len(self.by_name) >= MAX_DIRS:
-            log.warning("refused mkdir guest/%s: %d private directories exist, the most"
-                        " kvpfs keeps; remove some", name.decode(errors="replace"), MAX_DIRS)
+        why = self.quota.take(uid)
+        if why is not None:
+            refusals.warning("refused mkdir guest/%s: %s, the most kvpfs keeps; remove some",
+                             name.decode(errors="replace"), why)
             raise pyfuse3.FUSEError(errno.ENOSPC)
         directory = PrivateDir(self._new_ino(), name, stat.S_IMODE(mode), uid, gid)
         self.by_name[name] = directory
@@ -66,6 +76,7 @@ class PrivateDirs:
         if directory is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
         directory.linked = False
+        self.quota.give(directory.uid)
         self._maybe_drop(directory)
 
     def forget(self, ino: int, count: int) -> bool:

@@ -340,6 +340,29 @@ def test_soak_create_rename_truncate_storm(mount, request):
     storm_attack(mount, processes=6, ops=40000)
 
 
+def test_a_member_taking_every_private_directory_leaves_roots(mount):
+    """Private directories (Puppet's lock) are counted per user: a member who makes all
+    it may leaves root its own."""
+    script = r"""
+import errno, os, sys
+made = 0
+while True:
+    try:
+        os.mkdir(os.path.join(sys.argv[1], "Lock%d.lock" % made))
+        made += 1
+    except OSError as exc:
+        print(made, errno.errorcode[exc.errno])
+        break
+"""
+    done = as_user([system_python(), "-c", script, str(mount.path("guest"))], groups=MEMBER)
+    assert done.returncode == 0, done.stderr
+    made, error = done.stdout.split()
+    assert error == "ENOSPC" and 0 < int(made) < 1000
+    os.mkdir(mount.path("guest", "RootPuppet.lock"))
+    os.rmdir(mount.path("guest", "RootPuppet.lock"))
+    root_works(mount)
+
+
 # ------------------------------------------------------------------ item 4: refused O_TRUNC
 
 FILL_BUDGET = r"""

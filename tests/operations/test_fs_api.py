@@ -201,9 +201,7 @@ async def test_mkdir_and_friends_have_clear_errors(ops):
 
 
 async def test_guest_directories_are_private_empty_and_bounded(ops, monkeypatch):
-    from kvpfs.fuse import privatedirs
-
-    monkeypatch.setattr(privatedirs, "MAX_DIRS", 2)
+    monkeypatch.setattr(ops.dirs.quota, "total", 2)  # root's bound: all users together
     made = await ops.mkdir(GUEST_DIR, b"Role.lock", 0o755, Ctx())
     assert made.st_mode & 0o170000 == 0o040000
     assert b"Role.lock" in await list_dir(ops, GUEST_DIR)
