@@ -18,15 +18,16 @@ state, and queues what the kernel and watchers must be told:
 It coalesces, and yields to the host. The lane lets a burst of changes end
 before it works: it runs once no change has come for SETTLE. A host that keeps
 changing values back to back never leaves it that gap, so then the lane takes
-its turn only after BUSY_WAIT, for a SLICE of work at most, and rests
-REST_RATIO times as long as it worked whenever the host made a change
-meanwhile: its share of the time stays below 1/(1 + REST_RATIO) whatever the
-load. What queued up meanwhile is taken together: an inode's page drop, a
-name's entry drop and a poller's wake-up each run once, echoes are one per key
-(`EchoQueue`), so ten SETs of one key while the host is busy cost one echo and
-one invalidation; an inode's attribute invalidation folds into one still
-waiting for its thread. The host's reply never waits for any of it. `mount.py`
-builds this service, adds its listener to the store and runs it.
+its turn only after BUSY_WAIT, for a SLICE of work at most; and whenever the
+host made a change while the lane worked, the lane rests before its next turn,
+BUSY_WAIT or REST_RATIO times as long as it worked, whichever is longer. So
+its share of the time stays below 1/(1 + REST_RATIO) whatever the load, and
+what queued up meanwhile is taken together: an inode's page drop, a name's
+entry drop and a poller's wake-up each run once, echoes are one per key
+(`EchoQueue`), so the SETs of one key while the host is busy cost one echo
+and one invalidation per turn; an inode's attribute invalidation folds into
+one still waiting for its thread. The host's reply never waits for any of it.
+`mount.py` builds this service, adds its listener to the store and runs it.
 """
 
 from __future__ import annotations
@@ -55,13 +56,13 @@ from kvpfs.wire.protocol import Pool
 log = logging.getLogger(__name__)
 
 # When the lane works (see the module's docstring). A quiet host's change is told to
-# watchers about SETTLE after it (the single-change inotify latency); a busy host's within
-# BUSY_WAIT plus the lane's rest, while the lane takes at most 1/(1 + REST_RATIO) of the time.
+# watchers about SETTLE after it (the single-change inotify latency); a busy host's every
+# BUSY_WAIT or so, while the lane takes at most 1/(1 + REST_RATIO) of the time.
 SETTLE = 0.001  # the host is quiet once no change came for this long
-BUSY_WAIT = 0.020  # work queued while the host stays busy waits this long at most (folding)
+BUSY_WAIT = 0.025  # work queued while the host stays busy waits this long at most (folding)
 SLICE = 0.002  # while the host is busy, the lane stops after this much work
-REST_RATIO = 6.0  # ... and rests this many times what it worked, if the host changed meanwhile
-REST_MAX = 0.050  # never rests longer (a large batch, such as 1,000 keys deleted at once)
+REST_RATIO = 10.0  # ... and rests this many times what it worked, BUSY_WAIT at least
+REST_MAX = 0.100  # never rests longer (a large batch, such as 1,000 keys deleted at once)
 
 
 # ---------------------------------------------------------------- the requests
@@ -289,7 +290,8 @@ class Notifications:
                     if now - started >= SLICE and not self._quiet(now):
                         break  # the host is busy: the rest waits for the next turn
                 if self._last_change > started:  # the host changed something meanwhile
-                    self._rest_until = now + min(REST_MAX, REST_RATIO * (now - started))
+                    self._rest_until = now + min(REST_MAX, max(BUSY_WAIT,
+                                                               REST_RATIO * (now - started)))
         finally:
             worker.close()
 

@@ -109,8 +109,8 @@ async def test_a_busy_hosts_changes_to_one_key_fold_into_few_echoes(lane, autoju
     assert during and during[0] - started <= BUSY_WAIT + 1e-9
     assert all(b - a >= BUSY_WAIT - 1e-9 for a, b in itertools.pairwise(during))
     assert len(during) <= 0.100 / BUSY_WAIT + 1
-    # ...and once it stops, of its last change, SETTLE after it.
-    assert echoes[-1][0] - last == pytest.approx(SETTLE)
+    # ...and once it stops, of its last change: once the lane's rest is over.
+    assert SETTLE <= echoes[-1][0] - last <= BUSY_WAIT
     assert len(echoes) == len(during) + 1
 
 
