@@ -311,3 +311,59 @@ async def test_scratch_files_are_bounded_in_number(m, monkeypatch):
         == errno.ENOSPC
     await m.ops.unlink(GUEST_DIR, b".one", Ctx())
     await m.write_file(b".three", b"3")
+
+
+async def test_open_files_are_bounded_for_all_users_together(m, monkeypatch):
+    monkeypatch.setattr(limits, "OPEN_FILES_MAX", 2)
+    ino = await m.write_file(b"Key", b"v")
+    held = [await m.ops.open(ino, os.O_RDONLY, Ctx()) for _ in range(2)]
+    assert await refused(m.ops.open(ino, os.O_RDONLY, Ctx(uid=1000))) == errno.ENFILE
+    assert await refused(m.ops.create(GUEST_DIR, b"New", 0o644, os.O_WRONLY, Ctx())) \
+        == errno.ENFILE
+    await m.ops.release(held.pop().fh)
+    await m.ops.release((await m.ops.open(ino, os.O_RDONLY, Ctx())).fh)
+    await m.ops.release(held.pop().fh)
+
+
+# ---------------------------------------------------------------- host changes
+async def test_a_host_change_is_read_at_the_next_open(m):
+    await m.store.set(Pool.EXTERNAL, b"Config", b"one", Origin.HOST)
+    attr = await m.ops.lookup(EXTERNAL_DIR, b"Config", Ctx())
+    before = await m.ops.open(attr.st_ino, os.O_RDONLY, Ctx())
+    await m.ops.store.set(Pool.EXTERNAL, b"Config", b"two, longer", Origin.HOST)
+    assert await m.ops.read(before.fh, 0, 100) == b"one"  # an open file keeps what it opened
+    after = await m.ops.open(attr.st_ino, os.O_RDONLY, Ctx())
+    assert not after.keep_cache  # the kernel's pages from before the change are dropped
+    assert await m.ops.read(after.fh, 0, 100) == b"two, longer"
+    assert (await m.ops.getattr(attr.st_ino, Ctx())).st_size == len(b"two, longer")
+    for info in (before, after):
+        await m.ops.release(info.fh)
+    again = await m.ops.open(attr.st_ino, os.O_RDONLY, Ctx())
+    assert again.keep_cache  # unchanged since the last open: the kernel may keep its pages
+    await m.ops.release(again.fh)
+
+
+async def test_a_key_the_host_deleted_is_stale_until_looked_up_again(m):
+    await m.store.set(Pool.EXTERNAL, b"Config", b"v", Origin.HOST)
+    attr = await m.ops.lookup(EXTERNAL_DIR, b"Config", Ctx())
+    await m.store.delete(Pool.EXTERNAL, b"Config", Origin.HOST)
+    # The kernel may still hold the name: ESTALE makes it walk the path again...
+    assert await refused(m.ops.getattr(attr.st_ino, Ctx())) == errno.ESTALE
+    assert await refused(m.ops.open(attr.st_ino, os.O_RDONLY, Ctx())) == errno.ESTALE
+    # ...and the lookup it then makes says the name is gone.
+    assert await refused(m.ops.lookup(EXTERNAL_DIR, b"Config", Ctx())) == errno.ENOENT
+    await m.ops.forget([(attr.st_ino, 1)])
+    assert m.fs.table.get(attr.st_ino) is None
+
+
+async def test_xattrs_name_the_raw_key_and_pool_and_cannot_be_set(m):
+    await m.store.set(Pool.EXTERNAL, b"a/b", b"v", Origin.HOST)
+    attr = await m.ops.lookup(EXTERNAL_DIR, b"a%2Fb", Ctx())
+    assert set(await m.ops.listxattr(attr.st_ino, Ctx())) == {b"user.kvp.key", b"user.kvp.pool"}
+    assert await m.ops.getxattr(attr.st_ino, b"user.kvp.key", Ctx()) == b"a/b"
+    assert await m.ops.getxattr(attr.st_ino, b"user.kvp.pool", Ctx()) == b"0"
+    assert await refused(m.ops.setxattr(attr.st_ino, b"user.x", b"1", Ctx())) == errno.ENOTSUP
+    assert await refused(m.ops.removexattr(attr.st_ino, b"user.kvp.key", Ctx())) \
+        == errno.ENOTSUP
+    scratch = await m.write_file(b".tmp", b"x")
+    assert await m.ops.listxattr(scratch, Ctx()) == []
