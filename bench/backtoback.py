@@ -11,16 +11,18 @@ host's next request. Each daemon runs on its own instance of the emulated
 does), and the kernel knows the key: it was read through the mount, so kvpfs
 owes an invalidation as well as an echo for it.
 
-Per repeat and daemon, one burst of COUNT SETs is timed as a whole: wall time
-÷ COUNT is what a request costs the host, work left over after a reply
-included. The daemons alternate bursts (the order flips every repeat), each
-burst starting once the previous daemon has gone idle; the table gives the
-median over repeats ±half their range, and the ratio the median of the
-repeats' ratios (each pair of bursts ran back to back). CPU: the daemon's CPU time per
-request, its child processes' included (kvpfs's echo helper), from the burst's
-start until it is idle again (so deferred work counts). Two bursts: one key
-changed COUNT times, and ten keys changed in
-turn. Prints a Markdown table and the ratios; figures only, not a test.
+All four (two daemons, two sizes) run at once. In each of REPEAT rounds every
+one makes one burst of COUNT SETs of each kind, timed as a whole: wall time ÷
+COUNT is what a request costs the host, work left over after a reply
+included. Each burst starts once the previous daemon has gone idle and the
+page cache has been written back (sync), and who goes first rotates; the
+table gives the median over rounds ±half their range, and each ratio the
+median of the rounds' ratios, so that the machine's drift (other programs)
+hits what is compared alike. CPU: the daemon's CPU time per request, its
+child processes' included (kvpfs's echo helper), from the burst's start until
+it is idle again (so deferred work counts). Two kinds of burst:
+one key changed COUNT times, and ten keys changed in turn. Prints a Markdown
+table and the ratios; figures only, not a test.
 """
 
 from __future__ import annotations
@@ -56,8 +58,10 @@ IDLE_BOUND = 5.0
 @dataclass(eq=False)
 class Subject:
     name: str
+    size: int
     host: EmulatedHost
     pid: int
+    mnt: Path | None = None  # kvpfs's mount point
     wall: dict[str, list[float]] = field(default_factory=dict)
     cpu: dict[str, list[float]] = field(default_factory=dict)
     failed: int = 0  # SETs answered with an error status (counted, not retried)
@@ -95,54 +99,72 @@ def burst(subject: Subject, kind: str, keys: list[str], count: int, tag: str) ->
             subject.failed += 1
     wall = time.perf_counter() - start
     cpu = wait_idle(subject.pid) - cpu0
+    # hv_kvp_daemon rewrites the whole pool file per SET (7.5 MB at 3,000 records): its
+    # dirty pages are written back before the next burst, not during it (untimed).
+    os.sync()
     subject.wall.setdefault(kind, []).append(wall / count)
     subject.cpu.setdefault(kind, []).append(cpu / count)
 
 
 @contextlib.contextmanager
-def daemons(size: int, workdir: Path) -> Iterator[tuple[list[Subject], Path]]:
+def daemons(size: int, workdir: Path, stack: contextlib.ExitStack) -> Iterator[list[Subject]]:
     """hv_kvp_daemon and kvpfs, each on its own emulated device with `size` records."""
+    device, host = stack.enter_context(
+        run_emulated_device(workdir / "emu-ref", host_timeout=300.0))
+    write_pools(workdir / "ref-pools", size)
+    ref = stack.enter_context(run_reference_daemon(device, workdir / "ref-pools", host))
+    subjects = [Subject(REFERENCE, size, host, ref.pid)]
+    device, host = stack.enter_context(
+        run_emulated_device(workdir / "emu-kvpfs", host_timeout=300.0))
+    write_pools(workdir / "kvpfs-pools", size)
+    run = stack.enter_context(common.run_kvpfs(device, workdir / "kvpfs-pools",
+                                               workdir / "kvpfs"))
+    subjects.append(Subject(KVPFS, size, host, run.pid, run.mnt))
+    yield subjects
+    if not ref.alive():
+        raise RuntimeError(f"hv_kvp_daemon died: {ref.log}")
+
+
+def keys_of(size: int) -> dict[str, list[str]]:
+    return {"one": [key_name(size // 2)], "ten": [key_name(size * i // 10) for i in range(10)]}
+
+
+def measure(sizes: list[int], workdir: Path, repeat: int, count: int,
+            profile: Path | None = None) -> list[Subject]:
+    """Every daemon at every size up at once, taking turns burst by burst, so that the
+    machine's drift hits sizes alike too (the flatness ratio compares them)."""
     with contextlib.ExitStack() as stack:
-        device, host = stack.enter_context(
-            run_emulated_device(workdir / "emu-ref", host_timeout=300.0))
-        write_pools(workdir / "ref-pools", size)
-        ref = stack.enter_context(run_reference_daemon(device, workdir / "ref-pools", host))
-        subjects = [Subject(REFERENCE, host, ref.pid)]
-        device, host = stack.enter_context(
-            run_emulated_device(workdir / "emu-kvpfs", host_timeout=300.0))
-        write_pools(workdir / "kvpfs-pools", size)
-        run = stack.enter_context(common.run_kvpfs(device, workdir / "kvpfs-pools",
-                                                   workdir / "kvpfs"))
-        subjects.append(Subject(KVPFS, host, run.pid))
-        yield subjects, run.mnt
-        if not ref.alive():
-            raise RuntimeError(f"hv_kvp_daemon died: {ref.log}")
-
-
-def measure(size: int, workdir: Path, repeat: int, count: int,
-            profile: Path | None = None) -> dict[str, Subject]:
-    keys = {"one": [key_name(size // 2)],
-            "ten": [key_name(size * i // 10) for i in range(10)]}
-    with daemons(size, workdir) as (subjects, mnt):
+        subjects: list[Subject] = []
+        for size in sizes:
+            subjects += stack.enter_context(daemons(size, workdir / str(size), stack))
         for subject in subjects:  # warm up: start the echo helper, fill caches
             for i in range(20):
-                subject.host.set(EXTERNAL, keys["one"][0], f"warm-up {i}")
-        kvpfs_pid = next(s.pid for s in subjects if s.name == KVPFS)
-        with maybe_profile(kvpfs_pid, profile / f"kvpfs-b2b-{size}" if profile else None):
-            run_bursts(subjects, mnt, keys, repeat, count)
-    return {subject.name: subject for subject in subjects}
+                subject.host.set(EXTERNAL, keys_of(subject.size)["one"][0], f"warm-up {i}")
+        kvpfs = [s for s in subjects if s.name == KVPFS]
+        with contextlib.ExitStack() as profiles:
+            for subject in kvpfs:
+                profiles.enter_context(maybe_profile(
+                    subject.pid, profile / f"kvpfs-b2b-{subject.size}" if profile else None))
+            run_bursts(subjects, repeat, count)
+    return subjects
 
 
-def run_bursts(subjects: list[Subject], mnt: Path, keys: dict[str, list[str]], repeat: int,
-               count: int) -> None:
+def run_bursts(subjects: list[Subject], repeat: int, count: int) -> None:
     for rep in range(repeat):
         for kind, _ in BURSTS:
             # The kernel knows the keys (a reader looked them up and read them).
-            for key in keys[kind]:
-                (mnt / "external" / key).read_bytes()
-            order = subjects if rep % 2 == 0 else subjects[::-1]
-            for subject in order:
-                burst(subject, kind, keys[kind], count, f"r{rep}")
+            for subject in subjects:
+                if subject.mnt is not None:
+                    for key in keys_of(subject.size)[kind]:
+                        (subject.mnt / "external" / key).read_bytes()
+            shift = rep % len(subjects)  # each daemon goes first in turn
+            for subject in subjects[shift:] + subjects[:shift]:
+                burst(subject, kind, keys_of(subject.size)[kind], count, f"r{rep}")
+
+
+def paired(a: list[float], b: list[float]) -> float:
+    """The median of repeat-by-repeat ratios (each pair ran within one round)."""
+    return statistics.median(x / y for x, y in zip(a, b, strict=True))
 
 
 def main() -> int:
@@ -166,50 +188,48 @@ def main() -> int:
     if args.kvpfs_src:
         common.KVPFS_SOURCE = args.kvpfs_src.resolve()
     load = os.getloadavg()[0]
-    results: dict[int, dict[str, Subject]] = {}
     with tempfile.TemporaryDirectory(prefix="kvpfs-b2b-") as base:
-        for size in sizes:
-            print(f"# {time.strftime('%H:%M:%S')} {size:,} records", file=sys.stderr)
-            results[size] = measure(size, Path(base) / str(size), args.repeat, args.count,
-                                    args.profile)
+        print(f"# {time.strftime('%H:%M:%S')} sizes {sizes}", file=sys.stderr)
+        subjects = measure(sizes, Path(base), args.repeat, args.count, args.profile)
+    found = {(s.name, s.size): s for s in subjects}
     table = Table(
         "Back-to-back host SETs (time per request)",
         ["records", "burst", "kvpfs", "kvpfs CPU", "hv_kvp_daemon", "hv CPU",
          "kvpfs ÷ hv_kvp_daemon"],
-        [f"Bursts of {args.count} SETs with no gap, timed whole; {args.repeat} repeats per "
-         "daemon, alternating, median ±half the range. CPU: the daemon's CPU time per "
-         "request, its children's (kvpfs's echo helper) and deferred work included. "
-         "kvpfs ÷ hv_kvp_daemon: the median of the repeats' ratios. "
+        [f"Bursts of {args.count} SETs with no gap, timed whole; {args.repeat} rounds in which "
+         "every daemon at every size makes one burst of each kind, each on its own emulated "
+         "device, each starting once the one before is idle and the page cache written "
+         "back; median ±half the range. CPU: the daemon's CPU time per request, its "
+         "children's (kvpfs's echo helper) and deferred work included. kvpfs ÷ "
+         "hv_kvp_daemon: the median of the rounds' ratios. "
          f"{os.cpu_count()} CPUs, {'unpinned' if args.cpus == 'all' else 'on CPU ' + args.cpus}"
          f", load average {load:.2f} at start, {os.getloadavg()[0]:.2f} at the end"
          + (f"; kvpfs from {args.kvpfs_src}" if args.kvpfs_src else "") + "."],
     )
-    ratios: dict[tuple[int, str], float] = {}
-    for size, by_name in results.items():
-        kv, ref = by_name[KVPFS], by_name[REFERENCE]
+    for size in sizes:
+        kv, ref = found[(KVPFS, size)], found[(REFERENCE, size)]
         for kind, label in BURSTS:
-            k, r = Stat.of(kv.wall[kind]), Stat.of(ref.wall[kind])
-            # Repeat by repeat: the two bursts ran back to back, so the machine's drift
-            # (other programs) hits both alike.
-            ratios[(size, kind)] = statistics.median(
-                a / b for a, b in zip(kv.wall[kind], ref.wall[kind], strict=True))
-            table.add(f"{size:,}", label, fmt_stat(k), fmt_time(statistics.median(kv.cpu[kind])),
-                      fmt_stat(r), fmt_time(statistics.median(ref.cpu[kind])),
-                      f"{ratios[(size, kind)]:.2f}x")
-    failures = [f"{name} answered {subject.failed} SETs with an error at {size:,} records"
-                for size, by_name in results.items() for name, subject in by_name.items()
-                if subject.failed]
+            table.add(f"{size:,}", label, fmt_stat(Stat.of(kv.wall[kind])),
+                      fmt_time(statistics.median(kv.cpu[kind])),
+                      fmt_stat(Stat.of(ref.wall[kind])),
+                      fmt_time(statistics.median(ref.cpu[kind])),
+                      f"{paired(kv.wall[kind], ref.wall[kind]):.2f}x")
+    failures = [f"{s.name} answered {s.failed} SETs with an error at {s.size:,} records"
+                for s in subjects if s.failed]
     if failures:
         table.notes.append("; ".join(failures) + ".")
     print(table.render())
     print()
     small, large = min(sizes), max(sizes)
     for kind, label in BURSTS:
-        line = f"{label}: kvpfs ÷ hv_kvp_daemon at {small:,} records {ratios[(small, kind)]:.2f}x"
+        kv = found[(KVPFS, small)]
+        line = (f"{label}: kvpfs ÷ hv_kvp_daemon at {small:,} records "
+                f"{paired(kv.wall[kind], found[(REFERENCE, small)].wall[kind]):.2f}x")
         if large != small:
-            flat = (statistics.median(results[large][KVPFS].wall[kind])
-                    / statistics.median(results[small][KVPFS].wall[kind]))
-            line += f"; kvpfs at {large:,} ÷ at {small:,} records {flat:.2f}x"
+            big = found[(KVPFS, large)]
+            line += (f"; kvpfs at {large:,} ÷ at {small:,} records "
+                     f"{paired(big.wall[kind], kv.wall[kind]):.2f}x"
+                     f" (CPU {paired(big.cpu[kind], kv.cpu[kind]):.2f}x)")
         print(line)
     return 0
 
