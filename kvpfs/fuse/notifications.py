@@ -16,7 +16,8 @@ state, and queues what the kernel and watchers must be told:
 - wake-ups of /.events pollers (`wake_poller`), for the same reason.
 
 It coalesces, and yields to the host. The lane lets a burst of changes end
-before it works: it runs once no change has come for SETTLE. A host that keeps
+before it works: it runs once no change has come for SETTLE and no host
+request is being served (`host_busy`, from the device's server). A host that keeps
 changing values back to back never leaves it that gap, so then the lane takes
 its turn only after BUSY_WAIT, for a SLICE of work at most; and whenever the
 host made a change while the lane worked, the lane rests before its next turn,
@@ -38,6 +39,7 @@ import logging
 import os
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,6 +65,7 @@ BUSY_WAIT = 0.025  # work queued while the host stays busy waits this long at mo
 SLICE = 0.002  # while the host is busy, the lane stops after this much work
 REST_RATIO = 10.0  # ... and rests this many times what it worked, BUSY_WAIT at least
 REST_MAX = 0.100  # never rests longer (a large batch, such as 1,000 keys deleted at once)
+HOST_POLL = 0.0002  # while a host request is being served, the lane looks again this often
 
 
 # ---------------------------------------------------------------- the requests
@@ -100,9 +103,13 @@ Invalidation = PollNotify | InodeDrop | EntryDrop | EchoDue
 class Notifications:
     """The kernel's side of every change: what it must drop, and what watchers must see."""
 
-    def __init__(self, store: Store, table: NodeTable) -> None:
+    def __init__(self, store: Store, table: NodeTable,
+                 host_busy: Callable[[], bool] | None = None) -> None:
         self.store = store
         self.table = table
+        # True while a host request is being served (the device's server says so): the
+        # lane does not start work then, as the host waits for that request's reply.
+        self.host_busy = host_busy or (lambda: False)
         self._send: trio.MemorySendChannel[Invalidation]
         self._requests: trio.MemoryReceiveChannel[Invalidation]
         self._send, self._requests = trio.open_memory_channel(float("inf"))
@@ -296,17 +303,20 @@ class Notifications:
             worker.close()
 
     def _quiet(self, now: float) -> bool:
-        return now >= self._last_change + SETTLE
+        return now >= self._last_change + SETTLE and not self.host_busy()
 
     async def _wait_for_turn(self) -> None:
-        """Until the host has been quiet for SETTLE, or has been busy for BUSY_WAIT since
-        the oldest work was queued; and never before the lane's rest is over."""
+        """Until the host has been quiet for SETTLE and no request of its is being
+        served, or has been busy for BUSY_WAIT since the oldest work was queued; and
+        never before the lane's rest is over."""
         while True:
             now = trio.current_time()
-            turn = max(min(self._last_change + SETTLE, self._due_since + BUSY_WAIT),
-                       self._rest_until)
+            busy_turn = self._due_since + BUSY_WAIT
+            turn = max(min(self._last_change + SETTLE, busy_turn), self._rest_until)
             if now >= turn:
-                return
+                if now >= busy_turn or not self.host_busy():
+                    return
+                turn = min(now + HOST_POLL, busy_turn)  # a request is being served
             await trio.sleep_until(turn)  # a change meanwhile moves `turn`: look again
 
     def _take(self, request: Invalidation) -> None:

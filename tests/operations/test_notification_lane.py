@@ -19,7 +19,7 @@ import trio
 
 from kvpfs.fuse.echo_helper import EchoKind
 from kvpfs.fuse.fsnotify_echo import EchoHelper, EchoOp
-from kvpfs.fuse.notifications import BUSY_WAIT, REST_RATIO, SETTLE, SLICE
+from kvpfs.fuse.notifications import BUSY_WAIT, HOST_POLL, REST_RATIO, SETTLE, SLICE
 from kvpfs.host.intrinsic import FqdnCache, Intrinsics
 from kvpfs.mount import build_filesystem
 from kvpfs.storage.store import Change, ChangeKind, Origin, Store
@@ -57,10 +57,25 @@ async def store(tmp_path):
     store.close()
 
 
+class Device:
+    """Stands in for the device's server: whether a host request is being served."""
+
+    def __init__(self) -> None:
+        self.serving = False
+
+    def busy(self) -> bool:
+        return self.serving
+
+
 @pytest.fixture
-async def lane(store, tmp_path):
+def device():
+    return Device()
+
+
+@pytest.fixture
+async def lane(store, tmp_path, device):
     """The service with its lane running; yields (service, recorded echoes)."""
-    fs = build_filesystem(store, Intrinsics(FqdnCache()))
+    fs = build_filesystem(store, Intrinsics(FqdnCache()), host_busy=device.busy)
     echo = RecordingEcho(tmp_path / "mnt")
     fs.notifications.echo = echo
     async with trio.open_nursery() as nursery:
@@ -138,6 +153,28 @@ async def test_a_quiet_host_is_not_kept_waiting_by_the_rest(lane, autojump_clock
         await trio.sleep(0.05)
         assert echoes[-1][2] == key
         assert echoes[-1][0] - changed == pytest.approx(SETTLE)
+
+
+async def test_no_work_starts_while_a_host_request_is_being_served(lane, device,
+                                                                    autojump_clock):
+    service, echoes = lane
+    changed = trio.current_time()
+    host_set(service, b"key0")
+    device.serving = True  # the host's next request, e.g. a GET, is being answered
+    await trio.sleep(SETTLE * 3)
+    assert echoes == []
+    device.serving = False
+    await trio.sleep(SETTLE)
+    assert [key for _, _, key in echoes] == [b"key0"]
+    assert echoes[0][0] - changed <= SETTLE * 3 + HOST_POLL + 1e-9
+    # A request that takes long delays the lane BUSY_WAIT at most.
+    changed = trio.current_time()
+    host_set(service, b"key1")
+    device.serving = True
+    await trio.sleep(BUSY_WAIT * 2)
+    assert echoes[-1][2] == b"key1"
+    assert echoes[-1][0] - changed == pytest.approx(BUSY_WAIT)
+    device.serving = False
 
 
 async def test_many_changes_queue_one_echo_and_one_page_drop(store, tmp_path):
