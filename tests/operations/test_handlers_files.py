@@ -367,3 +367,49 @@ async def test_xattrs_name_the_raw_key_and_pool_and_cannot_be_set(m):
         == errno.ENOTSUP
     scratch = await m.write_file(b".tmp", b"x")
     assert await m.ops.listxattr(scratch, Ctx()) == []
+
+
+async def test_rename_over_an_existing_key_replaces_it(m):
+    await m.write_file(b"A", b"one")
+    b_ino = await m.write_file(b"B", b"two")
+    await m.ops.rename(GUEST_DIR, b"A", GUEST_DIR, b"B", 0, Ctx())
+    assert m.store.get(GUEST, b"A") is None and m.store.get(GUEST, b"B") == b"one"
+    assert pool_file_records(m, GUEST) == [(b"B", b"one")]
+    assert not m.fs.table.get(b_ino).linked  # the old B's inode is gone from the tree
+    assert sorted(await m.list_dir(GUEST_DIR)) == [b"B"]
+
+
+async def test_a_key_renamed_to_a_scratch_name_leaves_the_pool_and_keeps_its_bytes(m):
+    ino = await m.write_file(b"Key", b"value\n")
+    await m.ops.rename(GUEST_DIR, b"Key", GUEST_DIR, b".backup", 0, Ctx())
+    assert m.store.get(GUEST, b"Key") is None and pool_file_records(m, GUEST) == []
+    assert await m.read_file(ino) == b"value\n"  # as it read, newline included
+    await m.ops.rename(GUEST_DIR, b".backup", GUEST_DIR, b"Back", 0, Ctx())
+    assert m.store.get(GUEST, b"Back") == b"value"
+
+
+async def test_ftruncate_through_an_open_file_is_stored_at_close(m):
+    ino = await m.write_file(b"Key", b"abcdef")
+    info = await m.ops.open(ino, os.O_WRONLY, Ctx())
+    await m.ops.setattr(ino, setattr_size(2), Fields(update_size=True), info.fh, Ctx())
+    assert m.store.get(GUEST, b"Key") == b"abcdef"  # not before the close
+    await m.ops.release(info.fh)
+    assert m.store.get(GUEST, b"Key") == b"ab"
+
+
+async def test_a_scratch_file_holds_any_bytes_up_to_its_limit(m):
+    info, _ = await m.ops.create(GUEST_DIR, b".bin", 0o644, os.O_WRONLY | os.O_CREAT, Ctx())
+    await m.ops.write(info.fh, 0, b"\0\xff" * 100)  # not a value: fine until renamed
+    await m.ops.release(info.fh)
+    attr = await m.ops.lookup(GUEST_DIR, b".bin", Ctx())
+    assert await m.read_file(attr.st_ino) == b"\0\xff" * 100
+    info = await m.ops.open(attr.st_ino, os.O_WRONLY, Ctx())
+    assert await refused(m.ops.write(info.fh, limits.SCRATCH_FILE_MAX_BYTES, b"x")) \
+        == errno.EFBIG
+    await m.ops.release(info.fh)  # a refused handle stores nothing: the bytes stay
+    assert await m.read_file(attr.st_ino) == b"\0\xff" * 100
+    # Renamed to a key, it must be a valid value: refused, and nothing is stored.
+    assert await refused(m.ops.rename(GUEST_DIR, b".bin", GUEST_DIR, b"Bin", 0, Ctx())) \
+        == errno.EINVAL
+    assert m.store.get(GUEST, b"Bin") is None
+    assert b".bin" in await m.list_dir(GUEST_DIR)
