@@ -17,13 +17,13 @@ state, and queues what the kernel and watchers must be told:
 
 It coalesces, and yields to the host. The lane lets a burst of changes end
 before it works: it runs once no change has come for SETTLE and no host
-request is being served (`host_busy`, from the device's server). A host that keeps
-changing values back to back never leaves it that gap, so then the lane takes
-its turn only after BUSY_WAIT, for a SLICE of work at most; and whenever the
-host made a change while the lane worked, the lane rests before its next turn,
-BUSY_WAIT or REST_RATIO times as long as it worked, whichever is longer. So
-its share of the time stays below 1/(1 + REST_RATIO) whatever the load, and
-what queued up meanwhile is taken together: an inode's page drop, a name's
+request is being served (`host_busy`, from the device's server). A host that
+keeps changing values back to back never leaves it that gap, so then the lane
+takes its turn only after BUSY_WAIT, for a SLICE of work at most; and whenever
+the host made a change while the lane worked, the lane rests before its next
+turn, BUSY_WAIT or REST_RATIO times as long as it worked, whichever is longer.
+So its share of the time stays below 1/(1 + REST_RATIO) whatever the load,
+and what queued up meanwhile is taken together: an inode's page drop, a name's
 entry drop and a poller's wake-up each run once, echoes are one per key
 (`EchoQueue`), so the SETs of one key while the host is busy cost one echo
 and one invalidation per turn; an inode's attribute invalidation folds into
