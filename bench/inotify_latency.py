@@ -22,6 +22,7 @@ import struct
 import sys
 import tempfile
 import time
+from collections import deque
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -32,21 +33,36 @@ IN_CREATE, IN_CLOSE_WRITE, IN_DELETE = 0x100, 0x8, 0x200
 libc = ctypes.CDLL(None, use_errno=True)
 
 
-def events(fd: int, want: int, name: bytes, timeout: float = 10.0) -> float:
-    """Wait for `want` on `name`; the monotonic time it was read."""
-    deadline = time.monotonic() + timeout
-    while True:
-        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
-        if not ready:
-            raise SystemExit(f"no event {want:#x} for {name!r} within {timeout} s")
-        data, offset = os.read(fd, 65536), 0
-        now = time.monotonic()
-        while offset < len(data):
-            _wd, mask, _cookie, length = struct.unpack_from("iIII", data, offset)
-            got = data[offset + 16: offset + 16 + length].rstrip(b"\0")
-            offset += 16 + length
-            if mask & want and got == name:
-                return now
+class Watcher:
+    """An inotify descriptor and the events read from it but not yet asked for.
+
+    One read(2) returns every event queued: those not asked for yet stay here for
+    the next `wait`, stamped with the time they were read.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.unread: deque[tuple[int, bytes, float]] = deque()  # (mask, name, read at)
+
+    def wait(self, want: int, name: bytes, timeout: float = 10.0) -> float:
+        """Wait for `want` on `name` (dropping the events before it); when it was read."""
+        deadline = time.monotonic() + timeout
+        while True:
+            while self.unread:
+                mask, got, read_at = self.unread.popleft()
+                if mask & want and got == name:
+                    return read_at
+            ready, _, _ = select.select([self.fd], [], [],
+                                        max(0.0, deadline - time.monotonic()))
+            if not ready:
+                raise SystemExit(f"no event {want:#x} for {name!r} within {timeout} s")
+            data, offset = os.read(self.fd, 65536), 0
+            now = time.monotonic()
+            while offset < len(data):
+                _wd, mask, _cookie, length = struct.unpack_from("iIII", data, offset)
+                got = data[offset + 16: offset + 16 + length].rstrip(b"\0")
+                offset += 16 + length
+                self.unread.append((mask, got, now))
 
 
 def summary(values: list[float]) -> str:
@@ -69,8 +85,9 @@ def main() -> int:
             results: dict[str, list[float]] = {k: [] for k in (
                 "new key -> IN_CREATE", "new value -> IN_CLOSE_WRITE", "delete -> IN_DELETE",
                 "host SET round trip", "host DELETE round trip")}
+            watcher = Watcher(fd)
             kvpfs.host("set", "external", "warm-up", "x")  # starts the echo helper
-            events(fd, IN_CLOSE_WRITE, b"warm-up")
+            watcher.wait(IN_CLOSE_WRITE, b"warm-up")
             for i in range(args.count):
                 key = f"key{i}"
                 for value, want, label in (("one", IN_CREATE, "new key -> IN_CREATE"),
@@ -79,14 +96,14 @@ def main() -> int:
                     started = time.monotonic()
                     kvpfs.host("set", "external", key, value)
                     results["host SET round trip"].append(time.monotonic() - started)
-                    results[label].append(events(fd, want, key.encode()) - started)
+                    results[label].append(watcher.wait(want, key.encode()) - started)
                     if want == IN_CREATE:  # let its echo finish before the next change
-                        events(fd, IN_CLOSE_WRITE, key.encode())
+                        watcher.wait(IN_CLOSE_WRITE, key.encode())
                 started = time.monotonic()
                 kvpfs.host("delete", "external", key)
                 results["host DELETE round trip"].append(time.monotonic() - started)
                 results["delete -> IN_DELETE"].append(
-                    events(fd, IN_DELETE, key.encode()) - started)
+                    watcher.wait(IN_DELETE, key.encode()) - started)
             os.close(fd)
         finally:
             kvpfs.cleanup()

@@ -101,7 +101,8 @@ class Filesystem:
 
 def build_filesystem(store: Store, intrinsics: Intrinsics, *, raw: bool = False,
                      permissions: Permissions | None = None,
-                     control_path: str | None = None) -> Filesystem:
+                     control_path: str | None = None,
+                     host_busy: Callable[[], bool] | None = None) -> Filesystem:
     """Build the handlers and every collaborator, and subscribe them to the store.
 
     The store's listeners run in order: the change feed first (what readers of
@@ -119,7 +120,7 @@ def build_filesystem(store: Store, intrinsics: Intrinsics, *, raw: bool = False,
     attributes = Attributes(store, table, contents, perm, started_ns)
     guest_lock = store.request_lock(Pool.GUEST)
     writes = Writes(store, table, contents, unpublished, guest_lock, meta, raw=raw)
-    notifications = Notifications(store, table)
+    notifications = Notifications(store, table, host_busy)
     feed = EventFeed(notifications.wake_poller)
     handles = itertools.count(1)
 
@@ -267,6 +268,7 @@ async def _serve_store(config: MountConfig, store: Store, pool_dir: Path, contro
     server = DeviceServer(opener, store, intrinsics, ip_info=ip_info)
     fs = build_filesystem(
         store, intrinsics, raw=config.raw, control_path=str(control_path),
+        host_busy=lambda: server.busy_since is not None,  # the notification lane waits
         permissions=Permissions(uid=os.getuid(), gid=os.getgid(), guest_gid=config.guest_gid,
                                 external_readable=config.external_readable),
     )

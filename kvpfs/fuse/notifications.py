@@ -15,14 +15,20 @@ state, and queues what the kernel and watchers must be told:
   single thread, fuse-pyfuse3.md 1.8);
 - wake-ups of /.events pollers (`wake_poller`), for the same reason.
 
-It coalesces: the lane lets a burst of changes end first (SETTLE, at most
-SETTLE_MAX), so that its work does not compete with the host's next request;
-then the requests queued meanwhile are taken as one batch, in which an
-inode's page drop, a name's entry drop and a poller's wake-up each run once,
-echoes are one per key (`EchoQueue`), and an inode's attribute invalidation
-folds into one still waiting for its thread. The host's reply never waits
-for any of it. `mount.py` builds this service, adds
-its listener to the store and runs it.
+It coalesces, and yields to the host. The lane lets a burst of changes end
+before it works: it runs once no change has come for SETTLE and no host
+request is being served (`host_busy`, from the device's server). A host that
+keeps changing values back to back never leaves it that gap, so then the lane
+takes its turn only after BUSY_WAIT, for a SLICE of work at most; and whenever
+the host made a change while the lane worked, the lane rests before its next
+turn, BUSY_WAIT or REST_RATIO times as long as it worked, whichever is longer.
+So its share of the time stays below 1/(1 + REST_RATIO) whatever the load,
+and what queued up meanwhile is taken together: an inode's page drop, a name's
+entry drop and a poller's wake-up each run once, echoes are one per key
+(`EchoQueue`), so the SETs of one key while the host is busy cost one echo
+and one invalidation per turn; an inode's attribute invalidation folds into
+one still waiting for its thread. The host's reply never waits for any of it.
+`mount.py` builds this service, adds its listener to the store and runs it.
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ import errno
 import logging
 import os
 import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,12 +57,15 @@ from kvpfs.wire.protocol import Pool
 
 log = logging.getLogger(__name__)
 
-# A burst of host (or other programs') changes is let end before the lane tells the
-# kernel and watchers, so that its work folds and does not compete with the host's next
-# request: the lane waits until no such change came for SETTLE seconds, and never
-# longer than SETTLE_MAX (a lone change's inotify events come SETTLE later).
-SETTLE = 0.001
-SETTLE_MAX = 0.004
+# When the lane works (see the module's docstring). A quiet host's change is told to
+# watchers about SETTLE after it (the single-change inotify latency); a busy host's every
+# BUSY_WAIT or so, while the lane takes at most 1/(1 + REST_RATIO) of the time.
+SETTLE = 0.001  # the host is quiet once no change came for this long
+BUSY_WAIT = 0.025  # work queued while the host stays busy waits this long at most (folding)
+SLICE = 0.002  # while the host is busy, the lane stops after this much work
+REST_RATIO = 10.0  # ... and rests this many times what it worked, BUSY_WAIT at least
+REST_MAX = 0.100  # never rests longer (a large batch, such as 1,000 keys deleted at once)
+HOST_POLL = 0.0002  # while a host request is being served, the lane looks again this often
 
 
 # ---------------------------------------------------------------- the requests
@@ -92,9 +103,13 @@ Invalidation = PollNotify | InodeDrop | EntryDrop | EchoDue
 class Notifications:
     """The kernel's side of every change: what it must drop, and what watchers must see."""
 
-    def __init__(self, store: Store, table: NodeTable) -> None:
+    def __init__(self, store: Store, table: NodeTable,
+                 host_busy: Callable[[], bool] | None = None) -> None:
         self.store = store
         self.table = table
+        # True while a host request is being served (the device's server says so): the
+        # lane does not start work then, as the host waits for that request's reply.
+        self.host_busy = host_busy or (lambda: False)
         self._send: trio.MemorySendChannel[Invalidation]
         self._requests: trio.MemoryReceiveChannel[Invalidation]
         self._send, self._requests = trio.open_memory_channel(float("inf"))
@@ -109,13 +124,19 @@ class Notifications:
         self.host_deleted: set[int] = set()  # inodes whose kernel entry is still to drop
         self._page_drops: set[int] = set()  # inodes with an InodeDrop queued, not yet run
         self._last_change = float("-inf")  # trio clock: the last change not through the mount
+        # The lane's own state (trio clock): what it took but has not run yet (each
+        # invalidation and wake-up once), since when, and until when it rests.
+        self._backlog: deque[Invalidation] = deque()
+        self._in_backlog: set[Invalidation] = set()
+        self._due_since = 0.0
+        self._rest_until = float("-inf")
 
     def _queue(self, request: Invalidation) -> None:
         self._send.send_nowait(request)
 
     def queued(self) -> int:
         """Requests not yet run (the service may not be running)."""
-        return self._requests.statistics().current_buffer_used
+        return self._requests.statistics().current_buffer_used + len(self._backlog)
 
     # ================================================================ what others ask
     def wake_poller(self, handle: pyfuse3.PollHandle) -> None:
@@ -270,37 +291,58 @@ class Notifications:
     async def _serial_lane(self) -> None:
         worker = Worker("kvpfs invalidations")
         try:
-            async for first in self._requests:
-                await self._settle()
-                for request in self._batch(first):
+            while True:
+                if not self._backlog:
+                    self._take(await self._requests.receive())
+                    self._due_since = trio.current_time()
+                await self._wait_for_turn()
+                self._take_queued()
+                started = now = trio.current_time()
+                while self._backlog:
+                    request = self._backlog.popleft()
+                    self._in_backlog.discard(request)
                     await self._perform(request, worker)
+                    now = trio.current_time()
+                    if now - started >= SLICE and not self._quiet(now):
+                        break  # the host is busy: the rest waits for the next turn
+                if self._last_change > started:  # the host changed something meanwhile
+                    self._rest_until = now + min(REST_MAX, max(BUSY_WAIT,
+                                                               REST_RATIO * (now - started)))
         finally:
             worker.close()
 
-    async def _settle(self) -> None:
-        """Wait while changes keep coming, SETTLE_MAX at most (see SETTLE)."""
-        until = trio.current_time() + SETTLE_MAX
-        while (now := trio.current_time()) < until:
-            quiet_at = self._last_change + SETTLE
-            if now >= quiet_at:
-                return
-            await trio.sleep(min(quiet_at, until) - now)
+    def _quiet(self, now: float) -> bool:
+        return now >= self._last_change + SETTLE and not self.host_busy()
 
-    def _batch(self, first: Invalidation) -> list[Invalidation]:
-        """`first` and everything queued behind it, each invalidation and wake-up once
-        (in the order first asked); every EchoDue stays, as each stands for one key."""
-        batch = [first]
-        seen: set[Invalidation] = {first}
+    async def _wait_for_turn(self) -> None:
+        """Until the host has been quiet for SETTLE and no request of its is being
+        served, or has been busy for BUSY_WAIT since the oldest work was queued; and
+        never before the lane's rest is over."""
+        while True:
+            now = trio.current_time()
+            busy_turn = self._due_since + BUSY_WAIT
+            turn = max(min(self._last_change + SETTLE, busy_turn), self._rest_until)
+            if now >= turn:
+                if now >= busy_turn or not self.host_busy():
+                    return
+                turn = min(now + HOST_POLL, busy_turn)  # a request is being served
+            await trio.sleep_until(turn)  # a change meanwhile moves `turn`: look again
+
+    def _take(self, request: Invalidation) -> None:
+        """Into the backlog, each invalidation and wake-up once (in the order first
+        asked); every EchoDue stays, as each stands for one key."""
+        if isinstance(request, EchoDue):
+            self._backlog.append(request)
+        elif request not in self._in_backlog:
+            self._in_backlog.add(request)
+            self._backlog.append(request)
+
+    def _take_queued(self) -> None:
         while True:
             try:
-                request = self._requests.receive_nowait()
+                self._take(self._requests.receive_nowait())
             except trio.WouldBlock:
-                return batch
-            if isinstance(request, EchoDue):
-                batch.append(request)
-            elif request not in seen:
-                seen.add(request)
-                batch.append(request)
+                return
 
     async def _perform(self, request: Invalidation, worker: Worker) -> None:
         try:
