@@ -10,6 +10,7 @@ needs to read and write the pools, and the total bounds kvpfs's memory.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
@@ -24,29 +25,34 @@ class Refusal:
         return self.reason
 
 
+Bounds = tuple[int, int, int]  # (per user, total, root's headroom within the total)
+
+
 @dataclass
 class UserQuota:
     what: str  # "open files", "unpublished bytes": for the refusal's message
-    per_user: int
-    total: int
-    headroom: int  # of `total`, only privileged users may use
+    # Read at every call, so that a bound set in `wire.limits` applies at once.
+    bounds: Callable[[], Bounds]
     privileged: frozenset[int] = frozenset({0})
     held: Counter[int] = field(default_factory=Counter)
     sum_all: int = 0
     sum_others: int = 0
 
     def refusal(self, uid: int, amount: int = 1) -> Refusal | None:
-        """Why `uid` may not take `amount` more, or None if it may."""
-        if self.sum_all + amount > self.total:
-            return Refusal(f"{self.what} of all users would exceed {self.total}")
+        """Why `uid` may not take `amount` more, or None if it may. The headroom is at
+        most an eighth of the total (a small total leaves users most of it)."""
+        per_user, total, headroom = self.bounds()
+        if self.sum_all + amount > total:
+            return Refusal(f"{self.what} of all users would exceed {total}")
         if uid in self.privileged:
             return None
-        if self.held[uid] + amount > self.per_user:
-            return Refusal(f"{self.what} of uid {uid} would exceed {self.per_user} (the most"
+        if self.held[uid] + amount > per_user:
+            return Refusal(f"{self.what} of uid {uid} would exceed {per_user} (the most"
                            " per user)", own=True)
-        if self.sum_others + amount > self.total - self.headroom:
-            return Refusal(f"{self.what} of unprivileged users would exceed"
-                           f" {self.total - self.headroom} (the rest is kept for root)")
+        others = total - min(headroom, total // 8)
+        if self.sum_others + amount > others:
+            return Refusal(f"{self.what} of unprivileged users would exceed {others} (the"
+                           " rest is kept for root)")
         return None
 
     def take(self, uid: int, amount: int = 1) -> Refusal | None:

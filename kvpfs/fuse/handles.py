@@ -116,6 +116,16 @@ class Handle:
     def refused(self) -> None:
         self._publication(Publication.REFUSED)
 
+    def lost_room(self) -> None:
+        """A change was refused for want of room (the unpublished bound) before it went
+        in: the buffer is as it was. After an O_TRUNC open nothing is published then (the
+        old value stays) unless a later write goes in; after earlier writes, publishing
+        would store a value with this one missing, so nothing is, as after a refusal."""
+        if self.publication is Publication.TRUNCATED:
+            self._publication(Publication.CLEAN)
+        elif self.publication is Publication.CHANGED:
+            self._publication(Publication.REFUSED)
+
     def published(self) -> None:
         self._publication(Publication.CLEAN)
 
@@ -132,9 +142,8 @@ class OpenFiles:
 
     def __init__(self, privileged: frozenset[int]) -> None:
         self.quota = UserQuota("open files and directories",
-                               per_user=limits.OPEN_FILES_PER_USER,
-                               total=limits.OPEN_FILES_MAX, headroom=limits.OPEN_FILES_ROOT,
-                               privileged=privileged)
+                               lambda: (limits.OPEN_FILES_PER_USER, limits.OPEN_FILES_MAX,
+                                        limits.OPEN_FILES_ROOT), privileged)
 
     def take(self, uid: int, what: str) -> None:
         why = self.quota.take(uid)

@@ -148,7 +148,7 @@ class NodeTable:
             self.by_key[(pool, key)] = node
         return node
 
-    def add_guest(self, name: bytes, key: bytes | None, owner: int) -> Node:
+    def add_guest(self, name: bytes, key: bytes | None, owner: int = 0) -> Node:
         """A new guest file not in the pool: a scratch file, or a key created (pending),
         counted against `owner`'s bounds."""
         if key is None:
@@ -204,8 +204,8 @@ class NodeTable:
         node.linked = False
         if node.key is None:  # a scratch file's bytes go with its name
             node.held.content = b""
-            node.held.charged = self.unpublished.account(node.owner, node.pool, node.name,
-                                                         node.held.charged, 0)
+            node.held.charged = self.unpublished.account(node.pool, node.name,
+                                                         node.held.charged, 0, uid=node.owner)
         if node.key is not None and self.by_key.get((node.pool, node.key)) is node:
             del self.by_key[(node.pool, node.key)]
         if self.guest_extra.get(node.name) is node:

@@ -46,9 +46,8 @@ class PrivateDirs:
     def __init__(self, new_ino: Callable[[], int],
                  privileged: frozenset[int] = frozenset({0})) -> None:
         self._new_ino = new_ino
-        self.quota = UserQuota("private directories", per_user=MAX_DIRS,
-                               total=MAX_DIRS + ROOT_DIRS, headroom=ROOT_DIRS,
-                               privileged=privileged)
+        self.quota = UserQuota("private directories",
+                               lambda: (MAX_DIRS, MAX_DIRS + ROOT_DIRS, ROOT_DIRS), privileged)
         self.by_name: dict[bytes, PrivateDir] = {}
         self.by_ino: dict[int, PrivateDir] = {}
 

@@ -21,16 +21,16 @@ from kvpfs.wire.protocol import Pool
 
 class Unpublished:
     def __init__(self, privileged: frozenset[int] = frozenset({0})) -> None:
-        self.quota = UserQuota("unpublished data (open write buffers, appends and scratch"
-                               " files), in bytes,", per_user=limits.UNPUBLISHED_PER_USER_BYTES,
-                               total=limits.UNPUBLISHED_MAX_BYTES,
-                               headroom=limits.UNPUBLISHED_ROOT_BYTES, privileged=privileged)
+        self.quota = UserQuota(
+            "unpublished data (open write buffers, appends and scratch files), in bytes,",
+            lambda: (limits.UNPUBLISHED_PER_USER_BYTES, limits.UNPUBLISHED_MAX_BYTES,
+                     limits.UNPUBLISHED_ROOT_BYTES), privileged)
 
     @property
     def total(self) -> int:
         return self.quota.sum_all
 
-    def account(self, uid: int, pool: int, name: bytes, old: int, new: int) -> int:
+    def account(self, pool: int, name: bytes, old: int, new: int, *, uid: int = 0) -> int:
         """Move one buffer's share, counted for `uid`, from `old` to `new` bytes and return
         `new`; ENOSPC with a log line (at a bounded rate), changing nothing, past a bound."""
         why = self.quota.take(uid, new - old)

@@ -53,16 +53,17 @@ class Writes:
 
     def account(self, node: Node, old: int, new: int) -> int:
         """A scratch file's content, counted for whoever made it (`Node.owner`)."""
-        return self.unpublished.account(node.owner, node.pool, node.name, old, new)
+        return self.unpublished.account(node.pool, node.name, old, new, uid=node.owner)
 
     def account_handle(self, handle: Handle, new: int) -> None:
         node = handle.node
-        handle.charged = self.unpublished.account(handle.uid, node.pool, node.name,
-                                                  handle.charged, new)
+        handle.charged = self.unpublished.account(node.pool, node.name, handle.charged, new,
+                                                  uid=handle.uid)
 
     def account_draft(self, node: Node, new: int) -> None:
-        node.appends.charged = self.unpublished.account(node.appends.owner, node.pool,
-                                                        node.name, node.appends.charged, new)
+        node.appends.charged = self.unpublished.account(node.pool, node.name,
+                                                        node.appends.charged, new,
+                                                        uid=node.appends.owner)
 
     # ================================================================ writing
     async def write(self, handle: Handle, off: int, buf: bytes) -> int:
@@ -78,9 +79,9 @@ class Writes:
         try:
             data = self._make_private(handle, size)
         except pyfuse3.FUSEError:
-            # Nothing of this handle may be stored now: not the empty value an O_TRUNC open
-            # left (the old value stays), nor a value with this write missing.
-            handle.refused()
+            # Never the empty value an O_TRUNC open left (the old value stays), nor a
+            # value with this write missing.
+            handle.lost_room()
             raise
         if handle.append:
             off = len(data)  # the kernel's offset comes from a possibly stale size
@@ -159,7 +160,7 @@ class Writes:
             try:
                 buffer = self._make_private(handle, size)
             except pyfuse3.FUSEError:
-                handle.refused()
+                handle.lost_room()
                 raise
             del buffer[size:]
             buffer.extend(b"\0" * (size - len(buffer)))

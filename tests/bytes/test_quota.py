@@ -11,22 +11,23 @@ from kvpfs.quota import UserQuota
 
 
 def test_a_user_gets_at_most_its_share_and_root_keeps_headroom():
-    quota = UserQuota("open files", per_user=3, total=10, headroom=4)
+    quota = UserQuota("open files", lambda: (3, 16, 8))  # headroom: at most 16 // 8 = 2
     assert [quota.take(1000) for _ in range(3)] == [None] * 3
     refused = quota.take(1000)
     assert refused is not None and refused.own and "of uid 1000 would exceed 3" in str(refused)
-    assert quota.take(1001, 3) is None
-    refused = quota.take(1002)  # users together: 10 - 4
+    assert [quota.take(uid, 3) for uid in (1001, 1002, 1003)] == [None] * 3
+    assert quota.take(1004, 2) is None  # users together: 16 - 2
+    refused = quota.take(1005)
     assert refused is not None and not refused.own and "kept for root" in str(refused)
-    assert quota.take(0, 4) is None  # root: the headroom is there
-    assert "of all users would exceed 10" in str(quota.take(0))
+    assert quota.take(0, 2) is None  # root: the headroom is there
+    assert "of all users would exceed 16" in str(quota.take(0))
     quota.give(1000, 3)
-    assert quota.take(0) is None and quota.take(1002) is None
-    assert (quota.sum_all, quota.sum_others) == (9, 4)
+    assert quota.take(0) is None and quota.take(1005) is None
+    assert (quota.sum_all, quota.sum_others) == (15, 12)
 
 
 def test_giving_back_more_than_held_cannot_go_negative():
-    quota = UserQuota("bytes", per_user=100, total=1000, headroom=100)
+    quota = UserQuota("bytes", lambda: (100, 1000, 100))
     assert quota.take(5, 60) is None
     quota.give(5, 1000)
     assert (quota.held[5], quota.sum_all, quota.sum_others) == (0, 0, 0)

@@ -201,7 +201,10 @@ async def test_mkdir_and_friends_have_clear_errors(ops):
 
 
 async def test_guest_directories_are_private_empty_and_bounded(ops, monkeypatch):
-    monkeypatch.setattr(ops.dirs.quota, "total", 2)  # root's bound: all users together
+    from kvpfs.fuse import privatedirs
+
+    monkeypatch.setattr(privatedirs, "MAX_DIRS", 2)
+    monkeypatch.setattr(privatedirs, "ROOT_DIRS", 0)  # root's headroom (issue 18)
     made = await ops.mkdir(GUEST_DIR, b"Role.lock", 0o755, Ctx())
     assert made.st_mode & 0o170000 == 0o040000
     assert b"Role.lock" in await list_dir(ops, GUEST_DIR)

@@ -308,6 +308,7 @@ async def test_unpublished_bytes_are_bounded_for_all_users_together(m, monkeypat
 
 async def test_scratch_files_are_bounded_in_number(m, monkeypatch):
     monkeypatch.setattr(limits, "SCRATCH_MAX_FILES", 2)
+    monkeypatch.setattr(limits, "SCRATCH_ROOT_FILES", 0)  # root's headroom (issue 18)
     await m.write_file(b".one", b"1")
     await m.write_file(b".two", b"2")
     assert await refused(m.ops.create(GUEST_DIR, b".three", 0o644, os.O_WRONLY, Ctx())) \
