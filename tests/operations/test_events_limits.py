@@ -18,6 +18,7 @@ import trio.testing
 from kvpfs.fuse import events
 from kvpfs.fuse.events import EventFeed
 from kvpfs.storage.store import Change, ChangeKind, Origin
+from tests.support.handlers import refused
 
 
 class Ctx:
@@ -48,12 +49,6 @@ class Feed:
         self.next_fh += 1
         self.feed.open(fh, flags, Ctx(uid), include_external=True)
         return fh
-
-
-async def refused(coro) -> int:
-    with pytest.raises(pyfuse3.FUSEError) as info:
-        await coro
-    return info.value.errno
 
 
 async def test_waiting_reads_are_capped_per_user_for_others_and_in_all(small_limits):

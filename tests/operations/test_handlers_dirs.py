@@ -11,30 +11,15 @@ import errno
 import os
 import stat
 
-import pyfuse3
-import pytest
-
 from kvpfs.fuse.nodes import DIR_INODES, EVENTS_INODE, EVENTS_NAME, LINK_INODES, ROOT_INODE
 from kvpfs.fuse.operations import Permissions
 from kvpfs.host.intrinsic import KEYS as INTRINSIC_KEYS
 from kvpfs.storage.store import Origin
 from kvpfs.wire import names
 from kvpfs.wire.protocol import Pool
-from tests.support.handlers import EXTERNAL_DIR, GUEST_DIR, Ctx, mounted_handlers
+from tests.support.handlers import EXTERNAL_DIR, GUEST_DIR, Ctx, mounted_handlers, refused
 
 POOL_NAMES = [pool.dirname.encode() for pool in Pool]
-
-
-@pytest.fixture
-async def m(tmp_path, monkeypatch):
-    async with mounted_handlers(tmp_path / "pools", monkeypatch) as mounted:
-        yield mounted
-
-
-async def refused(call) -> int:
-    with pytest.raises(pyfuse3.FUSEError) as info:
-        await call
-    return info.value.errno
 
 
 async def test_the_root_holds_the_pools_their_numbers_and_the_feed(m):

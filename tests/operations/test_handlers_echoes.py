@@ -16,7 +16,6 @@ import os
 import stat
 import subprocess
 
-import pyfuse3
 import pytest
 import trio
 
@@ -24,15 +23,9 @@ from kvpfs.fuse.echo_helper import EchoKind
 from kvpfs.fuse.fsnotify_echo import EchoHelper, EchoOp
 from kvpfs.storage.store import Origin
 from kvpfs.wire.protocol import Pool
-from tests.support.handlers import EXTERNAL_DIR, Ctx, mounted_handlers
+from tests.support.handlers import EXTERNAL_DIR, Ctx, refused
 
 EXTERNAL = Pool.EXTERNAL
-
-
-@pytest.fixture
-async def m(tmp_path, monkeypatch):
-    async with mounted_handlers(tmp_path / "pools", monkeypatch) as mounted:
-        yield mounted
 
 
 @pytest.fixture
@@ -51,12 +44,6 @@ def echoing(m, kind: EchoKind, key: bytes, node=None) -> EchoOp:
     op = EchoOp(kind, EXTERNAL, key, key, node)
     m.fs.notifications.echo_op = op
     return op
-
-
-async def refused(call) -> int:
-    with pytest.raises(pyfuse3.FUSEError) as info:
-        await call
-    return info.value.errno
 
 
 async def test_a_modify_echo_opens_writes_and_closes_without_storing(m, helper):

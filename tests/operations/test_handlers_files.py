@@ -20,21 +20,9 @@ from kvpfs.storage.records import KEY_FIELD, RECORD_SIZE
 from kvpfs.storage.store import Origin
 from kvpfs.wire import limits
 from kvpfs.wire.protocol import Pool
-from tests.support.handlers import EXTERNAL_DIR, GUEST_DIR, Ctx, Fields, mounted_handlers
+from tests.support.handlers import EXTERNAL_DIR, GUEST_DIR, Ctx, Fields, refused
 
 GUEST = Pool.GUEST
-
-
-@pytest.fixture
-async def m(tmp_path, monkeypatch):
-    async with mounted_handlers(tmp_path / "pools", monkeypatch) as mounted:
-        yield mounted
-
-
-async def refused(call) -> int:
-    with pytest.raises(pyfuse3.FUSEError) as info:
-        await call
-    return info.value.errno
 
 
 def pool_file_records(m, pool: int) -> list[tuple[bytes, bytes]]:

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyfuse3
+import pytest
 
 from kvpfs.fuse.echoes import EchoingOperations
 from kvpfs.fuse.nodes import DIR_INODES
@@ -110,3 +111,10 @@ async def mounted_handlers(pool_dir: Path, monkeypatch: object,
         yield mounted
     finally:
         store.close()
+
+
+async def refused(call: Awaitable[object]) -> int:
+    """The errno a handler answers with; fails the test if it answers at all."""
+    with pytest.raises(pyfuse3.FUSEError) as info:
+        await call
+    return info.value.errno
