@@ -5,11 +5,19 @@
 #                              test suite (newest PyPI libs)
 #   ./dev.sh setup             install only (again only when pyproject.toml or the lists change)
 #   ./dev.sh deb               build dist/kvpfs_<version>_all.deb from this checkout
+#   ./dev.sh check-depends     that package's Depends against Debian 12 and 13 and Ubuntu
+#                              24.04 and 26.04 (versions and sources: debian/check-depends)
 #   ./dev.sh smoke-deb         install that package with apt (no PyPI), try it, purge it, check
-#                              that nothing is left
+#                              that nothing is left; with /var/lib/hyperv absent, empty and
+#                              full (the machine's own is kept aside and put back)
+#   ./dev.sh wheel             sdist + wheel (python -m build), twine check, then pip install
+#                              of the wheel and the walk-through in fresh venvs on 3.12, 3.13
 #   ./dev.sh test-debian-libs  the whole suite on Debian's python3-pyfuse3/python3-trio and
 #                              /usr/bin/python3 (venv in .venv-debian)
-#   ./dev.sh ci                all of the above but demo: what .ci/run runs
+#   ./dev.sh test-debian13-libs [TESTS]    TESTS (default: LIB_SET_TESTS, a subset) on Debian
+#   ./dev.sh test-ubuntu2404-libs [TESTS]  13's or Ubuntu 24.04's Python, trio, pyfuse3 and
+#                              outcome versions, from PyPI on pyenv's Python (.venv-<set>)
+#   ./dev.sh ci                all of the above but demo: what .ci/run runs, each stage timed
 # Each stage is one function below; `ci` lists them in order.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -325,7 +333,7 @@ smoke_deb_case() {
     if [ ${#leftover[@]} -gt 0 ] || [ -n "$removed" ] || [ "$state_before" != "$state_after" ] \
             || [ "$hyperv_before" != "$hyperv_after" ] || dpkg-query -W kvpfs >/dev/null 2>&1; then
         echo "dev.sh: the purge did not restore the machine (/var/lib/hyperv $case before):" >&2
-        printf '  left behind: %s\n' "${leftover[@]}" >&2
+        [ ${#leftover[@]} -eq 0 ] || printf '  left behind: %s\n' "${leftover[@]}" >&2
         [ -z "$removed" ] || printf '  removed: %s\n' $removed >&2
         [ "$hyperv_before" = "$hyperv_after" ] ||
             printf '  /var/lib/hyperv before:\n%s\n  after:\n%s\n' "$hyperv_before" "$hyperv_after" >&2
@@ -620,16 +628,20 @@ test_lib_set() {
     "$venv/bin/python" -m pytest "${deselect[@]}" "$@"
 }
 
-# Every stage, timed. `./dev.sh test` (README's command) is the first.
+# Every stage, timed; a summary of the times at the end. `./dev.sh test` (README's
+# command) is the first.
 ci() {
-    local stage start
+    local stage start times=() total_start=$SECONDS
     for stage in "test" deb check-depends smoke-deb wheel test-debian-libs \
                  test-debian13-libs test-ubuntu2404-libs; do
         start=$SECONDS
         echo "=== dev.sh $stage"
         "./dev.sh" "$stage"
         echo "=== dev.sh $stage: passed in $((SECONDS - start)) s"
+        times+=("$(printf '%-22s %5d s' "$stage" $((SECONDS - start)))")
     done
+    echo "=== dev.sh ci: every stage passed in $((SECONDS - total_start)) s"
+    printf '    %s\n' "${times[@]}"
 }
 
 command=${1:-}
