@@ -417,6 +417,28 @@ check_depends() {
     deb=$(ls dist/kvpfs_*_all.deb 2>/dev/null | sort -V | tail -1)
     [ -n "$deb" ] || { echo "dev.sh: no dist/kvpfs_*_all.deb: run ./dev.sh deb first" >&2; return 1; }
     /usr/bin/python3 debian/check-depends "$deb"
+    # Debian's archive is reachable from here: apt's own solver, on Debian 13's package
+    # index (in a directory of its own; this machine's apt setup is left alone), as on
+    # an empty trixie machine.
+    local apt_dir opts
+    apt_dir=$(mktemp -d)
+    on_exit "rm -rf '$apt_dir'"
+    mkdir -p "$apt_dir/lists/partial" "$apt_dir/cache/archives/partial" "$apt_dir/prefs"
+    : >"$apt_dir/status"
+    echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg]" \
+         "http://deb.debian.org/debian trixie main" >"$apt_dir/sources.list"
+    opts=(-o "Dir::Etc::SourceList=$apt_dir/sources.list" -o Dir::Etc::SourceParts=/dev/null
+          -o "Dir::State::Lists=$apt_dir/lists" -o "Dir::State::status=$apt_dir/status"
+          -o "Dir::Cache=$apt_dir/cache" -o Dir::Etc::Preferences=/dev/null
+          -o "Dir::Etc::PreferencesParts=$apt_dir/prefs" -o Acquire::Languages=none
+          -o "APT::Architecture=$(dpkg --print-architecture)")
+    echo "dev.sh: apt-get --simulate install ./$deb on Debian 13 trixie's package index"
+    quietly apt-get "${opts[@]}" update
+    apt-get "${opts[@]}" --simulate --no-install-recommends install "./$deb" >"$apt_dir/sim" 2>&1 ||
+        { cat "$apt_dir/sim" >&2; echo "dev.sh: apt cannot install $deb on Debian 13" >&2; return 1; }
+    grep -E '^Inst (kvpfs|python3|python3-trio|python3-pyfuse3|python3-outcome|fuse3) ' \
+        "$apt_dir/sim" | sed 's/^/    /'
+    rm -rf "$apt_dir"
 }
 
 # The release for PyPI: `python -m build` makes the sdist, then the wheel from it, into
