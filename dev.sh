@@ -22,6 +22,8 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV=${KVPFS_VENV:-$PWD/.venv}
+# Salt (tests/tools) in a venv of its own: its pins must not decide the test tools' versions.
+SALT_VENV=${KVPFS_SALT_VENV:-$PWD/.venv-salt}
 DEBIAN_VENV=${KVPFS_DEBIAN_VENV:-$PWD/.venv-debian}
 # Debian's own tools must run on Debian's python3, whatever python3 PATH finds first.
 SYSTEM_PATH=/usr/local/sbin:/usr/sbin:/sbin:/usr/bin:/bin
@@ -29,7 +31,8 @@ SYSTEM_PATH=/usr/local/sbin:/usr/sbin:/sbin:/usr/bin:/bin
 # What the suite needs from Debian.
 TEST_DEBS=(fuse3 libfuse3-dev pkg-config hyperv-daemons iproute2 util-linux attr
            systemd udev python3-gi gir1.2-nm-1.0 man-db python3-venv inotify-tools
-           vim-tiny)
+           vim-tiny podman runc bubblewrap busybox-static puppet rsync nano tar findutils
+           grep plocate)
 # What building the package and running the suite on Debian's libraries need.
 DEB_BUILD_DEBS=(build-essential debhelper dh-python pybuild-plugin-pyproject python3-all
                 python3-setuptools lintian man-db)
@@ -99,6 +102,11 @@ setup() {
         quietly "$VENV/bin/python" -m pip install --upgrade pip
         quietly "$VENV/bin/python" -m pip install -e ".[test]"
         echo "$stamp" >"$VENV/.kvpfs-installed"
+    fi
+    if [ ! -x "$SALT_VENV/bin/salt-call" ]; then
+        echo "dev.sh: installing Salt into $SALT_VENV (for tests/tools)"
+        [ -x "$SALT_VENV/bin/python" ] || python3 -m venv "$SALT_VENV"
+        quietly "$SALT_VENV/bin/python" -m pip install "salt>=3006"
     fi
 }
 

@@ -12,7 +12,7 @@ the real Debian ``hv_kvp_daemon`` -- opens a *path* and uses plain open/read/wri
 so only a file system can reproduce EBUSY on a second open, EINVAL on a short read,
 poll readiness and "close resets the device" without patching the daemon.
 
-Modelled faithfully (see kvp-protocol.md sections 2, 3.1, 3.4):
+Modelled faithfully (on hv_utils_transport.c and hv_kvp.c; docs/design.md, "The kernel model"):
 
 * one opener (EBUSY otherwise); release -> transport INIT, queued message dropped, a pending
   transaction answered E_FAIL, KVP state DEVICE_INIT (the next opener must handshake);
@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import enum
 import errno
 import functools
 import json
@@ -51,7 +50,6 @@ import select
 import signal
 import socket
 import stat
-import struct
 import sys
 import time
 from collections import deque
@@ -63,75 +61,21 @@ import pyfuse3
 import trio
 
 from emulation import emuwire
-from emulation.emuwire import ReplySource
-from kvpfs.wire.kernelside import encode_register_reply
-from kvpfs.wire.protocol import LEGACY_REGISTER, MESSAGE_SIZE, Op, Status
+from kvpfs.wire.kernelmodel import KERNEL_TIMEOUT, HostRequest, KvpKernel, Mode, Source
+from kvpfs.wire.protocol import MESSAGE_SIZE, Status
 
 log = logging.getLogger("kvpemu")
 
 DEVICE_NAME = b"hv_kvp"
 DEVICE_INODE = pyfuse3.ROOT_INODE + 1
-DEFAULT_TIMEOUT = 30.0
+DEFAULT_TIMEOUT = KERNEL_TIMEOUT
 CONTROL_XATTR = b"user.kvpemu.control"
-DRIVER_VERSION = "3.1"  # HV_DRV_VERSION
-
-# The legacy daemon's error convention looks at byte 20 (kvp_enum_data.data.key[0]).
-_LEGACY_KEY_OFFSET = 20
-_U32 = struct.Struct("<I")
 # How often a blocked read checks whether its opener is dying (see _process_dying).
 _READER_CHECK_INTERVAL = 0.2
 _SIGKILL_BIT = 1 << (signal.SIGKILL - 1)
 
 P = ParamSpec("P")
 T = TypeVar("T")
-
-
-class Mode(enum.Enum):
-    """``hvutil_transport`` mode (NETLINK is not emulated)."""
-
-    INIT = "INIT"
-    CHARDEV = "CHARDEV"
-    DESTROY = "DESTROY"
-
-
-class KvpState(enum.IntEnum):
-    """``enum hvutil_device_state``; order matters, the kernel compares with < and >."""
-
-    DEVICE_INIT = 0
-    READY = 1
-    HOSTMSG_RECEIVED = 2
-    USERSPACE_REQ = 3
-    USERSPACE_RECV = 4
-
-
-class HostRequest:
-    """One host request: queued in the "ring", then the current transaction, then answered."""
-
-    def __init__(self, message: bytes) -> None:
-        self.message = message
-        self.done = trio.Event()
-        self.status = 0
-        self.source = ReplySource.DAEMON
-        self.reply: bytes | None = None
-        self.abandoned = False
-
-    def complete(self, status: int, source: ReplySource, reply: bytes | None) -> None:
-        """First answer wins; later ones (cannot happen in the kernel either) are dropped."""
-        if self.done.is_set():
-            return
-        self.status = status & 0xFFFF_FFFF
-        self.source = source
-        self.reply = reply
-        self.done.set()
-
-
-@dataclass(eq=False)
-class Transaction:
-    """The kernel's ``kvp_transaction`` plus its armed ``kvp_timeout_work``."""
-
-    request: HostRequest
-    deadline: float
-    timer_pending: bool = True
 
 
 @dataclass(eq=False)
@@ -187,66 +131,65 @@ def _process_dying(tgid: int) -> bool:
 
 
 class KvpDevice:
-    """The kernel side: transport (open/read/write/poll/release) and the KVP state machine.
+    """The kernel side: `kvpfs.wire.kernelmodel.KvpKernel` behind FUSE file handles.
 
-    All methods run on the one trio thread; the synchronous ones never await, so each of them
-    is atomic just like the kernel code it mirrors under ``hvt->lock``.
+    Every kernel rule is the model's; this class adds what FUSE needs: file handles
+    tied to one module load (`generation`), a read that waits on trio, poll
+    handles to notify, injected faults, and the device name appearing and
+    vanishing. All methods run on the one trio thread, and the synchronous ones
+    never await, so each is atomic like the kernel code under ``hvt->lock``.
     """
 
-    def __init__(self, timeout: float = DEFAULT_TIMEOUT) -> None:
-        self.timeout = timeout
+    def __init__(self, timeout: float = DEFAULT_TIMEOUT, *, register_errors: bool = True
+                 ) -> None:
+        self.register_errors = register_errors
+        self._timeout = timeout
         self._timer_scope: trio.CancelScope | None = None
-        self._starting = False
         self._changed = trio.Event()
         self.faults = Faults()
-        self.ring: deque[HostRequest] = deque()
         self.files: dict[int, OpenFile] = {}
         self._next_fh = 1
         self._poll_handles: list[pyfuse3.PollHandle] = []
         self.present = True  # is the name hv_kvp visible
         self._unlink_on_release = False
-        self.counters: dict[str, int] = dict.fromkeys(
-            (
-                "opens",
-                "ebusy_opens",
-                "register_writes",
-                "rejected_registers",
-                "handshakes",
-                "reads",
-                "short_reads",
-                "writes",
-                "short_writes",
-                "spurious_writes",
-                "requests",
-                "completed",
-                "timeouts",
-                "resets",
-                "reset_failures",
-                "send_failures",
-                "hibernations",
-            ),
-            0,
-        )
+        self._earlier: dict[str, int] = {}
+        self.hold_until_open = False  # host requests wait to arrive at the next open
+        self.held: list[HostRequest] = []
         self.generation = 0
-        self._new_instance()
+        self.opener: int | None = None
+        self.kernel = self._new_instance()
 
     # ------------------------------------------------------------------ instance state
 
-    def _new_instance(self) -> None:
+    def _new_instance(self) -> KvpKernel:
         """A freshly loaded module: transport INIT, state DEVICE_INIT, nothing queued."""
         self.generation += 1
-        self.mode = Mode.INIT
-        self.state = KvpState.DEVICE_INIT
-        self.outmsg: bytes | None = None
-        self.on_read: Callable[[], None] | None = None
-        self.dm_reg_value = 0
-        self.opener: int | None = None
-        self.txn: Transaction | None = None
+        self.opener = None
+        self.kernel = KvpKernel(trio.current_time, timeout=self._timeout,
+                                register_errors=self.register_errors,
+                                on_change=self._bump)
+        return self.kernel
+
+    @property
+    def timeout(self) -> float:
+        return self._timeout
+
+    @timeout.setter
+    def timeout(self, seconds: float) -> None:
+        """For transactions started from now on (HV_UTIL_TIMEOUT is a constant)."""
+        self._timeout = seconds
+        self.kernel.timeout = seconds
 
     def _bump(self) -> None:
-        """Wake everybody waiting for a state change (readers, channel task, waiters)."""
+        """Wake everybody waiting for a state change (readers, the timer, waiters)."""
         self._changed.set()
         self._changed = trio.Event()
+        if self.kernel.outmsg is not None or self.kernel.mode == Mode.DESTROY:
+            self._notify_pollers()
+        scope = self._timer_scope
+        deadline = self.kernel.timer_deadline
+        if scope is not None and deadline is not None:
+            scope.deadline = min(scope.deadline, deadline)
 
     async def wait_changed(self, timeout: float | None = None) -> None:
         """Sleep until the next state change (or ``timeout``)."""
@@ -265,95 +208,80 @@ class KvpDevice:
             except Exception as exc:  # a stale handle must not take the emulator down
                 log.debug("poll notify failed: %s", exc)
 
-    def _live(self, fh: int) -> bool:
-        """Does ``fh`` belong to the current, non-destroyed instance as its opener?"""
+    def _current(self, fh: int) -> OpenFile:
+        """The fh, if it belongs to this module load (EBADF otherwise)."""
         f = self.files.get(fh)
-        return (
-            f is not None
-            and f.generation == self.generation
-            and self.mode == Mode.CHARDEV
-            and self.opener == fh
-        )
+        if f is None or f.generation != self.generation:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        return f
 
     @property
     def registered(self) -> bool:
-        return self.opener is not None and self.state >= KvpState.READY
+        return self.opener is not None and self.kernel.registered
+
+    @staticmethod
+    def _call(operation: Callable[[], T]) -> T:
+        try:
+            return operation()
+        except OSError as exc:
+            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
 
     # ------------------------------------------------------------------ transport: fops
 
     def open(self, tid: int) -> int:
         """``hvt_op_open``: INIT -> CHARDEV, otherwise EBUSY (or EBADF once unloaded)."""
-        if self.mode == Mode.DESTROY:
-            raise pyfuse3.FUSEError(errno.EBADF)
-        if self.mode != Mode.INIT:
-            self.counters["ebusy_opens"] += 1
-            raise pyfuse3.FUSEError(errno.EBUSY)
-        self.mode = Mode.CHARDEV
+        self._call(self.kernel.open)
         fh = self._next_fh
         self._next_fh += 1
         self.files[fh] = OpenFile(self.generation, _tgid_of(tid))
         self.opener = fh
-        self.counters["opens"] += 1
         log.info("open fh=%d by tid %d", fh, tid)
-        self._bump()
+        if self.held:
+            # Host requests "arrive" right after the open, before the opener can write
+            # REGISTER1: the registration race after a hibernation.
+            held, self.held = self.held, []
+            self.hold_until_open = False
+            for request in held:
+                self.kernel.submit(request)
         return fh
 
     async def read(self, fh: int, size: int) -> bytes:
         """``hvt_op_read``: block for a message, EINVAL if ``size`` is too small."""
-        f = self.files.get(fh)
-        if f is None:
-            raise pyfuse3.FUSEError(errno.EBADF)
+        f = self._current(fh)
         if self.faults.reads:
             err = self.faults.reads.popleft()
             log.info("injected read failure: %s", errno.errorcode.get(err, err))
             raise pyfuse3.FUSEError(err)
         # wait_event_interruptible(outmsg_len > 0 || mode != CHARDEV)
-        while self._live(fh) and self.outmsg is None:
+        kernel = self.kernel
+        while kernel is self.kernel and kernel.read_blocks:
             await self.wait_changed(_READER_CHECK_INTERVAL if f.tgid else None)
-            if f.tgid and self._live(fh) and self.outmsg is None and _process_dying(f.tgid):
+            if f.tgid and kernel.read_blocks and _process_dying(f.tgid):
                 raise pyfuse3.FUSEError(errno.EINTR)
-        if f.generation != self.generation or self.mode == Mode.DESTROY:
-            raise pyfuse3.FUSEError(errno.EBADF)
-        if self.outmsg is None or not self._live(fh):
-            raise pyfuse3.FUSEError(errno.EAGAIN)
-        if size < len(self.outmsg):
-            self.counters["short_reads"] += 1
-            raise pyfuse3.FUSEError(errno.EINVAL)
-        message, callback = self.outmsg, self.on_read
-        self.outmsg = None
-        self.on_read = None
-        self.counters["reads"] += 1
+        self._current(fh)
+        message = self._call(lambda: kernel.read(size))
         log.debug("daemon read op %d pool %d", message[0], message[1])
-        if callback is not None:
-            callback()
-        self._bump()
         return message
 
     def write(self, fh: int, buf: bytes) -> int:
         """``hvt_op_write`` -> ``kvp_on_msg``."""
-        f = self.files.get(fh)
-        if f is None or f.generation != self.generation or self.mode == Mode.DESTROY:
-            raise pyfuse3.FUSEError(errno.EBADF)
+        self._current(fh)
         if self.faults.writes:
             err = self.faults.writes.popleft()
             log.info("injected write failure: %s", errno.errorcode.get(err, err))
             raise pyfuse3.FUSEError(err)
-        ret = self._on_msg(bytes(buf))
-        self._bump()
-        if ret:
-            raise pyfuse3.FUSEError(ret)
-        return len(buf)
+        log.debug("daemon wrote %d bytes, header %s", len(buf), bytes(buf[:4]).hex())
+        return self._call(lambda: self.kernel.write(bytes(buf)))
 
     def poll(self, fh: int, handle: pyfuse3.PollHandle | None) -> int:
         """``hvt_op_poll``: readable only while a message is queued; never writable."""
         f = self.files.get(fh)
-        if f is None or f.generation != self.generation or self.mode == Mode.DESTROY:
+        if f is None or f.generation != self.generation:
             return select.POLLERR | select.POLLHUP
-        if self.outmsg is not None:
-            return select.POLLIN | select.POLLRDNORM
-        if handle is not None:
+        bits = self.kernel.poll()
+        if not bits and handle is not None:
             self._poll_handles.append(handle)
-        return 0
+        return bits
 
     def release(self, fh: int) -> None:
         """``hvt_op_release`` + ``kvp_on_reset`` for the opener; dead fhs are just dropped."""
@@ -361,183 +289,45 @@ class KvpDevice:
         if f is None or f.generation != self.generation or self.opener != fh:
             return  # an fh of an earlier, unloaded instance
         self.opener = None
-        if self.mode == Mode.DESTROY:
-            # Unloaded module: the misc device goes away with the last close.
-            if self._unlink_on_release:
-                self.present = False
-                self._unlink_on_release = False
-            self._poll_handles.clear()
-            self._bump()
-            return
-        self.mode = Mode.INIT
-        self.outmsg = None
-        self.on_read = None
-        self.counters["resets"] += 1
-        txn = self.txn
-        if txn is not None and self._cancel_timer(txn):
-            self.counters["reset_failures"] += 1
-            self._respond(txn, Status.E_FAIL, ReplySource.RESET, None)
-        self.state = KvpState.DEVICE_INIT
+        destroyed = self.kernel.mode == Mode.DESTROY
+        self.kernel.release()
         self._poll_handles.clear()
+        if destroyed and self._unlink_on_release:
+            # Unloaded module: the misc device goes away with the last close.
+            self.present = False
+            self._unlink_on_release = False
         log.info("release fh=%d: device reset to INIT", fh)
         self._bump()
 
-    # ------------------------------------------------------------------ transport: send
-
-    def _transport_send(self, message: bytes, on_read: Callable[[], None] | None) -> int:
-        """``hvutil_transport_send`` in CHARDEV mode: at most one undelivered message."""
-        if self.mode != Mode.CHARDEV:
-            return errno.EINVAL
-        if self.outmsg is not None:
-            return errno.EFAULT  # "Previous message wasn't received"
-        self.outmsg = message
-        self.on_read = on_read
-        self._notify_pollers()
-        self._bump()
-        return 0
-
-    # ------------------------------------------------------------------ KVP state machine
-
-    def _on_msg(self, buf: bytes) -> int:
-        """``kvp_on_msg``; returns 0 or a positive errno for the write."""
-        self.counters["writes"] += 1
-        log.debug("daemon wrote %d bytes, header %s", len(buf), buf[:4].hex())
-        if len(buf) < MESSAGE_SIZE:
-            self.counters["short_writes"] += 1
-            return errno.EINVAL
-        if self.state < KvpState.READY:
-            return self._handle_handshake(buf)
-        if self.state < KvpState.USERSPACE_REQ:
-            self.counters["spurious_writes"] += 1
-            log.info("reply with no request outstanding (state %s): EINVAL", self.state.name)
-            return errno.EINVAL
-        self.state = KvpState.USERSPACE_RECV
-        if self.dm_reg_value == LEGACY_REGISTER:
-            error = Status.S_CONT if buf[_LEGACY_KEY_OFFSET] == 0 else Status.S_OK
-        else:
-            (error,) = _U32.unpack_from(buf, 0)
-        txn = self.txn
-        if txn is not None and self._cancel_timer(txn):
-            self._respond(txn, error, ReplySource.DAEMON, buf[:MESSAGE_SIZE])
-            self._poll_channel()
-        return 0
-
-    def _handle_handshake(self, buf: bytes) -> int:
-        """``kvp_handle_handshake``: accept op 100 or 4 and queue the version reply."""
-        op = buf[0]
-        self.counters["register_writes"] += 1
-        if op not in (Op.REGISTER1, LEGACY_REGISTER):
-            self.counters["rejected_registers"] += 1
-            log.info("incompatible daemon: op %d (EINVAL)", op)
-            return errno.EINVAL
-        self.dm_reg_value = op
-        return self._transport_send(
-            encode_register_reply(op=op, version=DRIVER_VERSION), self._register_done
-        )
-
-    def _register_done(self) -> None:
-        """``kvp_register_done``: the daemon read our reply -> READY, drain the ring."""
-        self.counters["handshakes"] += 1
-        log.info("daemon registered (op %d)", self.dm_reg_value)
-        self._poll_channel()
-
-    def _poll_channel(self) -> None:
-        """``kvp_poll_wrapper``: transaction over, look at the ring again.
-
-        The next request starts here and now rather than in a task woken for it:
-        one scheduler round trip less per request on the host's path.
-        """
-        self.state = KvpState.READY
-        self.txn = None
-        self._bump()
-        self._start_next()
-
-    def _start_next(self) -> None:
-        """``hv_kvp_onchannelcallback``: one host request at a time, only once READY."""
-        if self._starting:
-            return  # a send that failed at once ends here; the loop below goes on
-        self._starting = True
-        try:
-            while self.state == KvpState.READY and self.opener is not None and self.ring:
-                request = self.ring.popleft()
-                if not request.abandoned:
-                    self._send_key(request)
-        finally:
-            self._starting = False
-
-    def _cancel_timer(self, txn: Transaction) -> bool:
-        """``cancel_delayed_work_sync``: True if the timeout had not fired yet."""
-        if not txn.timer_pending:
-            return False
-        txn.timer_pending = False  # the timer task finds nothing to do when it wakes
-        return True
-
-    def _respond(
-        self, txn: Transaction, status: int, source: ReplySource, reply: bytes | None
-    ) -> None:
-        """``kvp_respond_to_host``; the host client does the UTF-8 -> UTF-16 part."""
-        self.counters["completed"] += 1
-        log.debug("answer host: status %#x (%s)", status, source.name)
-        txn.request.complete(status, source, reply)
+    # ------------------------------------------------------------------ the timer
 
     async def timer_loop(self) -> None:
-        """``kvp_timeout_work``: one task whose deadline each transaction moves.
-
-        A task per transaction would cost a spawn and a cancellation per request.
-        """
+        """``kvp_timeout_work``: one task whose deadline each transaction moves."""
         while True:
             with trio.CancelScope() as scope:
                 self._timer_scope = scope
-                txn = self.txn
-                if txn is not None and txn.timer_pending:
-                    scope.deadline = txn.deadline
+                deadline = self.kernel.timer_deadline
+                if deadline is not None:
+                    scope.deadline = deadline
                 await trio.sleep_forever()
-            txn = self.txn
-            if txn is not None and txn.timer_pending and trio.current_time() >= txn.deadline:
-                self._time_out(txn)
-
-    def _time_out(self, txn: Transaction) -> None:
-        """``kvp_timeout_func``: answer E_FAIL; the request stays queued for the daemon."""
-        txn.timer_pending = False
-        self.counters["timeouts"] += 1
-        log.info("transaction timed out after %.3g s", self.timeout)
-        self._respond(txn, Status.E_FAIL, ReplySource.TIMEOUT, None)
-        if self.txn is txn:
-            self._poll_channel()
-
-    def _send_key(self, request: HostRequest) -> None:
-        """Channel callback + ``kvp_send_key``: start one transaction."""
-        self.state = KvpState.HOSTMSG_RECEIVED
-        txn = Transaction(request, trio.current_time() + self.timeout)
-        self.txn = txn
-        if self._timer_scope is not None:
-            # An earlier deadline wakes the timer task sooner; a later one is
-            # picked up when it wakes for the earlier one and finds nothing due.
-            self._timer_scope.deadline = min(self._timer_scope.deadline, txn.deadline)
-        self.state = KvpState.USERSPACE_REQ
-        rc = self._transport_send(request.message, None)
-        if rc:
-            self.counters["send_failures"] += 1
-            log.info("failed to communicate to the daemon: %s", errno.errorcode.get(rc, rc))
-            if self._cancel_timer(txn):
-                self._respond(txn, Status.E_FAIL, ReplySource.SEND_FAILED, None)
-                self._poll_channel()
+            self._timer_scope = None
+            self.kernel.run_timer()
 
     # ------------------------------------------------------------------ host side
 
     def submit(self, request: HostRequest) -> None:
-        """A host request lands in the ring."""
-        self.counters["requests"] += 1
-        self.ring.append(request)
-        self._bump()
-        self._start_next()
+        """A host request lands in the ring (or waits for the next open, if so told)."""
+        if self.hold_until_open:
+            self.held.append(request)
+            self._bump()
+            return
+        self.kernel.submit(request)
 
     def abandon(self, request: HostRequest) -> None:
         """The host went away: a queued request is withdrawn, an in-flight one runs on."""
-        request.abandoned = True
-        with contextlib.suppress(ValueError):
-            self.ring.remove(request)
-        self._bump()
+        if request in self.held:
+            self.held.remove(request)
+        self.kernel.withdraw(request)
 
     # ------------------------------------------------------------------ faults & control
 
@@ -545,38 +335,24 @@ class KvpDevice:
         """Module unload (``hv_kvp_deinit``): readers get EBADF, pollers ERR|HUP.
 
         The name stays until the opener closes (the misc device is deregistered after the
-        last release), then disappears.  An in-flight host request is answered E_FAIL (the
+        last release), then disappears. An in-flight host request is answered E_FAIL (the
         real host would see the channel close instead).
         """
-        txn = self.txn
-        if txn is not None and self._cancel_timer(txn):
-            self._respond(txn, Status.E_FAIL, ReplySource.DESTROYED, None)
-        self.txn = None
-        self.mode = Mode.DESTROY
-        self.state = KvpState.DEVICE_INIT
+        self.kernel.destroy()
         if self.opener is None:
             self.present = False
         else:
             self._unlink_on_release = True
-        self._notify_pollers()
         self._bump()
 
     def hibernate(self) -> None:
         """``hv_kvp_pre_suspend`` then resume: work cancelled, state forced READY.
 
-        No transport reset: an open fd stays usable and a queued message stays queued. The
-        host is not told about an in-flight transaction (the closed VMBus channel implies
-        its failure; here it is answered E_FAIL so the host client returns). With no daemon
-        connected, the next REGISTER1 gets EINVAL (state READY is not < READY) until the
-        device is closed, which resets the state.
+        No transport reset: an open fd stays usable and a queued message stays queued.
+        With no daemon connected, the next REGISTER1 gets EINVAL (state READY is not
+        < READY) until the device is closed, which resets the state.
         """
-        txn = self.txn
-        if txn is not None and self._cancel_timer(txn):
-            self._respond(txn, Status.E_FAIL, ReplySource.RESET, None)
-        self.txn = None
-        self.counters["hibernations"] += 1
-        self.state = KvpState.READY
-        self._bump()
+        self.kernel.hibernate()
 
     def vanish(self, mode: str) -> None:
         """Make ``hv_kvp`` disappear: ``unload`` (module gone) or ``unlink`` (name only)."""
@@ -590,7 +366,9 @@ class KvpDevice:
 
     def reappear(self) -> None:
         """Undo :meth:`vanish`; after an unload this is a fresh module (new instance)."""
-        if self.mode == Mode.DESTROY:
+        if self.kernel.mode == Mode.DESTROY:
+            for name, value in self.kernel.counters.items():
+                self._earlier[name] = self._earlier.get(name, 0) + value
             self._new_instance()
         self._unlink_on_release = False
         self.present = True
@@ -599,29 +377,26 @@ class KvpDevice:
     def snapshot(self) -> dict[str, Any]:
         """Everything a test may want to assert on, JSON-ready."""
         opener = self.files.get(self.opener) if self.opener is not None else None
+        counters = {name: self._earlier.get(name, 0) + value
+                    for name, value in self.kernel.counters.items()}
         return {
+            **self.kernel.snapshot(),
+            **counters,
             "registered": self.registered,
             "opened": self.opener is not None,
-            "mode": self.mode.value,
-            "state": self.state.name,
-            "reg_value": self.dm_reg_value,
-            "message_queued": self.outmsg is not None,
-            "transaction": self.txn is not None,
-            "ring": len(self.ring),
+            "held": len(self.held),
             "present": self.present,
             "generation": self.generation,
-            "timeout": self.timeout,
             "opener_pid": opener.tgid if opener else None,
             "pending_read_faults": len(self.faults.reads),
             "pending_write_faults": len(self.faults.writes),
-            **self.counters,
         }
 
     def shutdown(self) -> None:
         """Emulator exit: unload so blocked readers return (EBADF) before we unmount."""
-        for request in self.ring:
-            request.complete(Status.E_FAIL, ReplySource.DESTROYED, None)
-        self.ring.clear()
+        held, self.held = self.held, []
+        for request in held:
+            request.answer(Status.E_FAIL, Source.DESTROYED, None)
         self.unload()
 
 
@@ -861,11 +636,13 @@ class ControlServer:
         if len(message) != MESSAGE_SIZE:
             text = f"request is {len(message)} bytes, expected {MESSAGE_SIZE}"
             return emuwire.KIND_ERROR + text.encode()
-        request = HostRequest(message)
+        done = trio.Event()
+        request = HostRequest(message, done.set)
         host.waiting = request
         self.device.submit(request)
-        await request.done.wait()
+        await done.wait()
         host.waiting = None
+        assert request.status is not None  # answered: that is what set `done`
         return emuwire.encode_answer(request.status, request.source, request.reply)
 
     async def _command(self, body: bytes) -> dict[str, Any]:
@@ -901,6 +678,9 @@ class ControlServer:
         if name == "hibernate":
             device.hibernate()
             return {"ok": True, "state": device.snapshot()}
+        if name == "hold_until_open":
+            device.hold_until_open = True
+            return {"ok": True}
         if name == "set_timeout":
             device.timeout = float(command["seconds"])
             return {"ok": True}
@@ -923,6 +703,7 @@ class ControlServer:
                 ("min_completed", "completed"),
                 ("min_resets", "resets"),
                 ("min_register_writes", "register_writes"),
+                ("min_held", "held"),
             ):
                 if key in command and snap[counter] < int(command[key]):
                     return False

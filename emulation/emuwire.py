@@ -20,10 +20,11 @@ the first payload byte says what the frame is:
 
 from __future__ import annotations
 
-import enum
 import json
 import struct
 from typing import Any
+
+from kvpfs.wire.kernelmodel import Source
 
 __all__ = [
     "KIND_ANSWER",
@@ -51,14 +52,9 @@ _LEN = struct.Struct("<I")
 _ANSWER = struct.Struct("<IB")
 
 
-class ReplySource(enum.IntEnum):
-    """Who produced the status the host got, so tests can tell a daemon E_FAIL from a timeout."""
-
-    DAEMON = 0  # the daemon wrote a reply; status is its ``error`` field (or legacy rule)
-    TIMEOUT = 1  # HV_UTIL_TIMEOUT expired (kvp_timeout_func)
-    RESET = 2  # the daemon closed the device mid-transaction (kvp_on_reset)
-    SEND_FAILED = 3  # hvutil_transport_send failed: an earlier message was still unread
-    DESTROYED = 4  # the device was "unloaded" (vanish) while the request was in flight
+ReplySource = Source
+"""Who answered the host (`kvpfs.wire.kernelmodel.Source`): DAEMON, TIMEOUT, RESET,
+SEND_FAILED, DESTROYED, SUSPENDED."""
 
 
 def frame(payload: bytes) -> bytes:

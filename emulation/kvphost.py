@@ -383,6 +383,11 @@ class EmulatedHost:
         """The guest hibernates and resumes (``hv_kvp_pre_suspend``): state forced READY."""
         return self.command("hibernate")["state"]
 
+    def hold_until_open(self) -> None:
+        """Host requests sent from now on arrive right after the next open of the device,
+        before the opener can register (with `hibernate`: the registration race)."""
+        self.command("hold_until_open")
+
     def set_timeout(self, seconds: float) -> None:
         """Per-request timeout for transactions started from now on."""
         self.command("set_timeout", seconds=seconds)

@@ -15,7 +15,7 @@ What differs:
   `task_status.started()` in an ExceptionGroup of one (with strict groups);
 - pyfuse3 3.5 brought poll support (`Operations.poll`, `PollHandle`); before it (all
   four distributions above), the kernel takes every kvpfs file as always readable,
-  so `/.events` cannot be waited on with poll/select: `kvpfs wait` (kvpfs/wait.py)
+  so `/.events` cannot be waited on with poll/select: `kvpfs wait` (kvpfs/cli/wait.py)
   then reads it every 0.1 s instead of spinning, and `fuse_can_poll()` tells the tests;
 - before trio 0.25 (Debian 12, Ubuntu 24.04) a nursery re-raised a lone child
   exception bare, not wrapped in an ExceptionGroup. kvpfs is written for the new rule

@@ -8,6 +8,10 @@ unmount from outside ends pyfuse3's main loop. Then, in reverse: the tasks that
 use the mount end, the mount is removed, the services (device, control socket,
 simulated host) end, and the store is closed last. Under systemd's watchdog
 (WatchdogSec=), kvpfs/watchdog.py pings while every part makes progress.
+
+This is the one place that builds the parts and wires them together: the
+filesystem's (`build_filesystem`: handlers, node table, change feed, the
+notification service, subscribed to the store) and the services'.
 """
 
 from __future__ import annotations
@@ -16,10 +20,12 @@ import contextlib
 import ctypes
 import errno
 import faulthandler
+import itertools
 import logging
 import os
 import signal
 import subprocess
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +36,17 @@ import trio
 
 from kvpfs import __version__, compat, control, mountinfo
 from kvpfs.fuse import events
-from kvpfs.fuse.operations import KvpOperations, Permissions
+from kvpfs.fuse.attributes import Attributes
+from kvpfs.fuse.contents import Contents
+from kvpfs.fuse.durable import DurableMeta
+from kvpfs.fuse.echoes import EchoingOperations, EchoRequests
+from kvpfs.fuse.events import EventFeed
+from kvpfs.fuse.nodes import NodeTable
+from kvpfs.fuse.notifications import Notifications
+from kvpfs.fuse.operations import Parts, Permissions
+from kvpfs.fuse.privatedirs import PrivateDirs
+from kvpfs.fuse.unpublished import Unpublished
+from kvpfs.fuse.writes import Writes
 from kvpfs.host.controlrpc import answer
 from kvpfs.host.device import Channel, CharDevice, DeviceUnavailable
 from kvpfs.host.intrinsic import FqdnCache, Intrinsics
@@ -38,9 +54,11 @@ from kvpfs.host.netconfig import IpInfoService, NetSettings
 from kvpfs.host.server import DeviceServer, RegistrationRefused
 from kvpfs.host.simulator import SimulatedHost
 from kvpfs.storage.errors import PoolFileError
+from kvpfs.storage.keymeta import KeyMetaFile
 from kvpfs.storage.locks import DEFAULT_LOCK_TIMEOUT
 from kvpfs.storage.store import Store, default_pool_dir
 from kvpfs.watchdog import PINGS_PER_PERIOD, Watchdog, sd_notify, watchdog_period
+from kvpfs.wire.protocol import Pool
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +85,54 @@ class MountConfig:
 
     def resolved_pool_dir(self) -> Path:
         return self.pool_dir or default_pool_dir(self.simulate)
+
+
+@dataclass(frozen=True)
+class Filesystem:
+    """The filesystem's parts: what pyfuse3 calls, and the services that run beside it."""
+
+    operations: EchoingOperations
+    notifications: Notifications  # run by `serve` (Notifications.run)
+    feed: EventFeed  # its interrupt watcher is run by `serve`
+    table: NodeTable
+    meta: DurableMeta  # its saver is run by `serve`
+
+
+def build_filesystem(store: Store, intrinsics: Intrinsics, *, raw: bool = False,
+                     permissions: Permissions | None = None,
+                     control_path: str | None = None) -> Filesystem:
+    """Build the handlers and every collaborator, and subscribe them to the store.
+
+    The store's listeners run in order: the change feed first (what readers of
+    /.events see), then the notification service (our nodes, the kernel's side).
+    """
+    perm = permissions or Permissions(uid=os.getuid(), gid=os.getgid())
+    started_ns = time.time_ns()
+    unpublished = Unpublished()
+    table = NodeTable(store, unpublished, started_ns)
+    # What users set on guest keys, kept beside the pools (docs/tools.md); read once, here,
+    # before anything is served.
+    meta = DurableMeta(KeyMetaFile(store.pool_dir), store.states[Pool.GUEST].unique_keys())
+    table.on_guest_node = meta.apply
+    contents = Contents(store, intrinsics)
+    attributes = Attributes(store, table, contents, perm, started_ns)
+    guest_lock = store.request_lock(Pool.GUEST)
+    writes = Writes(store, table, contents, unpublished, guest_lock, meta, raw=raw)
+    notifications = Notifications(store, table)
+    feed = EventFeed(notifications.wake_poller)
+    handles = itertools.count(1)
+
+    def new_fh() -> int:
+        return next(handles)
+
+    echoes = EchoRequests(notifications, table, attributes, perm, new_fh)
+    parts = Parts(store=store, table=table, contents=contents, attributes=attributes,
+                  writes=writes, feed=feed, notifications=notifications, perm=perm,
+                  guest_lock=guest_lock, new_fh=new_fh, dirs=PrivateDirs(table.new_ino),
+                  meta=meta, control_path=control_path)
+    store.add_listener(feed.on_store_change)
+    store.add_listener(notifications.on_store_change)
+    return Filesystem(EchoingOperations(parts, echoes), notifications, feed, table, meta)
 
 
 async def clear_stale_mount(mountpoint: Path, where: Path, *, bound: float = 2.0) -> None:
@@ -197,7 +263,7 @@ async def _serve_store(config: MountConfig, store: Store, pool_dir: Path, contro
     ip_info = IpInfoService(NetSettings.from_env(
         simulate=config.simulate, sandbox=pool_dir.parent / "simulated-network"))
     server = DeviceServer(opener, store, intrinsics, ip_info=ip_info)
-    operations = KvpOperations(
+    fs = build_filesystem(
         store, intrinsics, raw=config.raw, control_path=str(control_path),
         permissions=Permissions(uid=os.getuid(), gid=os.getgid(), guest_gid=config.guest_gid,
                                 external_readable=config.external_readable),
@@ -223,7 +289,7 @@ async def _serve_store(config: MountConfig, store: Store, pool_dir: Path, contro
             raise StartupError(f"cannot create the control socket {control_path}:"
                                f" {exc.strerror or exc}") from None
         try:
-            pyfuse3.init(operations, str(mountpoint), fuse_options(config))
+            pyfuse3.init(fs.operations, str(mountpoint), fuse_options(config))
         except RuntimeError as exc:
             raise StartupError(
                 f"cannot mount on {mountpoint}: {exc} (does it exist, is it an empty directory,"
@@ -231,14 +297,15 @@ async def _serve_store(config: MountConfig, store: Store, pool_dir: Path, contro
             ) from None
         try:
             async with trio.open_nursery() as mounted:  # the tasks that use the mount
-                invalidations = _Invalidations(operations, where)
+                invalidations = _Notifying(fs.notifications, where)
                 mounted.start_soon(invalidations.run)
                 mounted.start_soon(store.watch)
-                mounted.start_soon(operations.events.watch_interrupts)
+                mounted.start_soon(fs.feed.watch_interrupts)
+                mounted.start_soon(fs.meta.saver)  # guest keys' mtimes and newlines
                 # Handlers in place before READY=1: a stop right after it must unmount
                 # cleanly, not kill us with SIGTERM's default action and leave a dead mount.
-                await compat.start(mounted, _terminate_on_signals, operations, invalidations)
-                mounted.start_soon(_end_feed_when_unmounted, operations, mountpoint, where)
+                await compat.start(mounted, _terminate_on_signals, fs.feed, invalidations)
+                mounted.start_soon(_end_feed_when_unmounted, fs.feed, mountpoint, where)
                 period = watchdog_period()
                 if period is not None:
                     dog = Watchdog(period, device_stalled_for=server.stalled_for,
@@ -262,11 +329,11 @@ async def _serve_store(config: MountConfig, store: Store, pool_dir: Path, contro
     # Every task has ended here, so no pool-file change is queued: `serve` closes the store.
 
 
-class _Invalidations:
-    """The invalidator task, which a stop ends before pyfuse3 stops answering."""
+class _Notifying:
+    """The notification service's task, which a stop ends before pyfuse3 stops answering."""
 
-    def __init__(self, operations: KvpOperations, where: Path) -> None:
-        self.operations = operations
+    def __init__(self, notifications: Notifications, where: Path) -> None:
+        self.notifications = notifications
         self.where = where  # the mount point, where echoes of host changes are made
         self.scope = trio.CancelScope()
         self.ended = trio.Event()
@@ -274,7 +341,7 @@ class _Invalidations:
     async def run(self) -> None:
         try:
             with self.scope:
-                await self.operations.invalidator(self.where)
+                await self.notifications.run(self.where)
         finally:
             self.ended.set()
 
@@ -287,7 +354,7 @@ class _Invalidations:
 
 
 async def _terminate_on_signals(
-    operations: KvpOperations, invalidations: _Invalidations, *,
+    feed: EventFeed, invalidations: _Notifying, *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
 ) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -295,14 +362,14 @@ async def _terminate_on_signals(
         async for signum in signals:
             log.info("%s received: unmounting", signal.Signals(signum).name)
             sd_notify("STOPPING=1")
-            operations.shutdown()
+            feed.shutdown()
             await invalidations.stop()
             pyfuse3.terminate()
             return
 
 
 async def _end_feed_when_unmounted(
-    operations: KvpOperations, mountpoint: Path, where: Path
+    feed: EventFeed, mountpoint: Path, where: Path
 ) -> None:
     """After an unmount from outside, release readers blocked on /.events.
 
@@ -319,12 +386,12 @@ async def _end_feed_when_unmounted(
         return
     while True:
         await trio.sleep(1.0)
-        if not operations.has_readers():
+        if not feed.has_readers():
             continue
         mounts = await trio.to_thread.run_sync(mountinfo.kvpfs_mount_table)
         if ours[0] not in (device for device, _ in mounts):
             log.info("%s was unmounted from outside; ending the change feed", mountpoint)
-            operations.shutdown()
+            feed.shutdown()
             return
 
 

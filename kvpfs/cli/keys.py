@@ -38,7 +38,7 @@ from kvpfs.storage.locks import DEFAULT_LOCK_TIMEOUT
 from kvpfs.storage.poolfile import PoolFile, pool_path
 from kvpfs.storage.readonly import read_pool
 from kvpfs.wire import limits
-from kvpfs.wire.pools import AUTO, GUEST, POOL_NAMES
+from kvpfs.wire.protocol import Pool
 
 
 def check_key(key: bytes) -> None:
@@ -59,10 +59,10 @@ def check_value(value: bytes) -> None:
 
 def check_writable(pool: int, force: bool) -> None:
     """Only pool 1 (guest) reaches the host; refuse the others unless forced (never pool 2)."""
-    if pool == GUEST:
+    if pool == Pool.GUEST:
         return
-    name = f"{POOL_NAMES[pool]} ({pool})"
-    if pool == AUTO:
+    name = f"{Pool(pool).dirname} ({pool})"
+    if pool == Pool.AUTO:
         raise UsageError(
             f"pool {name} is computed by the daemon each time the host asks; its file is not "
             "read by anyone, so writing it would change nothing. Write guest data to pool guest"
@@ -146,7 +146,7 @@ def cmd_get(pool_dir: Path, pool: int, key: str, *, raw: bool = False,
                      f"UTF-8 (slot {', '.join(map(str, hidden))}); they are never shown")
     if not contents.exists:
         notes.append(f"{contents.path} does not exist")
-    if pool == AUTO:
+    if pool == Pool.AUTO:
         notes.append("pool auto (2) is computed by the daemon when the host asks and is not "
                      "stored in its file; read it from a kvpfs mount (auto/)")
     return Output(b"", notes, EXIT_NOT_FOUND)
@@ -191,7 +191,7 @@ def cmd_rm(pool_dir: Path, pool: int, key: str, *, force_pool: bool = False,
     key_bytes = _key_bytes(key)
     if delete_key(pool_dir, pool, key_bytes, lock_timeout=lock_timeout) or missing_ok:
         return Output()
-    return Output(b"", [f"no key {key!r} in pool {POOL_NAMES[pool]}"], EXIT_NOT_FOUND)
+    return Output(b"", [f"no key {key!r} in pool {Pool(pool).dirname}"], EXIT_NOT_FOUND)
 
 
 def cmd_ls(pool_dir: Path, pool: int, *, fmt: str = "text", all_records: bool = False,
@@ -212,7 +212,7 @@ def cmd_ls(pool_dir: Path, pool: int, *, fmt: str = "text", all_records: bool = 
         out = format_text(contents, all_records=all_records)
     if not contents.exists:
         out.notes.insert(0, f"{contents.path} does not exist: an empty pool")
-    if pool == AUTO and not contents.records:
+    if pool == Pool.AUTO and not contents.records:
         out.notes.append("pool auto (2) is computed by the daemon when the host asks and is "
                          "not stored in its file; read it from a kvpfs mount (auto/)")
     return out

@@ -97,6 +97,8 @@ says this is not a Hyper-V guest; if it is busy, it names hv_kvp_daemon as the l
 the pool files (2,560-byte records: 512-byte key, 2,048-byte value).
 * /var/lib/hyperv/.kvpfs-journal.kvp_pool_N
 each pool's redo journal, empty between changes.
+* /var/lib/hyperv/.kvpfs-keymeta
+mode, owner, mtime and trailing newline of guest keys written through the mount.
 * /dev/vmbus/hv_kvp
 the KVP device.
 * /run/kvp

@@ -16,7 +16,7 @@ from typing import Any
 
 from kvpfs.storage.errors import PoolFileError
 
-# The exit statuses of every kvpfs command (README "exit status" tables, kvpfs(8)).
+# The exit statuses of every kvpfs command (docs/commands.md "Exit status", kvpfs(8)).
 EXIT_OK = 0
 EXIT_NOT_FOUND = 1  # get/rm: no such key; host: the host got a failure status
 EXIT_USAGE = 2  # bad arguments, or a key or value beyond the limits: nothing written

@@ -16,7 +16,8 @@ from kvpfs.storage.errors import PoolFileError
 from kvpfs.storage.locks import DEFAULT_LOCK_TIMEOUT
 from kvpfs.storage.poolfile import pool_path
 from kvpfs.storage.readonly import PoolFileRead, read_pool
-from kvpfs.wire.pools import AUTO, POOL_COUNT, POOL_NAMES
+from kvpfs.wire.pools import POOL_COUNT
+from kvpfs.wire.protocol import Pool
 
 HV_KVP_DAEMON_NAMES = ("hv_kvp_daemon", "hypervkvpd")  # Debian/Ubuntu, RHEL/SUSE
 MOUNT_PROBE_TIMEOUT = 3.0
@@ -172,7 +173,7 @@ def collect_status(pool_dir: Path, *, lock_timeout: float = DEFAULT_LOCK_TIMEOUT
         try:
             contents[pool] = read_pool(pool_dir, pool, lock_timeout=lock_timeout)
         except PoolFileError as exc:
-            status["pools"].append({"pool": pool, "name": POOL_NAMES[pool],
+            status["pools"].append({"pool": pool, "name": Pool(pool).dirname,
                                     "path": str(pool_path(pool_dir, pool)), "error": str(exc)})
             continue
         status["pools"].append(pool_status(contents[pool], boot))
@@ -192,7 +193,7 @@ def status_notes(status: JsonObject) -> list[str]:
         if "error" in info:
             notes.append(f"{label}: {info['error']}")
             continue
-        if info["predates_boot"] and info["records"] and info["pool"] != AUTO:
+        if info["predates_boot"] and info["records"] and info["pool"] != Pool.AUTO:
             notes.append(f"{label} last changed before this boot ({info['mtime_iso']}); it may "
                          "be left over from an earlier boot or a captured image")
         if info["invalid"]:

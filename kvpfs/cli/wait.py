@@ -28,7 +28,8 @@ from kvpfs.storage.poolfile import pool_path
 from kvpfs.storage.poolrecords import stat_signature
 from kvpfs.storage.readonly import read_pool
 from kvpfs.wire import names
-from kvpfs.wire.pools import POOL_NAMES, SYSTEM_POOL_DIR
+from kvpfs.wire.pools import SYSTEM_POOL_DIR
+from kvpfs.wire.protocol import Pool
 
 XATTR_KEY = "user.kvp.key"
 XATTR_POOL = "user.kvp.pool"
@@ -54,9 +55,10 @@ def resolve_path(path: Path) -> tuple[Path, int, bytes]:
         where = ", ".join(map(str, mounts)) or "none is mounted"
         raise NotAKvpfsPath(f"{path} is not a key's file in a pool directory of a kvpfs mount"
                             f" (kvpfs mounts: {where})")
-    if parent.name not in POOL_NAMES:
-        raise NotAKvpfsPath(f"{parent} is not a pool directory ({', '.join(POOL_NAMES)})")
-    pool = POOL_NAMES.index(parent.name)
+    pools = {pool.dirname: pool for pool in Pool}
+    if parent.name not in pools:
+        raise NotAKvpfsPath(f"{parent} is not a pool directory ({', '.join(pools)})")
+    pool = pools[parent.name]
     target = parent / path.name
     try:  # the exact key, also for a name shortened past 255 bytes
         key = os.getxattr(target, XATTR_KEY)
@@ -99,8 +101,8 @@ def wait_on_mount(mount: Path, pool: int, key: bytes, *, timeout: float | None,
     """The key's value once present (or changed), None on timeout."""
     deadline = None if timeout is None else time.monotonic() + timeout
     name = names.key_to_name(key)
-    path = mount / POOL_NAMES[pool] / os.fsdecode(name)
-    wanted = (POOL_NAMES[pool].encode(), name)
+    path = mount / Pool(pool).dirname / os.fsdecode(name)
+    wanted = (Pool(pool).dirname.encode(), name)
     fd = os.open(mount / ".events", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         # The feed is open before the first look: no change can slip in between.

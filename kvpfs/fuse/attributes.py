@@ -23,8 +23,7 @@ from kvpfs.fuse.nodes import (
 )
 from kvpfs.fuse.permissions import Permissions
 from kvpfs.storage.store import Store
-from kvpfs.wire.pools import AUTO as AUTO_POOL
-from kvpfs.wire.pools import POOL_NAMES
+from kvpfs.wire.protocol import Pool
 
 TTL = 1.0  # attribute/entry cache; host changes are also invalidated explicitly
 # The kernel starts a timeout when the caller handles our reply, after we build it, and
@@ -63,7 +62,7 @@ class Attributes:
         """Any inode's attributes; ENOENT for one the table no longer has."""
         if ino == ROOT_INODE:
             attr = self.base(ino, stat.S_IFDIR | 0o555, 0, self.started_ns, FIXED_TTL)
-            attr.st_nlink = 2 + len(POOL_NAMES)
+            attr.st_nlink = 2 + len(Pool)
             return attr
         if ino in DIR_INODES:
             pool = DIR_INODES.index(ino)
@@ -75,7 +74,7 @@ class Attributes:
         if ino == EVENTS_INODE:
             return self.base(ino, stat.S_IFREG | 0o444, 0, self.started_ns, FIXED_TTL)
         if ino in LINK_INODES:
-            target = POOL_NAMES[LINK_INODES.index(ino)].encode()
+            target = Pool(LINK_INODES.index(ino)).dirname.encode()
             return self.base(ino, stat.S_IFLNK | 0o777, len(target), self.started_ns, FIXED_TTL)
         node = self.table.get(ino)
         if node is None:
@@ -86,15 +85,16 @@ class Attributes:
         """A file's attributes; notes until when the kernel may use them without asking."""
         value = await self.contents.current(node) if node.linked else None
         if value is not None:
-            node.last_size = len(value)
-        ttl = TTL if node.pool != AUTO_POOL else AUTO_TTL
-        node.kernel_attr_until = time.monotonic() + ttl + TTL_MARGIN
-        mode = node.mode if node.mode is not None else self.perm.file_mode(node.pool)
-        attr = self.base(node.ino, stat.S_IFREG | mode, node.last_size, node.mtime_ns, ttl)
+            node.kernel.size = len(value)
+            node.kernel.seen = value
+        ttl = TTL if node.pool != Pool.AUTO else AUTO_TTL
+        node.kernel.attrs_until = time.monotonic() + ttl + TTL_MARGIN
+        mode = node.chmod.mode if node.chmod.mode is not None else self.perm.file_mode(node.pool)
+        attr = self.base(node.ino, stat.S_IFREG | mode, node.kernel.size, node.mtime_ns, ttl)
         attr.st_ctime_ns = max(node.ctime_ns, node.mtime_ns)
         if node.atime_ns:
             attr.st_atime_ns = node.atime_ns
-        attr.st_uid = node.uid if node.uid is not None else self.perm.uid
-        attr.st_gid = node.gid if node.gid is not None else self.perm.group(node.pool)
+        attr.st_uid = node.chmod.uid if node.chmod.uid is not None else self.perm.uid
+        attr.st_gid = node.chmod.gid if node.chmod.gid is not None else self.perm.group(node.pool)
         attr.st_nlink = 1 if node.linked else 0
         return attr

@@ -14,7 +14,7 @@ from kvpfs.fuse.nodes import Node
 from kvpfs.host.intrinsic import KEYS as INTRINSIC_KEYS
 from kvpfs.host.intrinsic import Intrinsics
 from kvpfs.storage.store import Store
-from kvpfs.wire.pools import AUTO as AUTO_POOL
+from kvpfs.wire.protocol import Pool
 
 
 class Contents:
@@ -26,15 +26,15 @@ class Contents:
         """The current value of a key node as a reader sees it, None if it no longer exists:
         the bytes written through the mount while the stored value is still what they
         became, else the stored value."""
-        if node.inflight is not None:
-            return node.inflight
-        if node.key is None or node.pending:
-            return node.content
-        if node.pool == AUTO_POOL:
+        if node.held.inflight is not None:
+            return node.held.inflight
+        if node.key is None or node.pending or node.replaced:
+            return node.held.content
+        if node.pool == Pool.AUTO:
             return None  # computed by current()
         value = self.store.get(node.pool, node.key)
-        if node.shown is not None and value is not None and node.shown[0] == value:
-            return node.shown[1]
+        if node.held.shown is not None and value is not None and node.held.shown[0] == value:
+            return node.held.shown[1]
         return value
 
     def stored(self, node: Node) -> bytes:
@@ -44,7 +44,7 @@ class Contents:
         return self.store.get(node.pool, node.key) or b""
 
     async def current(self, node: Node) -> bytes | None:
-        if node.pool == AUTO_POOL and node.key is not None:
+        if node.pool == Pool.AUTO and node.key is not None:
             return await self._auto_value(node.key)
         return self.value(node)
 

@@ -24,6 +24,7 @@ bytes `POOLDIR/NAME`; the answer is `!i`, 0 or an errno. The first request
 
 from __future__ import annotations
 
+import enum
 import errno
 import os
 import struct
@@ -31,7 +32,14 @@ import sys
 
 from kvpfs.mountinfo import kvpfs_entries
 
-CREATE, MODIFY, DELETE = 1, 2, 3
+
+class EchoKind(enum.IntEnum):
+    """What the helper repeats through the mount (a request's first byte)."""
+
+    CREATE = 1  # create the file, write a byte, close: IN_CREATE, IN_MODIFY, IN_CLOSE_WRITE
+    MODIFY = 2  # open it, write a byte, close: IN_MODIFY, IN_CLOSE_WRITE
+    DELETE = 3  # unlink it: IN_DELETE (and IN_DELETE_SELF)
+
 REQUEST = struct.Struct("!BH")
 ANSWER = struct.Struct("!i")
 
@@ -61,11 +69,11 @@ def perform(mountpoint: str, expected: int, kind: int, target: bytes) -> int:
     try:
         if fd_mount_id(dfd) != expected:
             return errno.ESTALE  # something else is mounted there now: touch nothing
-        if kind == DELETE:
+        if kind == EchoKind.DELETE:
             os.unlink(name, dir_fd=dfd)
             return 0
         flags = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
-        if kind == CREATE:
+        if kind == EchoKind.CREATE:
             # O_EXCL makes the kernel ask kvpfs about a name it may have cached since
             # (someone listed the directory): kvpfs says "not there", the kernel creates.
             try:

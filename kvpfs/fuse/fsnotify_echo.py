@@ -31,7 +31,8 @@ from pathlib import Path
 
 import trio
 
-from kvpfs.fuse.echo_helper import ANSWER, CREATE, DELETE, MODIFY, REQUEST
+from kvpfs.fuse.echo_helper import ANSWER, REQUEST, EchoKind
+from kvpfs.fuse.nodes import Node
 
 log = logging.getLogger(__name__)
 
@@ -41,18 +42,16 @@ HELPER_START_TIMEOUT = 10.0
 HELPER_EXIT_TIMEOUT = 2.0  # to finish the echo it may be in, once told to stop
 HELPER_FAILURES_MAX = 3  # consecutive start failures before echoes are given up
 
-KIND_NAMES = {CREATE: "create", MODIFY: "modify", DELETE: "delete"}
-
 
 @dataclass(eq=False)
 class EchoOp:
     """One echo in progress; the handlers answer the helper from it."""
 
-    kind: int
+    kind: EchoKind
     pool: int
     key: bytes
     name: bytes
-    node: object | None = None  # DELETE: the deleted key's node, for the helper's lookup
+    node: Node | None = None  # DELETE: the deleted key's node, for the helper's lookup
     touched: set[int] = field(default_factory=set)  # inodes given echo-only attributes
 
 
@@ -62,7 +61,7 @@ class EchoQueue:
     def __init__(self, keys_by_pool: dict[int, Iterable[bytes]]) -> None:
         self.announced: dict[int, set[bytes]] = {
             pool: set(keys) for pool, keys in keys_by_pool.items()}
-        self._pending: dict[tuple[int, bytes], object | None] = {}
+        self._pending: dict[tuple[int, bytes], Node | None] = {}  # -> the deleted key's node
         self.dropped = 0
 
     def __len__(self) -> int:
@@ -79,7 +78,7 @@ class EchoQueue:
         else:
             keys.discard(key)
 
-    def note(self, pool: int, key: bytes, deleted: object | None) -> bool | None:
+    def note(self, pool: int, key: bytes, deleted: Node | None) -> bool | None:
         """Record a change; True if the key is newly due, False if merged, None if the
         queue is full (the change is not echoed)."""
         entry = (pool, key)
@@ -107,13 +106,13 @@ class EchoQueue:
         shown = key in keys
         name = name_of(key)
         ops = []
-        known = deleted is not None and getattr(deleted, "lookups", 0) > 0
+        known = deleted is not None and deleted.lookups > 0
         if deleted is not None and (shown or known):
-            ops.append(EchoOp(DELETE, pool, key, name, deleted))
+            ops.append(EchoOp(EchoKind.DELETE, pool, key, name, deleted))
             shown = False
         now = exists(pool, key)
         if now:
-            ops.append(EchoOp(MODIFY if shown else CREATE, pool, key, name))
+            ops.append(EchoOp(EchoKind.MODIFY if shown else EchoKind.CREATE, pool, key, name))
             keys.add(key)
         else:
             keys.discard(key)
@@ -195,7 +194,7 @@ class EchoHelper:
                 answer = None
         if answer is None:
             log.info("inotify echo helper did not answer (%s of %r); restarting it",
-                     KIND_NAMES[op.kind], op.name)
+                     op.kind.name.lower(), op.name)
             self.close()
             return errno.EIO
         return answer

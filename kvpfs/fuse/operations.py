@@ -1,20 +1,21 @@
 """FUSE semantics for the KVP pools: each pool a directory, each key a file.
 
 The handlers here translate the kernel's requests and answer with the errno
-each case calls for; the work is elsewhere: inodes in `nodes`, what a file
-reads as in `contents`, attributes in `attributes`, write buffering and its
-refusals in `writes`, the change feed (/.events) in `events`. Only `guest`
-(pool 1) is writable. Names starting with `.` in `guest` are scratch files
-kept in memory until renamed to a key, which is how editors, `sed -i` and
-rsync save.
+each case calls for; the work is elsewhere, in collaborators that `mount.py`
+builds and hands over (`Parts`): inodes in `nodes`, what a file reads as in
+`contents`, attributes in `attributes`, write buffering and its refusals in
+`writes`, the change feed (/.events) in `events`, and everything the kernel
+and watchers must be told after a change in `notifications` (never from a
+handler: it runs in a task of its own). Only `guest` (pool 1) is writable.
+Temporary names in `guest` (dot-files, `sedXXXXXX`, Puppet's and Salt's: `tempnames`)
+are scratch files kept in memory until renamed to a key, which is how editors, `sed -i`,
+rsync and configuration tools save; directories made there are private (`privatedirs`);
+what users set on guest keys is kept across restarts (`durable`). docs/tools.md.
 
-Nothing here mounts anything (see `mount.py`) or calls pyfuse3's invalidation
-functions from a handler: invalidations are queued to `invalidator()`, a
-separate task (`hostchanges`). Host changes reach inotify watchers through
-echoes: a helper process repeats each one through the mount, and the handlers
-hand its requests to `echoes` without touching the store. Every handler is
-wrapped by `errors.handler`, as any exception but FUSEError would leave a dead
-mount.
+The inotify echo helper's requests never reach these handlers: they are taken
+aside by `echoes.EchoingOperations`, the subclass that is mounted. Every
+handler is wrapped by `errors.handler`, as any exception but FUSEError would
+leave a dead mount.
 """
 
 from __future__ import annotations
@@ -26,17 +27,17 @@ import select
 import stat
 import time
 from bisect import bisect_right
-from collections.abc import Sequence
-from pathlib import Path
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import pyfuse3
 
-from kvpfs.fuse.attributes import Attributes
+from kvpfs.fuse.attributes import TTL, Attributes
 from kvpfs.fuse.contents import Contents
-from kvpfs.fuse.echoes import EchoRequests
+from kvpfs.fuse.durable import DurableMeta
 from kvpfs.fuse.errors import handler
 from kvpfs.fuse.events import EventFeed
-from kvpfs.fuse.hostchanges import EntryDrop, HostChanges, PollNotify
+from kvpfs.fuse.handles import Buffer, Handle, Publication
 from kvpfs.fuse.nodes import (
     DIR_INODES,
     EVENTS_INODE,
@@ -47,16 +48,16 @@ from kvpfs.fuse.nodes import (
     Node,
     NodeTable,
 )
+from kvpfs.fuse.notifications import Notifications
 from kvpfs.fuse.permissions import Permissions
-from kvpfs.fuse.unpublished import Unpublished
-from kvpfs.fuse.writes import Handle, Writes
-from kvpfs.host.intrinsic import Intrinsics
-from kvpfs.storage.store import Change, Origin, Store
+from kvpfs.fuse.privatedirs import PrivateDirs
+from kvpfs.fuse.tempnames import is_temporary_create
+from kvpfs.fuse.writes import Writes
+from kvpfs.storage.store import Origin, RequestLock, Store
 from kvpfs.wire import limits, names
-from kvpfs.wire.pools import AUTO as AUTO_POOL
-from kvpfs.wire.pools import GUEST, POOL_NAMES
+from kvpfs.wire.protocol import Pool
 
-__all__ = ["DIR_INODES", "EVENTS_INODE", "KvpOperations", "Permissions"]
+__all__ = ["DIR_INODES", "EVENTS_INODE", "KvpOperations", "Parts", "Permissions"]
 
 log = logging.getLogger(__name__)
 
@@ -67,72 +68,78 @@ XATTR_CONTROL = b"user.kvpfs.control"
 DirEntry = tuple[int, bytes, "Node | None"]
 
 
+@dataclass(frozen=True)
+class Parts:
+    """What the handlers work with, built by the composition root (`mount.py`)."""
+
+    store: Store
+    table: NodeTable
+    contents: Contents
+    attributes: Attributes
+    writes: Writes
+    feed: EventFeed
+    notifications: Notifications
+    perm: Permissions
+    guest_lock: RequestLock  # held while changing guest; waiters give up at their deadline
+    new_fh: Callable[[], int]  # file handle numbers, shared with the echo helper's files
+    dirs: PrivateDirs  # mkdir in guest/ (docs/tools.md)
+    meta: DurableMeta  # what users set on guest keys, kept across restarts
+    control_path: str | None = None
+
+
 class KvpOperations(pyfuse3.Operations):
     """Which request gets which answer or errno; the work is delegated (see above)."""
 
     supports_dot_lookup = False
     enable_writeback_cache = False
 
-    def __init__(
-        self,
-        store: Store,
-        intrinsics: Intrinsics,
-        *,
-        raw: bool = False,
-        permissions: Permissions | None = None,
-        control_path: str | None = None,
-    ) -> None:
+    def __init__(self, parts: Parts) -> None:
         super().__init__()
-        self.store = store
-        self.perm = permissions or Permissions(uid=os.getuid(), gid=os.getgid())
-        self.control_path = control_path
-        started_ns = time.time_ns()
-        unpublished = Unpublished()
-        self.table = NodeTable(store, unpublished, started_ns)
-        self.contents = Contents(store, intrinsics)
-        self.attributes = Attributes(store, self.table, self.contents, self.perm, started_ns)
-        self._guest_lock = store.request_lock(GUEST)  # waiters give up at their deadline
-        self.writes = Writes(store, self.table, self.contents, unpublished,
-                             self._guest_lock, raw=raw)
+        self.store = parts.store
+        self.table = parts.table
+        self.contents = parts.contents
+        self.attributes = parts.attributes
+        self.writes = parts.writes
+        self.events = parts.feed
+        self.notifications = parts.notifications
+        self.perm = parts.perm
+        self._guest_lock = parts.guest_lock
+        self._new_fh = parts.new_fh
+        self.dirs = parts.dirs
+        self.meta = parts.meta
+        self.control_path = parts.control_path
         self._handles: dict[int, Handle] = {}
         self._dir_handles: dict[int, list[DirEntry]] = {}
-        self._next_fh = 1
-        self.changes = HostChanges(store, self.table)
-        self.echoes = EchoRequests(self.changes, self.table, self.attributes, self.perm,
-                                   self._new_fh)
-        self.events = EventFeed(lambda handle: self.changes.queue(PollNotify(handle)))
-        store.add_listener(self.on_store_change)
-
-    def _new_fh(self) -> int:
-        fh = self._next_fh
-        self._next_fh += 1
-        return fh
 
     # ================================================================ lookup & dirs
     @handler
     async def lookup(self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT,
                      ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
-        if self.echoes.owns(ctx):  # echo: kvpfs's helper replaying a host change
-            echoed = await self.echoes.lookup(parent_inode, name)
-            if echoed is not None:
-                return echoed
-            ctx = None  # path components: as for anyone
         if parent_inode == ROOT_INODE:
             if name in (b".", b".."):
                 return await self.attributes.of(ROOT_INODE)
             if name == EVENTS_NAME:
                 return await self.attributes.of(EVENTS_INODE)
-            for pool, pool_name in enumerate(POOL_NAMES):
-                if name == pool_name.encode():
+            for pool in Pool:
+                if name == pool.dirname.encode():
                     return await self.attributes.of(DIR_INODES[pool])
-                if name == str(pool).encode():
+                if name == str(int(pool)).encode():
                     return await self.attributes.of(LINK_INODES[pool])
             raise pyfuse3.FUSEError(errno.ENOENT)
+        if self.dirs.get(parent_inode) is not None:
+            if name in (b".", b".."):
+                return await self._attributes(parent_inode if name == b"." else
+                                              DIR_INODES[Pool.GUEST])
+            raise pyfuse3.FUSEError(errno.ENOENT)  # private directories hold nothing
         pool = self.table.pool_of_dir(parent_inode)
         if name == b".":
             return await self.attributes.of(parent_inode)
         if name == b"..":
             return await self.attributes.of(ROOT_INODE)
+        directory = self.dirs.find(name) if pool == Pool.GUEST else None
+        if directory is not None:
+            directory.lookups += 1
+            return self.dirs.attributes(directory, TTL)
         node = self.table.find(pool, name)
         if node is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
@@ -143,17 +150,22 @@ class KvpOperations(pyfuse3.Operations):
     @handler
     async def getattr(self, inode: pyfuse3.InodeT,
                       ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
-        if self.echoes.owns(ctx):  # echo (host changes)
-            return await self.echoes.getattr(inode)
-        if self.changes.host_deleted_gone(inode):
-            raise pyfuse3.FUSEError(errno.ESTALE)  # see HostChanges.host_deleted_gone
+        if self.notifications.host_deleted_gone(inode):
+            raise pyfuse3.FUSEError(errno.ESTALE)  # see Notifications.host_deleted_gone
+        return await self._attributes(inode)
+
+    async def _attributes(self, inode: int) -> pyfuse3.EntryAttributes:
+        """Any inode's attributes, private directories' included."""
+        directory = self.dirs.get(inode)
+        if directory is not None:
+            return self.dirs.attributes(directory, TTL)
         return await self.attributes.of(inode)
 
     @handler
     async def readlink(self, inode: pyfuse3.InodeT,
                        ctx: pyfuse3.RequestContext) -> pyfuse3.FileNameT:
         if inode in LINK_INODES:
-            return POOL_NAMES[LINK_INODES.index(inode)].encode()
+            return Pool(LINK_INODES.index(inode)).dirname.encode()
         raise pyfuse3.FUSEError(errno.EINVAL)
 
     @handler
@@ -161,12 +173,17 @@ class KvpOperations(pyfuse3.Operations):
                       ctx: pyfuse3.RequestContext) -> pyfuse3.FileHandleT:
         entries: list[DirEntry]
         if inode == ROOT_INODE:
-            entries = [(DIR_INODES[p], n.encode(), None) for p, n in enumerate(POOL_NAMES)]
-            entries += [(LINK_INODES[p], str(p).encode(), None) for p in range(len(POOL_NAMES))]
-            entries.append((EVENTS_INODE, EVENTS_NAME, None))
+            entries = [(DIR_INODES[p], p.dirname.encode(), None) for p in Pool]
+            entries += [(LINK_INODES[p], str(int(p)).encode(), None) for p in Pool]
+            # /.events is reachable by name but not listed: tree walkers (cp -r, find, grep
+            # -r, tar, updatedb) would block on it or copy it as an empty file.
+        elif self.dirs.get(inode) is not None:
+            entries = []  # a private directory holds nothing
         else:
             pool = self.table.pool_of_dir(inode)
             entries = [(n.ino, n.name, n) for n in self.table.listing(pool)]
+            if pool == Pool.GUEST:
+                entries += [(d.ino, d.name, None) for d in self.dirs.by_name.values()]
         entries.sort(key=lambda entry: entry[0])  # inode order: stable next_id
         fh = self._new_fh()
         self._dir_handles[fh] = entries
@@ -182,6 +199,15 @@ class KvpOperations(pyfuse3.Operations):
         for ino, name, node in entries[position:]:
             if node is not None and not node.linked:
                 continue
+            if node is None and ino not in FIXED_INODES:
+                directory = self.dirs.get(ino)
+                if directory is None or not directory.linked:
+                    continue  # removed since opendir
+                if not pyfuse3.readdir_reply(token, name, self.dirs.attributes(directory, TTL),
+                                             ino):
+                    return
+                directory.lookups += 1
+                continue
             attr = await (self.attributes.of_node(node) if node is not None
                           else self.attributes.of(ino))
             if not pyfuse3.readdir_reply(token, name, attr, ino):
@@ -196,7 +222,8 @@ class KvpOperations(pyfuse3.Operations):
     async def forget(self, inode_list: Sequence[tuple[pyfuse3.InodeT, int]]) -> None:
         # Must not raise: no handler wrapper, nothing in here can fail.
         for inode, count in inode_list:
-            self.table.forget(inode, count)
+            if not self.dirs.forget(inode, count):
+                self.table.forget(inode, count)
 
     @handler
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
@@ -212,30 +239,31 @@ class KvpOperations(pyfuse3.Operations):
     @handler
     async def open(self, inode: pyfuse3.InodeT, flags: pyfuse3.FlagT,
                    ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
-        if self.echoes.owns(ctx):  # echo (host changes)
-            return self.echoes.open(inode)
         if inode == EVENTS_INODE:
             return self._open_events(flags, ctx)
         node = self.table.get(inode)
         if node is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
         if not node.linked:
-            # Only a name the kernel still caches leads here (HostChanges.host_deleted_gone),
+            # Only a name the kernel still caches leads here (Notifications.host_deleted_gone),
             # also once its echo has run: ESTALE makes the VFS walk the path again, and an
             # `echo x > KEY` then creates the key anew instead of failing with ENOENT.
             raise pyfuse3.FUSEError(errno.ESTALE)
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
         truncate = bool(flags & os.O_TRUNC)
-        if (writable or truncate) and node.pool != GUEST:
+        if (writable or truncate) and node.pool != Pool.GUEST:
             log.info("refused write to %s/%s: only guest is writable",
-                     POOL_NAMES[node.pool], node.name.decode(errors="replace"))
+                     Pool(node.pool).dirname, node.name.decode(errors="replace"))
             raise pyfuse3.FUSEError(errno.EACCES)
         self._check_open_files()
         value = await self.contents.current(node)
         if value is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
-        handle = Handle(node, bytearray() if truncate else value, writable,
-                        bool(flags & os.O_APPEND), dirty=truncate, private=truncate)
+        if truncate:
+            handle = Handle(node, bytearray(), writable, bool(flags & os.O_APPEND),
+                            mode=Buffer.PRIVATE, publication=Publication.TRUNCATED)
+        else:
+            handle = Handle(node, value, writable, bool(flags & os.O_APPEND))
         if truncate:
             # `: > key` stores at release, where nobody hears of a failure: check now.
             await self.writes.prepare(handle)
@@ -252,14 +280,17 @@ class KvpOperations(pyfuse3.Operations):
         self._handles[fh] = handle
         node = handle.node
         node.handles += 1
+        node.writers += handle.writable
+        if not handle.writable and isinstance(handle.buffer, bytes):
+            node.kernel.seen = handle.buffer
         # The kernel may keep what it cached at an earlier open only if the value has not
         # changed since (every change clears `cached`); pool 2 is computed per read.
-        keep = node.cached and not handle.writable and node.pool != AUTO_POOL
-        node.cached = not handle.writable
+        keep = node.kernel.cached and not handle.writable and node.pool != Pool.AUTO
+        node.kernel.cached = not handle.writable
         # Direct I/O while the kernel may still hold a size from before a host change:
         # a read must not stop there.
         return pyfuse3.FileInfo(fh=fh, keep_cache=keep,
-                                direct_io=self.changes.attrs.pending(node.ino))
+                                direct_io=self.notifications.attrs_pending(node.ino))
 
     def _handle(self, fh: int) -> Handle:
         handle = self._handles.get(fh)
@@ -288,18 +319,9 @@ class KvpOperations(pyfuse3.Operations):
             return select.POLLIN | select.POLLRDNORM  # value files never block
         return self.events.poll(fh, poll_handle)
 
-    def has_readers(self) -> bool:
-        return self.events.has_readers()
-
-    def shutdown(self) -> None:
-        """End every blocked read of /.events so pyfuse3's main loop can return."""
-        self.events.shutdown()
-
     # ================================================================ writing
     @handler
     async def write(self, fh: pyfuse3.FileHandleT, off: int, buf: bytes) -> int:
-        if fh in self.echoes.fhs:  # echo (host changes): the byte is discarded
-            return len(buf)
         handle = self._handle(fh)
         if not handle.writable:
             raise pyfuse3.FUSEError(errno.EBADF)
@@ -310,8 +332,6 @@ class KvpOperations(pyfuse3.Operations):
         # Shells open, dup2 and close the original fd before writing: that
         # first close must not publish an empty value. An open that only
         # truncated (`: > file`) is published at release.
-        if fh in self.echoes.fhs:  # echo (host changes)
-            return
         if self.events.owns(fh):
             return
         handle = self._handle(fh)
@@ -320,15 +340,11 @@ class KvpOperations(pyfuse3.Operations):
 
     @handler
     async def fsync(self, fh: pyfuse3.FileHandleT, datasync: bool) -> None:
-        if fh in self.echoes.fhs:  # echo (host changes)
-            return
         if not self.events.owns(fh):
             await self.writes.commit(self._handle(fh))
 
     @handler
     async def release(self, fh: pyfuse3.FileHandleT) -> None:
-        if self.echoes.fhs.pop(fh, None) is not None:  # echo (host changes)
-            return
         if self.events.release(fh):
             return
         handle = self._handles.pop(fh, None)
@@ -336,6 +352,7 @@ class KvpOperations(pyfuse3.Operations):
             return
         node = handle.node
         node.handles -= 1
+        node.writers -= handle.writable
         try:
             await self.writes.commit(handle)
         finally:
@@ -344,7 +361,7 @@ class KvpOperations(pyfuse3.Operations):
                 # Created through the mount but its value was refused: nothing was
                 # stored, so no file may stay behind that the pool does not have.
                 self.table.unlink(node)
-                self.changes.queue(EntryDrop(DIR_INODES[GUEST], node.name, node.ino))
+                self.notifications.drop_refused_name(node)
             self.table.maybe_drop(node)
 
     @handler
@@ -353,14 +370,16 @@ class KvpOperations(pyfuse3.Operations):
                      ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         if parent_inode == ROOT_INODE:
             raise pyfuse3.FUSEError(errno.EACCES)  # the root holds only the pools
-        if self.echoes.owns(ctx):  # echo (host changes)
-            return await self.echoes.create(parent_inode, name)
+        if self.dirs.get(parent_inode) is not None:
+            raise pyfuse3.FUSEError(errno.EPERM)  # private directories hold nothing
         pool = self.table.pool_of_dir(parent_inode)
-        if pool != GUEST:
+        if pool != Pool.GUEST:
             raise pyfuse3.FUSEError(errno.EACCES)
         self._check_open_files()
         key = None
-        if not name.startswith(b"."):
+        # A temporary file (by its name, docs/tools.md) is private until renamed to a key.
+        if not is_temporary_create(name, exclusive=bool(flags & os.O_EXCL), mode=mode,
+                                   exists=lambda n: self.table.find(Pool.GUEST, n) is not None):
             key = self.writes.checked_key(name)
             await self.writes.prepare_key(key)  # the value is stored at close: check now
         async with self._guest_lock:
@@ -368,6 +387,12 @@ class KvpOperations(pyfuse3.Operations):
             if node is None:
                 self.writes.check_scratch_room(name)
                 node = self.table.add_guest(name, key)
+                # Its creator owns it (the group stays guest/'s, as in a setgid directory);
+                # a file made owner-only (mkstemp) stays so until chmod.
+                if ctx.uid != self.perm.uid:
+                    node.chmod.uid = ctx.uid
+                if stat.S_IMODE(mode) & 0o077 == 0:
+                    node.chmod.mode = stat.S_IMODE(mode)
             elif flags & os.O_EXCL:
                 raise pyfuse3.FUSEError(errno.EEXIST)
         value = await self.contents.current(node)
@@ -375,7 +400,9 @@ class KvpOperations(pyfuse3.Operations):
         truncate = bool(flags & os.O_TRUNC) or node.pending
         private = bool(flags & os.O_TRUNC) or (node.pending and not append)
         handle = Handle(node, bytearray() if private else (value or b""), True, append,
-                        dirty=truncate, private=private, prepared=key is not None)
+                        mode=Buffer.PRIVATE if private else Buffer.SHARED,
+                        publication=Publication.TRUNCATED if truncate else Publication.CLEAN,
+                        prepared=key is not None)
         info = self._new_handle(handle)
         attr = await self.attributes.of_node(node)
         node.lookups += 1
@@ -385,28 +412,47 @@ class KvpOperations(pyfuse3.Operations):
     async def setattr(self, inode: pyfuse3.InodeT, attr: pyfuse3.EntryAttributes,
                       fields: pyfuse3.SetattrFields, fh: pyfuse3.FileHandleT | None,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        directory = self.dirs.get(inode)
+        if directory is not None:
+            self.dirs.setattr(directory, attr, fields)
+            return self.dirs.attributes(directory, TTL)
         node = self.table.get(inode)
         if node is None:
+            if inode in (ROOT_INODE, *DIR_INODES):
+                # rsync -a, cp -a, tar -x and touch set times on a pool directory, and its
+                # mode and owner as they are: accepted, times not kept (a pool directory's
+                # mtime is its pool's last change). docs/tools.md
+                current = await self.attributes.of(inode)
+                if _changes_only_times(fields, attr, current):
+                    return current
             if inode in FIXED_INODES:
                 raise pyfuse3.FUSEError(errno.EACCES)
             raise pyfuse3.FUSEError(errno.ENOENT)
-        if node.pool != GUEST:
+        if node.pool != Pool.GUEST:
             raise pyfuse3.FUSEError(errno.EACCES)
         if fields.update_size:
             handle = self._handles.get(fh) if fh is not None else None
             await self.writes.truncate(node, attr.st_size, handle)
         now = time.time_ns()
         if fields.update_mode:
-            node.mode = stat.S_IMODE(attr.st_mode)
+            node.chmod.mode = stat.S_IMODE(attr.st_mode)
         if fields.update_uid:
-            node.uid = attr.st_uid
+            node.chmod.uid = attr.st_uid
         if fields.update_gid:
-            node.gid = attr.st_gid
+            node.chmod.gid = attr.st_gid
         if fields.update_mtime:
             node.mtime_ns = attr.st_mtime_ns
+            node.mtime_explicit = True
         if fields.update_atime:
             node.atime_ns = attr.st_atime_ns
         node.ctime_ns = now
+        if node.key is not None and not node.pending and node.linked and (
+                fields.update_mode or fields.update_uid or fields.update_gid
+                or fields.update_mtime):
+            # On disk before chmod returns (durable.py).
+            stored = self.contents.stored(node)
+            await self.meta.keep(node.key, self.meta.record_of(
+                node, stored, self.contents.value(node) or stored))
         return await self.attributes.of_node(node)
 
     @handler
@@ -414,17 +460,16 @@ class KvpOperations(pyfuse3.Operations):
                      ctx: pyfuse3.RequestContext) -> None:
         if parent_inode == ROOT_INODE:
             raise pyfuse3.FUSEError(errno.EACCES)
-        if self.echoes.owns(ctx):  # echo (host changes): the key is gone already
-            return self.echoes.unlink(parent_inode, name)
         pool = self.table.pool_of_dir(parent_inode)
-        if pool != GUEST:
+        if pool != Pool.GUEST:
             raise pyfuse3.FUSEError(errno.EACCES)
         async with self._guest_lock:
             node = self.table.find(pool, name)
             if node is None:
                 raise pyfuse3.FUSEError(errno.ENOENT)
             if node.key is not None and not node.pending:
-                await self.store.delete(GUEST, node.key, Origin.MOUNT)
+                await self.store.delete(Pool.GUEST, node.key, Origin.MOUNT)
+                await self.meta.keep(node.key, None)  # after the key is gone (durable.py)
             self.table.unlink(node)
 
     @handler
@@ -435,17 +480,17 @@ class KvpOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EACCES)  # the root holds only the pools
         pool_old = self.table.pool_of_dir(parent_old)
         pool_new = self.table.pool_of_dir(parent_new)
-        if pool_old != GUEST or pool_new != GUEST:
+        if pool_old != Pool.GUEST or pool_new != Pool.GUEST:
             raise pyfuse3.FUSEError(errno.EACCES)  # every pool but guest is read-only
         if flags & ~pyfuse3.RENAME_NOREPLACE:
             raise pyfuse3.FUSEError(errno.EINVAL)  # RENAME_EXCHANGE, RENAME_WHITEOUT
         async with self._guest_lock:
-            node = self.table.find(GUEST, name_old)
+            node = self.table.find(Pool.GUEST, name_old)
             if node is None:
                 raise pyfuse3.FUSEError(errno.ENOENT)
             if name_new == name_old:
                 return
-            target = self.table.find(GUEST, name_new)
+            target = self.table.find(Pool.GUEST, name_new)
             if target is not None and flags & pyfuse3.RENAME_NOREPLACE:
                 raise pyfuse3.FUSEError(errno.EEXIST)
             await self.writes.rename(node, target, name_new)
@@ -454,12 +499,24 @@ class KvpOperations(pyfuse3.Operations):
     async def mkdir(self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT,
                     mode: pyfuse3.ModeT, ctx: pyfuse3.RequestContext,
                     ) -> pyfuse3.EntryAttributes:
-        raise _no_such_entries(parent_inode)
+        if parent_inode != DIR_INODES[Pool.GUEST]:
+            raise _no_such_entries(parent_inode)
+        # A private directory (Puppet's lock, docs/tools.md): never stored, never published.
+        if self.table.find(Pool.GUEST, name) is not None:
+            raise pyfuse3.FUSEError(errno.EEXIST)
+        directory = self.dirs.make(name, mode, ctx.uid, ctx.gid)
+        directory.lookups += 1
+        return self.dirs.attributes(directory, TTL)
 
     @handler
     async def rmdir(self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT,
                     ctx: pyfuse3.RequestContext) -> None:
-        raise pyfuse3.FUSEError(errno.EACCES)
+        if parent_inode != DIR_INODES[Pool.GUEST]:
+            raise pyfuse3.FUSEError(errno.EACCES)
+        if self.dirs.find(name) is None:
+            missing = self.table.find(Pool.GUEST, name) is None
+            raise pyfuse3.FUSEError(errno.ENOENT if missing else errno.ENOTDIR)
+        self.dirs.remove(name)
 
     @handler
     async def symlink(self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT,
@@ -513,19 +570,18 @@ class KvpOperations(pyfuse3.Operations):
                           ctx: pyfuse3.RequestContext) -> None:
         raise pyfuse3.FUSEError(errno.ENOTSUP)
 
-    # ================================================================ host changes
-    async def on_store_change(self, changes: list[Change]) -> None:
-        """Store listener: the change feed, then our nodes and the kernel's side
-        (`HostChanges.on_store_change`: never waits for the kernel)."""
-        self.events.publish(changes)
-        self.changes.on_store_change(changes)
 
-    async def invalidator(self, mountpoint: Path | None = None) -> None:
-        """The task running invalidations and inotify echoes (`HostChanges.invalidator`)."""
-        await self.changes.invalidator(mountpoint)
+def _changes_only_times(fields: pyfuse3.SetattrFields, new: pyfuse3.EntryAttributes,
+                        current: pyfuse3.EntryAttributes) -> bool:
+    """A setattr that changes nothing but atime, mtime or ctime (mode, owner and group, if
+    given, are what they are)."""
+    mode_changes = stat.S_IMODE(new.st_mode) != stat.S_IMODE(current.st_mode)
+    return not (fields.update_size or (fields.update_mode and mode_changes)
+                or (fields.update_uid and new.st_uid != current.st_uid)
+                or (fields.update_gid and new.st_gid != current.st_gid))
 
 
 def _no_such_entries(parent: int) -> pyfuse3.FUSEError:
     """Directories, links and special files: EPERM in guest (only values live there, as on a
     filesystem that does not support them), EACCES elsewhere (read-only)."""
-    return pyfuse3.FUSEError(errno.EPERM if parent == DIR_INODES[GUEST] else errno.EACCES)
+    return pyfuse3.FUSEError(errno.EPERM if parent == DIR_INODES[Pool.GUEST] else errno.EACCES)

@@ -12,7 +12,7 @@ import logging
 import pyfuse3
 
 from kvpfs.wire import limits
-from kvpfs.wire.pools import POOL_NAMES
+from kvpfs.wire.protocol import Pool
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ class Unpublished:
         if new > old and self.total + new - old > limits.UNPUBLISHED_MAX_BYTES:
             log.warning("refused to grow %s/%s: unpublished data (open write buffers, appends"
                         " and scratch files of all users) would exceed %d bytes; nothing"
-                        " stored", POOL_NAMES[pool], name.decode(errors="replace"),
+                        " stored", Pool(pool).dirname, name.decode(errors="replace"),
                         limits.UNPUBLISHED_MAX_BYTES)
             raise pyfuse3.FUSEError(errno.ENOSPC)
         self.total += new - old

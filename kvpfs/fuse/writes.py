@@ -16,42 +16,29 @@ from __future__ import annotations
 import errno
 import logging
 import time
-from dataclasses import dataclass
 
 import pyfuse3
 
 from kvpfs.fuse.contents import Contents
+from kvpfs.fuse.durable import DurableMeta
+from kvpfs.fuse.handles import Buffer, Handle
 from kvpfs.fuse.nodes import Node, NodeTable
+from kvpfs.fuse.tempnames import is_temporary
 from kvpfs.fuse.unpublished import Unpublished
 from kvpfs.storage.store import Origin, RequestLock, Store
 from kvpfs.wire import limits, names
 from kvpfs.wire.limits import VALUE_MAX_BYTES, VALUE_MAX_UNITS
-from kvpfs.wire.pools import GUEST, POOL_NAMES
+from kvpfs.wire.protocol import Pool
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(eq=False)
-class Handle:
-    node: Node
-    # Read-only and untouched handles share the value they opened (no copy); the first
-    # change through a handle that does not append makes it a private bytearray.
-    buffer: bytes | bytearray
-    writable: bool
-    append: bool
-    dirty: bool = False  # differs from what is published
-    written: bool = False  # a write or truncate since the last commit
-    failed: bool = False
-    private: bool = False  # `buffer` is this handle's own copy (counted as unpublished)
-    in_draft: bool = False  # has appended to node.draft since its last commit
-    prepared: bool = False  # the pool's lock and room were checked for this handle
-    charged: int = 0  # bytes of `buffer` counted as unpublished
-
-
 class Writes:
     def __init__(self, store: Store, table: NodeTable, contents: Contents,
-                 unpublished: Unpublished, guest_lock: RequestLock, *, raw: bool) -> None:
+                 unpublished: Unpublished, guest_lock: RequestLock, meta: DurableMeta, *,
+                 raw: bool) -> None:
         self.store = store
+        self.meta = meta  # what users set on guest keys, kept across restarts
         self.table = table
         self.contents = contents
         self.unpublished = unpublished
@@ -78,10 +65,11 @@ class Writes:
         if off > len(data):
             data.extend(b"\0" * (off - len(data)))
         data[off : off + len(buf)] = buf
-        handle.dirty = handle.written = True
+        handle.changed()
+        handle.node.mtime_explicit = False
         error = self._early_check(handle.node, data)
         if error:
-            handle.failed = True
+            handle.refused()
             raise pyfuse3.FUSEError(error)
         return len(buf)
 
@@ -94,7 +82,8 @@ class Writes:
         nothing and leaves what the others appended alone.
         """
         node = handle.node
-        base = node.draft if node.draft is not None else (self.contents.value(node) or b"")
+        draft = node.appends.data
+        base = draft if draft is not None else (self.contents.value(node) or b"")
         size = len(base) + len(buf)
         # Refused before this handle appended anything: it stores nothing at all (not
         # even the empty new key its open created), as a refused write does.
@@ -104,23 +93,32 @@ class Writes:
         new += buf
         error = self._early_check(node, new)
         if error:
-            handle.failed = handle.failed or not handle.in_draft
+            if not handle.in_draft:
+                handle.refused()
             raise pyfuse3.FUSEError(error)
-        node.draft_charged = self.account(node, node.draft_charged, size)
-        node.draft = new
+        node.appends.charged = self.account(node, node.appends.charged, size)
+        node.appends.data = new
         if not handle.in_draft:
-            handle.in_draft = True
-            node.draft_writers += 1
-        handle.failed = False  # what it appends now is stored at its close
-        handle.dirty = handle.written = True
+            handle.move_buffer(Buffer.DRAFT)
+            node.appends.writers += 1
+        handle.appended()  # what it appends now is stored at its close
+        node.mtime_explicit = False
         return len(buf)
 
     def view(self, handle: Handle) -> bytes | bytearray:
-        """What a read through this handle returns."""
+        """What a read through this handle returns: its own bytes once it changed them,
+        else the file's current value, so that size and bytes always agree (a host change
+        replaces a file open for reading, `NodeTable.replace`; pool 2 is computed once per
+        open)."""
         node = handle.node
-        if handle.append and not handle.private and node.draft is not None:
-            return node.draft
-        return handle.buffer
+        if handle.private:
+            return handle.buffer
+        if handle.append and node.appends.data is not None:
+            return node.appends.data
+        if node.pool == Pool.AUTO:
+            return handle.buffer
+        current = self.contents.value(node)
+        return handle.buffer if current is None else current
 
     async def truncate(self, node: Node, size: int, handle: Handle | None) -> None:
         """Through an open file (ftruncate, O_TRUNC after open), or by path: stored now."""
@@ -128,7 +126,7 @@ class Writes:
             self.refuse(node, f"truncate to {size} bytes; a value (and a scratch file, which"
                         f" may become one) is at most {self._file_max(node)} bytes")
             if handle is not None:
-                handle.failed = True
+                handle.refused()
             raise pyfuse3.FUSEError(errno.EFBIG)
         if handle is not None:
             if not handle.prepared:
@@ -137,25 +135,26 @@ class Writes:
             del buffer[size:]
             buffer.extend(b"\0" * (size - len(buffer)))
             handle.charged = self.account(node, handle.charged, len(buffer))
-            handle.dirty = handle.written = True
+            handle.changed()
+            node.mtime_explicit = False
             error = self._early_check(node, buffer)
             if error:
-                handle.failed = True
+                handle.refused()
                 raise pyfuse3.FUSEError(error)
             return
         current = await self.contents.current(node) or b""
         data = current[:size] + b"\0" * max(0, size - len(current))
         if node.key is None:
-            node.charged = self.account(node, node.charged, len(data))
-            node.content = data
-            node.cached = False
+            node.held.charged = self.account(node, node.held.charged, len(data))
+            node.held.content = data
+            node.kernel.cached = False
             return
         if data == current:
             return  # nothing changes (e.g. `truncate -s` to the size it has)
         # truncate(2) by path: there is no close to wait for, publish now, with the rule
         # of a write: the file's bytes read back, one trailing newline is not stored.
         value = self.final_value(node, data)
-        node.cached = False
+        node.kernel.cached = False
         async with self.guest_lock:
             if node.linked:
                 await self.publish(node, value, data)
@@ -173,7 +172,7 @@ class Writes:
         limit = self._file_max(handle.node)
         if size > limit:
             if fail:
-                handle.failed = True
+                handle.refused()
             self.refuse(handle.node, f"{what} would make the file {size} bytes; a value (and a"
                         f" scratch file, which may become one) is at most {limit} bytes"
                         f"{'' if self.raw else ' with its trailing newline'}")
@@ -188,18 +187,18 @@ class Writes:
             if handle.in_draft:
                 self._leave_draft(handle)
             handle.buffer = bytearray(base)
-            handle.private = True
+            handle.move_buffer(Buffer.PRIVATE)
         assert isinstance(handle.buffer, bytearray)
         return handle.buffer
 
     def _leave_draft(self, handle: Handle) -> None:
         node = handle.node
-        handle.in_draft = False
-        node.draft_writers -= 1
-        if node.draft_writers <= 0:
-            node.draft_writers = 0
-            node.draft = None
-            node.draft_charged = self.account(node, node.draft_charged, 0)
+        handle.move_buffer(Buffer.SHARED)  # its bytes are in the draft, published or not
+        node.appends.writers -= 1
+        if node.appends.writers <= 0:
+            node.appends.writers = 0
+            node.appends.data = None
+            node.appends.charged = self.account(node, node.appends.charged, 0)
 
     def discard(self, handle: Handle) -> None:
         """A released handle's memory goes back to the unpublished bound."""
@@ -222,9 +221,9 @@ class Writes:
         ignore the error of the close that stores a value, so write(2) must fail instead.
         The lock is only taken and dropped: it is never held across the caller's time."""
         new = 0
-        if self.store.get(GUEST, key) is None:
+        if self.store.get(Pool.GUEST, key) is None:
             new = 1 + self.table.pending_count()
-        await self.store.prepare_set(GUEST, new)
+        await self.store.prepare_set(Pool.GUEST, new)
 
     def check_scratch_room(self, name: bytes) -> None:
         if len(self.table.guest_extra) >= limits.SCRATCH_MAX_FILES:
@@ -259,7 +258,7 @@ class Writes:
 
     def refuse(self, node: Node, why: str) -> None:
         log.warning("refused value for %s/%s: %s; nothing stored",
-                    POOL_NAMES[node.pool], node.name.decode(errors="replace"), why)
+                    Pool(node.pool).dirname, node.name.decode(errors="replace"), why)
 
     def checked_key(self, name: bytes) -> bytes:
         """The guest key a new file name stands for; EINVAL or the limit's errno if none."""
@@ -294,90 +293,100 @@ class Writes:
             return
         node = handle.node
         if handle.in_draft:
-            assert node.draft is not None
-            data = bytes(node.draft)
-            handle.dirty = handle.written = False
+            assert node.appends.data is not None
+            data = bytes(node.appends.data)
+            handle.published()
             self._leave_draft(handle)
         elif not handle.dirty:
             return
         elif handle.append and not handle.private:
             # An appending open of a new key that wrote nothing: it creates the key empty,
             # unless someone has stored it (or is appending to it) meanwhile.
-            handle.dirty = handle.written = False
-            if not node.pending or node.draft is not None:
+            handle.published()
+            if not node.pending or node.appends.data is not None:
                 return
             data = b""
         else:
             data = bytes(handle.buffer)
-            handle.dirty = handle.written = False
+            handle.published()
         if node.key is None:  # scratch: keep exact bytes until renamed
             if node.linked:
-                node.charged = self.account(node, node.charged, len(data))
-                node.content = data
-            node.mtime_ns = time.time_ns()
-            node.cached = False
+                node.held.charged = self.account(node, node.held.charged, len(data))
+                node.held.content = data
+            if not node.mtime_explicit:
+                node.mtime_ns = time.time_ns()
+            node.kernel.cached = False
             return
         value = self.final_value(node, data)
         # Visible to every reader from now on, before the first await: a `cat`
         # right after `close()` must not see the old value while we publish.
-        node.inflight = data
-        node.cached = False
+        node.held.inflight = data
+        node.kernel.cached = False
         try:
             async with self.guest_lock:
                 if node.linked:
                     await self.publish(node, value, data)
         finally:
-            if node.inflight is data:
-                node.inflight = None
+            if node.held.inflight is data:
+                node.held.inflight = None
 
     async def publish(self, node: Node, value: bytes, written: bytes | None = None) -> None:
         """Store a guest key's value; the caller holds guest_lock. `written` is what the
         user wrote, shown by reads while the stored value stays `value`."""
         assert node.key is not None
-        await self.store.set(GUEST, node.key, value, Origin.MOUNT)
-        node.shown = (value, written) if written is not None and written != value else None
+        now = time.time_ns()
+        if not node.mtime_explicit:  # cp -p and touch -d set it before the close
+            node.mtime_ns = now
+        # Its record first when it changes the key's mode or owner (durable.py).
+        await self.meta.keep(node.key, self.meta.record_of(node, value, written or value))
+        await self.store.set(Pool.GUEST, node.key, value, Origin.MOUNT)
+        node.held.shown = (value, written) if written is not None and written != value else None
         if node.pending:
-            node.content = b""
+            node.held.content = b""
             self.table.stored(node)
-        node.last_size = len(node.shown[1] if node.shown is not None else value)
-        node.cached = False
-        node.mtime_ns = node.ctime_ns = time.time_ns()
+        node.kernel.size = len(node.held.shown[1] if node.held.shown is not None else value)
+        node.kernel.cached = False
+        node.ctime_ns = now
 
     async def rename(self, node: Node, target: Node | None, name_new: bytes) -> None:
         """rename(2) in guest, the caller holding guest_lock: store under the new name, then
         delete the old key. A scratch file renamed to a key is stored as a write would be; a
         key renamed to a scratch file keeps its bytes as they read."""
-        new_key = None if name_new.startswith(b".") else self.checked_key(name_new)
+        # A temporary name (docs/tools.md) is never a key: renamed to one, a key leaves
+        # the host; renamed from one to a key name, the file is published now.
+        new_key = None if is_temporary(name_new) else self.checked_key(name_new)
         # The file's bytes (a key's written form, newline included) and what is stored.
         data = await self.contents.current(node) or b""
         if node.key is None:
             value = self.final_value(node, data) if new_key is not None else data
         else:
             value = self.contents.stored(node)
-        charged = node.charged
+        charged = node.held.charged
         if new_key is None:
             if node.key is not None and target is None:
                 self.check_scratch_room(name_new)
-            charged = self.account(node, node.charged, len(data))
+            charged = self.account(node, node.held.charged, len(data))
         try:
             if new_key is not None:
-                await self.store.set(GUEST, new_key, value, Origin.MOUNT)
+                await self.meta.keep(new_key, self.meta.record_of(node, value, data))
+                await self.store.set(Pool.GUEST, new_key, value, Origin.MOUNT)
             if node.key is not None and not node.pending:
-                await self.store.delete(GUEST, node.key, Origin.MOUNT)
+                await self.store.delete(Pool.GUEST, node.key, Origin.MOUNT)
+                await self.meta.keep(node.key, None)
         except BaseException:
-            self.account(node, charged, node.charged)
+            self.account(node, charged, node.held.charged)
             raise
         if target is not None and target is not node:
             self.table.unlink(target)
         self.table.rename(node, name_new, new_key)
-        node.cached = False
+        node.kernel.cached = False
         node.ctime_ns = time.time_ns()
         if new_key is None:
-            node.content = data
-            node.charged = charged
-            node.shown = None
+            node.held.content = data
+            node.held.charged = charged
+            node.held.shown = None
         else:
-            node.content = b""
-            node.charged = self.account(node, node.charged, 0)
-            node.shown = (value, data) if data != value else None
-            node.last_size = len(data)
+            node.held.content = b""
+            node.held.charged = self.account(node, node.held.charged, 0)
+            node.held.shown = (value, data) if data != value else None
+            node.kernel.size = len(data)

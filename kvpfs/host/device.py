@@ -15,8 +15,10 @@ a stop pipe so that it can always be told to let go.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import select
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -26,6 +28,9 @@ import trio
 from kvpfs.wire.protocol import MESSAGE_SIZE
 
 DEFAULT_DEVICE = "/dev/vmbus/hv_kvp"
+VMBUS_DIR = "/sys/bus/vmbus"  # present on every Hyper-V guest, hv_kvp or not
+
+log = logging.getLogger(__name__)
 
 
 class DeviceUnavailable(Exception):
@@ -39,6 +44,7 @@ class Channel:
         self.fd = fd
         self.name = name
         os.set_blocking(fd, False)
+        self.poll_reliable = _poll_reliable(fd)
 
     async def read_message(self) -> bytes:
         while True:
@@ -76,24 +82,33 @@ class Channel:
             raise OSError(errno.EIO, f"{self.name}: short write of {written} bytes")
         return True
 
-    def waiter(self, events: int, stop_fd: int) -> Callable[[], bool]:
+    def poll_now(self) -> int:
+        """The channel's poll bits right now, without waiting (0: nothing queued).
+
+        Only meaningful when `poll_reliable`: a FUSE file served without poll support
+        (pyfuse3 < 3.5) always reports itself readable.
+        """
+        poller = select.poll()
+        poller.register(self.fd, select.POLLIN)
+        return sum(events for _, events in poller.poll(0))
+
+    def waiter(self, events: int, stop_fd: int) -> Callable[[float | None], bool | None]:
         """A blocking wait for `events` on the channel, for the device thread.
 
         The wait returns True once the channel is ready (POLLERR and POLLHUP
-        count: the read or write that follows says what went wrong) and False
-        as soon as `stop_fd` becomes readable.
+        count: the read or write that follows says what went wrong), False as
+        soon as `stop_fd` becomes readable, and None when `timeout` (seconds)
+        passes first.
         """
         poller = select.poll()
         poller.register(self.fd, events)
         poller.register(stop_fd, select.POLLIN)
 
-        def wait() -> bool:
-            while True:
-                ready = poller.poll()
-                if any(fd == stop_fd for fd, _ in ready):
-                    return False
-                if ready:
-                    return True
+        def wait(timeout: float | None = None) -> bool | None:
+            ready = poller.poll(None if timeout is None else max(0, int(timeout * 1000)))
+            if any(fd == stop_fd for fd, _ in ready):
+                return False
+            return True if ready else None
 
         return wait
 
@@ -102,6 +117,19 @@ class Channel:
             trio.lowlevel.notify_closing(self.fd)
             os.close(self.fd)
             self.fd = -1
+
+
+def _poll_reliable(fd: int) -> bool:
+    """Does poll(2) tell whether a message is queued? The kernel's device never reports
+    POLLOUT; a file whose driver has no poll gets the default mask, POLLOUT included."""
+    try:
+        if stat.S_ISSOCK(os.fstat(fd).st_mode):
+            return True  # a socket pair (the simulated host): poll is exact
+    except OSError:
+        return True
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return not any(events & select.POLLOUT for _, events in poller.poll(0))
 
 
 @dataclass(frozen=True)
@@ -184,13 +212,27 @@ class Opener(Protocol):
 
 
 class CharDevice:
-    """The real kernel device."""
+    """The real kernel device.
 
-    def __init__(self, path: str = DEFAULT_DEVICE) -> None:
+    Since the CVE-2024-55916 fix the kernel creates the node only once the KVP
+    channel is open, later in boot than before: on a Hyper-V guest (`vmbus_dir`
+    exists) the first open waits up to `appear_timeout` for it. udev starts
+    kvpfs.service when it appears (contrib/60-kvpfs.rules); this covers a start
+    by hand or by another unit.
+    """
+
+    def __init__(self, path: str = DEFAULT_DEVICE, *, appear_timeout: float = 60.0,
+                 vmbus_dir: str = VMBUS_DIR, check_interval: float = 0.2) -> None:
         self.path = path
         self.name = path
+        self.appear_timeout = appear_timeout
+        self.vmbus_dir = vmbus_dir
+        self.check_interval = check_interval
+        self._opened_once = False
 
     async def open(self) -> Channel:
+        if not self._opened_once:
+            await self._wait_for_node()
         try:
             fd = await trio.to_thread.run_sync(
                 os.open, self.path, os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK
@@ -210,4 +252,26 @@ class CharDevice:
                     f"cannot open {self.path}: {exc.strerror}; kvpfs must run as root"
                 ) from None
             raise
+        self._opened_once = True
         return Channel(fd, self.path)
+
+    async def _wait_for_node(self) -> None:
+        """On a Hyper-V guest, wait (bounded) for the kernel to create the node."""
+        exists = os.path.lexists
+        if exists(self.path) or not os.path.isdir(self.vmbus_dir):
+            return
+        log.warning("%s does not exist yet on this Hyper-V guest (%s exists): waiting up to"
+                    " %g s for the kernel to create it (it does so once the KVP channel is"
+                    " open, later in boot since the CVE-2024-55916 fix)", self.path,
+                    self.vmbus_dir, self.appear_timeout)
+        with trio.move_on_after(self.appear_timeout):
+            while not await trio.to_thread.run_sync(exists, self.path):
+                await trio.sleep(self.check_interval)
+            log.info("%s appeared", self.path)
+            return
+        raise DeviceUnavailable(
+            f"{self.path} did not appear within {self.appear_timeout:g} s although this is a"
+            f" Hyper-V guest ({self.vmbus_dir} exists): is the hv_utils module loaded (lsmod |"
+            " grep hv_utils) and Data Exchange enabled in the VM's integration services?"
+            " kvpfs.service is also started by udev when the device appears"
+            " (60-kvpfs.rules)")

@@ -5,13 +5,17 @@ what may change), `netlinks` (links and their managers), `netstate` (GET_IP_INFO
 answer), `netwriters` (SET_IP_INFO's files and activation commands), `netprograms`
 (bounded program runs) and `netfiles` (the managers' file formats). This module runs
 that work off the trio loop and decides when the host is answered: once the
-configuration is validated and written, with the activation afterwards in the
-background, because nmcli alone may take longer than the kernel's 30 s per request.
+configuration is validated and its files written (staged beside their place), with
+the activation afterwards in the background, because nmcli alone may take longer
+than the kernel's 30 s per request. The activation (files put in place, programs
+run) starts only once the answer has reached the kernel in time (`Deferred`): a
+dropped answer changes nothing on the guest.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 
 import trio
 
@@ -19,6 +23,7 @@ from kvpfs import compat
 from kvpfs.host.netsettings import NetSettings
 from kvpfs.host.netstate import get_ip_info
 from kvpfs.host.netwriters import Activation, activate_async, prepare_set_ip_info
+from kvpfs.host.server import Deferred
 from kvpfs.wire import protocol
 from kvpfs.wire.ipinfo import build_get_reply
 from kvpfs.wire.protocol import Op, Status
@@ -74,20 +79,68 @@ class IpInfoService:
             log.error("SET_IP_INFO for %s failed: %s", request.adapter_id, exc)
             return Status.E_FAIL, None
 
-    async def __call__(self, request: protocol.IpInfoRequest) -> bytes:
+    async def __call__(self, request: protocol.IpInfoRequest) -> bytes | Deferred:
         if request.op == Op.GET_IP_INFO:
             return await compat.to_thread_run_sync(self.get_reply, request,
                                                     abandon_on_cancel=True)
         async with self._set_lock:
-            status, activation = await trio.to_thread.run_sync(self.prepare, request)
-            if status == Status.S_OK and activation is not None:
-                if self._nursery is None:
-                    # Nobody runs `run` (a direct caller): activate before answering.
-                    ok = await self._activate(activation)
-                    status = Status.S_OK if ok else Status.E_FAIL
-                else:
-                    self._nursery.start_soon(self._activate, activation)
-        return protocol.encode_status(status)
+            status, activation = await self._prepare_cancellably(request)
+            if status != Status.S_OK or activation is None:
+                return protocol.encode_status(status)
+            nursery = self._nursery
+            if nursery is None:
+                # Nobody runs `run` (a direct caller): activate before answering.
+                await trio.to_thread.run_sync(activation.publish)
+                ok = await self._activate(activation)
+                return protocol.encode_status(Status.S_OK if ok else Status.E_FAIL)
+            staged = activation
+            return Deferred(
+                protocol.encode_status(Status.S_OK),
+                commit=lambda: nursery.start_soon(self._publish_and_activate, staged),
+                discard=lambda: nursery.start_soon(self._discard, staged))
+
+    async def _prepare_cancellably(self, request: protocol.IpInfoRequest
+                                   ) -> tuple[int, Activation | None]:
+        """`prepare` in a thread that a cancellation abandons: what it staged after
+        being abandoned is discarded by the thread itself."""
+        lock = threading.Lock()
+        abandoned = False
+        result: list[tuple[int, Activation | None]] = []
+
+        def prepare() -> tuple[int, Activation | None]:
+            outcome = self.prepare(request)
+            with lock:
+                result.append(outcome)
+                late = abandoned
+            if late and outcome[1] is not None:
+                outcome[1].discard()
+            return outcome
+
+        try:
+            return await compat.to_thread_run_sync(prepare, abandon_on_cancel=True)
+        except trio.Cancelled:
+            with lock:
+                abandoned = True
+                done = list(result)
+            for _, activation in done:
+                if activation is not None:
+                    activation.discard()
+            raise
+
+    async def _publish_and_activate(self, activation: Activation) -> None:
+        try:
+            await trio.to_thread.run_sync(activation.publish)
+        except OSError as exc:
+            log.error("SET_IP_INFO for %s: putting the configuration in place failed after"
+                      " the host was told S_OK: %s", activation.interface, exc)
+            return
+        await self._activate(activation)
+
+    @staticmethod
+    async def _discard(activation: Activation) -> None:
+        log.warning("SET_IP_INFO for %s: the answer did not reach the kernel in time;"
+                    " the configuration was not applied", activation.interface)
+        await trio.to_thread.run_sync(activation.discard)
 
     async def _activate(self, activation: Activation) -> bool:
         self.activations_started += 1

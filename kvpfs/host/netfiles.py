@@ -13,6 +13,7 @@ import logging
 import os
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -78,8 +79,41 @@ def systemd_values(paths: Sequence[Path], section: str, key: str) -> list[str]:
     return values
 
 
-def write_atomically(path: Path, text: str, mode: int) -> None:
-    """Replace `path` with `text` (mode set before it appears): all or nothing on a crash."""
+@dataclass(frozen=True)
+class StagedFile:
+    """A file written and synced beside its place, waiting to replace `path`.
+
+    SET_IP_INFO stages its files before answering the host and publishes them only
+    once the answer has reached the kernel in time; a reply that is dropped discards
+    them, and the guest's configuration stays as it was.
+    """
+
+    temporary: Path
+    path: Path
+    mode: int
+
+    def publish(self) -> None:
+        """Replace `path` (atomically; a symlink there is replaced, never followed)."""
+        try:
+            os.replace(self.temporary, self.path)
+        except BaseException:
+            self.discard()
+            raise
+        with contextlib.suppress(OSError):
+            dir_fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        log.info("wrote %s (mode %04o)", self.path, self.mode)
+
+    def discard(self) -> None:
+        with contextlib.suppress(OSError):
+            os.unlink(self.temporary)
+
+
+def stage_file(path: Path, text: str, mode: int) -> StagedFile:
+    """`text` written and synced next to `path` (mode set before it can appear there)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -88,16 +122,14 @@ def write_atomically(path: Path, text: str, mode: int) -> None:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(temporary, path)  # replaces a symlink at `path`, never follows it
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(temporary)
         raise
-    with contextlib.suppress(OSError):
-        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    log.info("wrote %s (mode %04o)", path, mode)
+    return StagedFile(Path(temporary), path, mode)
+
+
+def write_atomically(path: Path, text: str, mode: int) -> None:
+    """Replace `path` with `text` (mode set before it appears): all or nothing on a crash."""
+    stage_file(path, text, mode).publish()
 

@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvpfs.host.netfiles import write_atomically
+from kvpfs.host.netfiles import StagedFile, stage_file
 from kvpfs.host.netlinks import (
     NETWORKD,
     NETWORKD_DIR,
@@ -31,14 +31,12 @@ from kvpfs.host.netlinks import (
 from kvpfs.host.netprograms import run, run_async
 from kvpfs.host.netsettings import NetSettings
 from kvpfs.wire import protocol
+from kvpfs.wire.ipconfigfiles import render_ifcfg, render_networkd, render_nm_keyfile
 from kvpfs.wire.ipinfo import (
     InvalidArgument,
     StaticConfig,
     nm_connection_uuid,
     parse_set,
-    render_ifcfg,
-    render_networkd,
-    render_nm_keyfile,
     safe_ifname,
 )
 from kvpfs.wire.protocol import Status
@@ -59,6 +57,17 @@ class Activation:
 
     interface: str
     commands: tuple[tuple[tuple[str, ...], float], ...]
+    files: tuple[StagedFile, ...] = ()
+
+    def publish(self) -> None:
+        """Put the staged files in place (blocking); first step of making it live."""
+        for staged in self.files:
+            staged.publish()
+
+    def discard(self) -> None:
+        """The host's answer was not delivered: leave the guest as it was (blocking)."""
+        for staged in self.files:
+            staged.discard()
 
     @property
     def bound(self) -> float:
@@ -68,14 +77,14 @@ class Activation:
 def _apply_networkmanager(settings: NetSettings, iface: Interface, mac: str,
                           config: StaticConfig) -> tuple[int, Activation | None]:
     path = settings.out(NM_DIR) / f"hyperv-{iface.name}.nmconnection"
-    write_atomically(path, render_nm_keyfile(iface.name, mac, config), 0o600)
+    staged = stage_file(path, render_nm_keyfile(iface.name, mac, config), 0o600)
     uuid = nm_connection_uuid(mac)
     wait = settings.activation_wait
     return Status.S_OK, Activation(iface.name, (
         (("nmcli", "connection", "load", str(path)), settings.command_timeout),
         (("nmcli", "--wait", str(wait), "connection", "up", "uuid", uuid, "ifname",
           iface.name), wait + 5),
-    ))
+    ), (staged,))
 
 
 def _apply_networkd(settings: NetSettings, iface: Interface, mac: str, config: StaticConfig,
@@ -87,11 +96,11 @@ def _apply_networkd(settings: NetSettings, iface: Interface, mac: str, config: S
                   " keep precedence; not changing it", iface.name, manager.detail, name)
         return Status.E_FAIL, None
     path = settings.out(NETWORKD_DIR) / name
-    write_atomically(path, render_networkd(iface.name, mac, config), 0o644)
+    staged = stage_file(path, render_networkd(iface.name, mac, config), 0o644)
     return Status.S_OK, Activation(iface.name, (
         (("networkctl", "reload"), settings.command_timeout),
         (("networkctl", "reconfigure", iface.name), settings.command_timeout),
-    ))
+    ), (staged,))
 
 
 def _apply_script(settings: NetSettings, iface: Interface, mac: str, config: StaticConfig,
@@ -100,11 +109,11 @@ def _apply_script(settings: NetSettings, iface: Interface, mac: str, config: Sta
     state = settings.out(STATE_DIR)
     ifcfg = state / f"ifcfg-{iface.name}"
     keyfile = state / f"{iface.name}.nmconnection"
-    write_atomically(ifcfg, render_ifcfg(iface.name, mac, config), 0o600)
-    write_atomically(keyfile, render_nm_keyfile(iface.name, mac, config), 0o600)
+    staged = (stage_file(ifcfg, render_ifcfg(iface.name, mac, config), 0o600),
+              stage_file(keyfile, render_nm_keyfile(iface.name, mac, config), 0o600))
     return Status.S_OK, Activation(iface.name, (
         ((str(script), str(ifcfg), str(keyfile)), settings.command_timeout),
-    ))
+    ), staged)
 
 
 def set_ip_info(settings: NetSettings, request: protocol.IpInfoRequest) -> int:
@@ -115,6 +124,7 @@ def set_ip_info(settings: NetSettings, request: protocol.IpInfoRequest) -> int:
     status, activation = prepare_set_ip_info(settings, request)
     if status != Status.S_OK or activation is None:
         return status
+    activation.publish()
     return Status.S_OK if activate(settings, activation) else Status.E_FAIL
 
 
@@ -133,8 +143,9 @@ async def activate_async(settings: NetSettings, activation: Activation) -> bool:
 
 def prepare_set_ip_info(settings: NetSettings, request: protocol.IpInfoRequest
                         ) -> tuple[int, Activation | None]:
-    """Validate a SET_IP_INFO and write its configuration; the status for the host and
-    what is left to run to make it live (None when nothing is)."""
+    """Validate a SET_IP_INFO and stage its configuration files; the status for the host
+    and what is left to do to make it live (None when nothing is): publish the files,
+    then run the programs."""
     iface = find_by_guid(settings, request.adapter_id)
     if iface is None:
         log.warning("SET_IP_INFO: no network interface has VMBus id %r", request.adapter_id)

@@ -20,48 +20,95 @@ closing the device resets it.
 
 The kernel matches replies to requests by order alone: once its 30 s timer
 (`KERNEL_TIMEOUT`) has fired, our next write is taken as the reply to whatever
-request is outstanding then. So every request is answered within
-`REPLY_DEADLINE` (E_FAIL if the work is not done by then), and a reply that is
-ready only when the kernel may already have given up is never written.
+request is outstanding then. `ReplyClock` (replytiming.py) counts each
+request's deadline from the earliest moment the kernel could have armed that
+timer, never from our own read; work gets `REPLY_DEADLINE` from then (E_FAIL
+if not done), and a reply that is not in time, or that crossed a suspend, is
+never written: the device is closed and opened again instead, which resets the
+kernel and frees whatever it had queued.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
-import math
 import os
-import queue
 import select
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 import trio
 
 from kvpfs import compat
 from kvpfs.host.device import Channel, DeviceUnavailable, Opener
+from kvpfs.host.handover import STOP, Handover
 from kvpfs.host.intrinsic import KEYS as INTRINSIC_KEYS
 from kvpfs.host.intrinsic import Intrinsics
+from kvpfs.host.replyfit import fit_record
+from kvpfs.host.replytiming import ReplyClock, Stamp, suspended_seconds
 from kvpfs.storage.errors import LockTimeout, PoolFileError
 from kvpfs.storage.store import Origin, Store
 from kvpfs.wire import protocol
+from kvpfs.wire.kernelmodel import KERNEL_TIMEOUT
 from kvpfs.wire.protocol import Op, Pool, ProtocolError, Status
 
 log = logging.getLogger(__name__)
 
-IpInfoHandler = Callable[[protocol.IpInfoRequest], Awaitable[bytes]]
 
-KERNEL_TIMEOUT = 30.0
-"""HV_UTIL_TIMEOUT: after this the kernel answers E_FAIL and pairs our next write with
-whatever request it has outstanding then (there is no request id)."""
+
+@dataclass(frozen=True)
+class Deferred:
+    """A reply whose effect must wait until the reply has reached the kernel in time.
+
+    `commit` runs (on the trio thread) once the reply was written in time, `discard`
+    when it was not written: then the guest must not change (SET_IP_INFO).
+    """
+
+    reply: bytes
+    commit: Callable[[], None]
+    discard: Callable[[], None]
+
+
+IpInfoHandler = Callable[[protocol.IpInfoRequest], Awaitable[bytes | Deferred]]
 REPLY_DEADLINE = 20.0
 """Every request is answered within this, with E_FAIL if its work is not done."""
 REGISTRATION_WINDOW = 20.0
 """How long a refused first registration is retried (close, reopen, register)."""
+REGISTRATION_RACES = 5
+"""Registrations in a row the kernel may take as a host request's reply before we back off."""
+ECHO_TIMEOUT = 5.0
+"""How long to wait for the registration echo before taking the registration as lost."""
+
+
+KERNEL_TIMEOUT_ENV = "KVPFS_KERNEL_TIMEOUT"
+"""Seconds the kernel waits for a reply, for kernels built otherwise and for test rigs
+whose emulated kernel waits less (emulation/emulated_device.py --timeout)."""
+
+
+def kernel_timeout_from_env() -> float:
+    text = os.environ.get(KERNEL_TIMEOUT_ENV, "")
+    try:
+        value = float(text) if text else KERNEL_TIMEOUT
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 3600:
+        log.warning("%s=%r is not a number of seconds in (0, 3600]; using %g s",
+                    KERNEL_TIMEOUT_ENV, text, KERNEL_TIMEOUT)
+        return KERNEL_TIMEOUT
+    return value
 
 
 class RegistrationRefused(Exception):
     """The kernel rejected our registration (at start: every try for `registration_window`)."""
+
+
+class RegistrationRaced(Exception):
+    """The kernel took REGISTER1 as the reply to a host request (no echo came back)."""
+
+
+class ReplyWithheld(Exception):
+    """A reply was not written because the kernel may no longer wait for it; reopen."""
 
 
 class DeviceServer:
@@ -74,9 +121,13 @@ class DeviceServer:
         ip_info: IpInfoHandler | None = None,
         reopen_delay: float = 0.1,
         max_reopen_delay: float = 5.0,
-        reply_deadline: float = REPLY_DEADLINE,
-        kernel_timeout: float = KERNEL_TIMEOUT,
+        reply_deadline: float | None = None,
+        kernel_timeout: float | None = None,
         registration_window: float = REGISTRATION_WINDOW,
+        echo_timeout: float = ECHO_TIMEOUT,
+        idle_recheck: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        suspended: Callable[[], float] = suspended_seconds,
     ) -> None:
         self.opener = opener
         self.store = store
@@ -84,16 +135,26 @@ class DeviceServer:
         self.ip_info = ip_info
         self.reopen_delay = reopen_delay
         self.max_reopen_delay = max_reopen_delay
+        if kernel_timeout is None:
+            kernel_timeout = kernel_timeout_from_env()
+        if reply_deadline is None:
+            reply_deadline = kernel_timeout * REPLY_DEADLINE / KERNEL_TIMEOUT
         self.reply_deadline = reply_deadline
         self.kernel_timeout = kernel_timeout
         self.registration_window = registration_window
+        self.echo_timeout = echo_timeout
+        self.timing = ReplyClock(kernel_timeout, reply_deadline, clock=clock,
+                                 suspended=suspended)
+        # While idle the device thread looks again this often (real seconds): a request
+        # is then read at most this long after the device was last seen empty.
+        self.idle_recheck = self.timing.write_limit / 5 if idle_recheck is None \
+            else idle_recheck
         if store.lock_timeout >= reply_deadline:
             log.warning("the pool-file lock timeout (%g s) is not below the reply deadline"
-                        " (%g s): a host SET or DELETE that waits that long for a lock is"
-                        " answered late, and that reply is dropped when the kernel (%g s)"
-                        " may have given up", store.lock_timeout, reply_deadline,
-                        kernel_timeout)
+                        " (%g s): a host SET or DELETE waits for a lock only until the"
+                        " reply deadline", store.lock_timeout, reply_deadline)
         self.registrations = 0
+        self.registration_races = 0
         self.requests = 0
         self.late_replies_dropped = 0
         self.deadline_misses = 0
@@ -115,8 +176,11 @@ class DeviceServer:
         task_status.started()
         delay = self.reopen_delay
         while True:
+            pause = delay
             try:
                 await self._serve(channel)
+            except ReplyWithheld:
+                pause = 0.0  # logged where it happened; the reset is what we want, now
             except OSError as exc:
                 log.warning(
                     "device %s failed (%s); closing, reopening and registering again",
@@ -125,12 +189,14 @@ class DeviceServer:
             finally:
                 channel.close()
             while True:
-                await trio.sleep(delay)
+                await trio.sleep(pause)
+                pause = delay
                 try:
                     channel = await self._open_and_register()
                     delay = self.reopen_delay
                     break
-                except (OSError, DeviceUnavailable, RegistrationRefused) as exc:
+                except (OSError, DeviceUnavailable, RegistrationRefused,
+                        RegistrationRaced) as exc:
                     delay = min(delay * 2, self.max_reopen_delay)
                     log.warning("reopening %s failed: %s; retrying in %.1f s",
                                 self.opener.name, exc, delay)
@@ -148,7 +214,7 @@ class DeviceServer:
             attempts += 1
             try:
                 return await self._open_and_register()
-            except RegistrationRefused as exc:
+            except (RegistrationRefused, RegistrationRaced) as exc:
                 if trio.current_time() + delay > give_up_at:
                     raise RegistrationRefused(
                         f"{exc}; it refused all {attempts} registrations over"
@@ -164,19 +230,52 @@ class DeviceServer:
             delay = min(delay * 2, self.max_reopen_delay)
 
     async def _open_and_register(self) -> Channel:
+        """Open and register; a registration the kernel took as a reply is done again.
+
+        After a hibernation with no daemon connected the kernel is READY: a host request
+        that arrives between our open and our REGISTER1 is passed down, and REGISTER1 is
+        taken as its reply. Closing the device resets the kernel (DEVICE_INIT), so we
+        close, reopen and register again, up to `REGISTRATION_RACES` times in a row.
+        """
         self.busy_since = time.monotonic()
         try:
-            channel = await self.opener.open()
-            try:
-                await self._register(channel)
-            except BaseException:
-                channel.close()
-                raise
+            for attempt in range(1, REGISTRATION_RACES + 1):
+                channel = await self.opener.open()
+                try:
+                    await self._register(channel)
+                except RegistrationRaced as exc:
+                    channel.close()
+                    self.registration_races += 1
+                    if attempt == 1:
+                        log.warning("%s; closed the device (which resets the kernel) and"
+                                    " registering again", exc)
+                    else:
+                        log.debug("registration raced again (%d): %s", attempt, exc)
+                    if attempt == REGISTRATION_RACES:
+                        raise
+                    continue
+                except BaseException:
+                    channel.close()
+                    raise
+                if attempt > 1:
+                    log.info("registered at attempt %d", attempt)
+                return channel
         finally:
             self.busy_since = None
-        return channel
+        raise AssertionError("unreachable")  # the loop returns or raises
 
     async def _register(self, channel: Channel) -> None:
+        """REGISTER1, then its echo and nothing else.
+
+        A message already queued when we open means the kernel is past DEVICE_INIT and
+        passes host requests down: REGISTER1 would answer one. Anything but the echo
+        read after REGISTER1 (a host request, GET_IP_INFO's op 4 among them) means it
+        did. Either way the caller resets the kernel by closing the device.
+        """
+        if channel.poll_reliable and channel.poll_now() & select.POLLIN:
+            raise RegistrationRaced(
+                f"{channel.name} had a host request queued before kvpfs registered (the"
+                " kernel was left READY by a hibernation); not registering on top of it")
         try:
             await channel.write_message(protocol.encode_register(Op.REGISTER1))
         except OSError as exc:
@@ -184,16 +283,23 @@ class DeviceServer:
                 f"the kernel refused registration on {channel.name}"
                 f" ({errno.errorcode.get(exc.errno or 0, exc.errno)}: {exc.strerror or exc})"
             ) from exc
-        while True:
+        self.timing.mark()  # the kernel starts serving during the read of the echo
+        message: bytes | None = None
+        with trio.move_on_after(self.echo_timeout):
             message = await channel.read_message()
+        if message is None:
+            raise RegistrationRaced(
+                f"no registration echo on {channel.name} within {self.echo_timeout:g} s")
+        reply = None
+        if message[0] == Op.REGISTER1:
             try:
                 reply = protocol.decode_request(message, in_handshake=True)
-            except ProtocolError as exc:
-                log.warning("malformed message during registration ignored: %s", exc)
-                continue
-            if isinstance(reply, protocol.RegisterReply):
-                break
-            log.warning("expected the registration reply, got op %d; ignored", message[0])
+            except ProtocolError:
+                reply = None
+        if not isinstance(reply, protocol.RegisterReply):
+            raise RegistrationRaced(
+                f"the kernel took REGISTER1 as the reply to a host request: read op"
+                f" {message[0]} (pool {message[1]}) instead of the registration echo")
         self.version = reply.version
         self.intrinsics.integration_version = reply.version
         self.registrations += 1
@@ -201,11 +307,12 @@ class DeviceServer:
                  channel.name, reply.op, reply.version)
 
     async def _serve(self, channel: Channel) -> None:
-        """Serve requests in the device thread until the device fails (OSError) or we
-        are cancelled; either way the thread has let go of `channel` on return."""
+        """Serve requests in the device thread until the device fails (OSError), a reply
+        is withheld (ReplyWithheld) or we are cancelled; either way the thread has let go
+        of `channel` on return."""
         stop_read, stop_write = os.pipe2(os.O_CLOEXEC)
-        handover = _Handover(trio.lowlevel.current_trio_token())
-        failure: OSError | None = None
+        handover = Handover(trio.lowlevel.current_trio_token())
+        failure: OSError | ReplyWithheld | None = None
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._answer_handed_over, channel, handover, stop_write)
@@ -227,77 +334,101 @@ class DeviceServer:
             raise failure
         log.warning("device thread for %s stopped; opening the device again", channel.name)
 
-    def _serve_in_thread(self, channel: Channel, stop_fd: int, handover: _Handover
-                         ) -> OSError | None:
+    def _serve_in_thread(self, channel: Channel, stop_fd: int, handover: Handover
+                         ) -> OSError | ReplyWithheld | None:
         """The device thread: poll, read, answer, write, until told to stop.
 
-        Returns the device's error rather than raising it, so that it reaches
-        `run` as itself and not inside an exception group.
+        Returns the device's error (or the withheld reply) rather than raising it, so
+        that it reaches `run` as itself and not inside an exception group.
         """
         readable = channel.waiter(select.POLLIN, stop_fd)
         writable = channel.waiter(select.POLLOUT, stop_fd)
+        timing = self.timing
+        recheck = self.idle_recheck
         try:
-            while readable():
+            while True:
+                before = timing.clock()
+                if not channel.poll_reliable:
+                    timing.mark(before)  # no poll: counted from the read (best effort)
+                    if readable(None) is False:
+                        return None
+                elif not channel.poll_now():
+                    timing.mark(before)  # empty then: what comes next is armed later
+                    ready = readable(recheck)
+                    if ready is None:
+                        continue
+                    if not ready:
+                        return None
                 message = channel.read_ready_message()
                 if message is None:
                     continue
                 self.busy_since = time.monotonic()
+                stamp = timing.stamp()
+                if (why := timing.verdict(stamp)) is not None:
+                    return self._withheld(message, why, read=True)
                 reply = self._answer_read(message)
                 if reply is None:
-                    outcome = handover.answer_in_trio(message)
-                    if outcome is _STOP:
+                    outcome = handover.answer_in_trio((message, stamp))
+                    if outcome is STOP:
                         return None
-                    if isinstance(outcome, OSError):
+                    if isinstance(outcome, (OSError, ReplyWithheld)):
                         return outcome
                     self.busy_since = None
                     continue
+                if (why := timing.verdict(stamp)) is not None:
+                    return self._withheld(message, why)
+                timing.mark()  # the kernel takes the next request during this write
                 while not channel.write_ready_message(reply):
-                    if not writable():
+                    if writable(None) is False:
                         return None
                 self.busy_since = None
         except OSError as exc:
             return exc
         finally:
             self.busy_since = None
-        return None
 
-    async def _answer_handed_over(self, channel: Channel, handover: _Handover,
+    async def _answer_handed_over(self, channel: Channel, handover: Handover,
                                   stop_fd: int) -> None:
         """The trio side of the device thread: answer what it hands over and write
         the reply here, so only one thread switch sits on the host's path."""
         try:
-            async for message in handover.requests:
-                read_at = time.monotonic()
+            async for message, stamp in handover.requests:
                 try:
-                    reply = await self.answer(message)
-                    if not self._in_time(message, read_at):
-                        handover.outcomes.put(None)
+                    reply = await self._answer(message, stamp)
+                    deferred = reply if isinstance(reply, Deferred) else None
+                    data = deferred.reply if deferred is not None else reply
+                    assert isinstance(data, bytes)
+                    if (why := self.timing.verdict(stamp)) is not None:
+                        if deferred is not None:
+                            deferred.discard()
+                        handover.outcomes.put(self._withheld(message, why))
                         continue
-                    await channel.write_message(reply)
+                    self.timing.mark()
+                    try:
+                        await channel.write_message(data)
+                    except BaseException:
+                        if deferred is not None:
+                            deferred.discard()
+                        raise
+                    if deferred is not None:
+                        deferred.commit()
                 except OSError as exc:
                     handover.outcomes.put(exc)
                 else:
                     handover.outcomes.put(None)
         finally:
             os.write(stop_fd, b"x")  # a thread in poll(2) stops
-            handover.outcomes.put(_STOP)  # a thread waiting for an outcome stops
+            handover.outcomes.put(STOP)  # a thread waiting for an outcome stops
 
-    def _in_time(self, message: bytes, read_at: float) -> bool:
-        """False for a reply ready so late that the kernel may have given up on it.
-
-        Written then, it would be paired with the host's next request. The kernel's
-        timer started before our read, so the threshold sits halfway between our
-        deadline and its timeout.
-        """
-        elapsed = time.monotonic() - read_at
-        limit = (self.reply_deadline + self.kernel_timeout) / 2
-        if elapsed < limit:
-            return True
+    def _withheld(self, message: bytes, why: str, *, read: bool = False) -> ReplyWithheld:
+        """Count and log a reply not written; the device is reopened for it."""
         self.late_replies_dropped += 1
-        log.error("the reply to op %d (pool %d) was ready only after %.1f s; not written:"
-                  " the kernel gives up after %g s and would take it as the answer to the"
-                  " host's next request", message[0], message[1], elapsed, self.kernel_timeout)
-        return False
+        what = "request" if read else "reply to"
+        text = (f"the {what} op {message[0]} (pool {message[1]}) not answered: {why}."
+                " Written now it could answer another request (the kernel has no request"
+                " ids); closing and reopening the device instead, which resets the kernel")
+        log.error("%s", text)
+        return ReplyWithheld(text)
 
     def _answer_read(self, message: bytes) -> bytes | None:
         """In the device thread: the reply to a GET or ENUMERATE, from memory.
@@ -322,7 +453,21 @@ class DeviceServer:
 
     # ---------------------------------------------------------------- requests
     async def answer(self, message: bytes) -> bytes:
-        """The reply to one request; never raises for anything the message says."""
+        """The reply to one request, for direct callers (tests, the in-process benchmark):
+        with no kernel waiting, a deferred effect takes place at once."""
+        reply = await self._answer(message, None)
+        if isinstance(reply, Deferred):
+            reply.commit()
+            return reply.reply
+        return reply
+
+    async def _answer(self, message: bytes, stamp: Stamp | None) -> bytes | Deferred:
+        """The reply to one request; never raises for anything the message says.
+
+        All work ends within `reply_deadline` of `stamp` (of now, without one). A
+        pool-file change is not cut short once started (its answer must say whether it
+        happened): its lock waits end at that deadline instead.
+        """
         self.requests += 1
         try:
             request = _decode(message)
@@ -331,16 +476,18 @@ class DeviceServer:
                         exc.op, exc.pool, exc)
             return protocol.encode_status(Status.E_FAIL)
         log.debug("host request: %r", request)
-        # A pool-file change is not cut short: once its write has started, the host's
-        # answer must say whether it happened. The store's lock timeout bounds it.
+        left = self.reply_deadline if stamp is None else self.timing.work_left(stamp)
         changes = isinstance(request, (protocol.SetRequest, protocol.DeleteRequest))
         try:
-            with trio.move_on_after(math.inf if changes else self.reply_deadline):
+            if changes:
+                with self.store.lock_waits_within(left):
+                    return await self._dispatch(request)
+            with trio.move_on_after(left):
                 return await self._dispatch(request)
             self.deadline_misses += 1
-            log.error("%r not done within %g s; answered E_FAIL so the kernel (which gives"
-                      " up after %g s) never pairs a late reply with another request",
-                      request, self.reply_deadline, self.kernel_timeout)
+            log.error("%r not done within %g s of its arrival; answered E_FAIL so the"
+                      " kernel (which gives up after %g s) never pairs a late reply with"
+                      " another request", request, self.reply_deadline, self.kernel_timeout)
         except LockTimeout as exc:
             log.warning("pool file locked too long, answered E_FAIL: %s (held by %s)",
                         exc, exc.holders or "unknown")
@@ -355,7 +502,7 @@ class DeviceServer:
             log.exception("unexpected error answering %r; answered E_FAIL", request)
         return protocol.encode_status(Status.E_FAIL)
 
-    async def _dispatch(self, request: protocol.Request) -> bytes:
+    async def _dispatch(self, request: protocol.Request) -> bytes | Deferred:
         # The device thread answers GET and ENUMERATE itself; they come here only from
         # direct callers of `answer` (tests, the in-process benchmark).
         if isinstance(request, (protocol.EnumerateRequest, protocol.GetRequest)):
@@ -398,11 +545,12 @@ class DeviceServer:
             record = self.store.enumerate(request.pool, request.index)
             if record is None:
                 return protocol.encode_status(Status.S_CONT)
-            return protocol.encode_enumerate_reply(*_fit(record.key, record.value, request.pool))
+            return protocol.encode_enumerate_reply(
+                *fit_record(record.key, record.value, request.pool))
         value = self.store.get(request.pool, request.key)
         if value is None:
             return protocol.encode_status(Status.S_CONT)
-        return protocol.encode_get_reply(*_fit(request.key, value, request.pool))
+        return protocol.encode_get_reply(*fit_record(request.key, value, request.pool))
 
     def _read_intrinsic(self, request: protocol.EnumerateRequest | protocol.GetRequest) -> bytes:
         index = _intrinsic_index(request)
@@ -412,9 +560,9 @@ class DeviceServer:
         key, value = item
         if isinstance(request, protocol.EnumerateRequest):
             return protocol.encode_enumerate_reply(
-                *_fit(key.encode(), value.encode(), "intrinsic")
+                *fit_record(key.encode(), value.encode(), "intrinsic")
             )
-        return protocol.encode_get_reply(*_fit(request.key, value.encode(), "auto"))
+        return protocol.encode_get_reply(*fit_record(request.key, value.encode(), "auto"))
 
 
 _INTRINSIC_INDEX = {name.encode(): index for index, name in enumerate(INTRINSIC_KEYS)}
@@ -436,57 +584,3 @@ def _intrinsic_index(request: protocol.EnumerateRequest | protocol.GetRequest) -
     if isinstance(request, protocol.EnumerateRequest):
         return request.index
     return _INTRINSIC_INDEX.get(request.key)
-
-
-_STOP = object()
-
-
-class _Handover:
-    """How the device thread passes a request to the trio thread and learns it is done.
-
-    `run_sync_soon` wakes the trio loop without the per-call task and context
-    switches of `trio.from_thread.run`; the outcome (None, the device's
-    OSError, or `_STOP`) comes back through a plain queue.
-    """
-
-    def __init__(self, token: trio.lowlevel.TrioToken) -> None:
-        self._token = token
-        self._send, self.requests = trio.open_memory_channel[bytes](1)
-        self.outcomes: queue.SimpleQueue[object] = queue.SimpleQueue()
-
-    def answer_in_trio(self, message: bytes) -> object:
-        try:
-            self._token.run_sync_soon(self._deliver, message)
-        except trio.RunFinishedError:
-            return _STOP
-        return self.outcomes.get()
-
-    def _deliver(self, message: bytes) -> None:
-        # Runs inside the trio loop, where an exception would be fatal; one request
-        # at a time, so the buffer of 1 is never full while someone receives.
-        try:
-            self._send.send_nowait(message)
-        except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
-            self.outcomes.put(_STOP)
-
-
-def _cut_utf8(data: bytes, limit: int) -> bytes:
-    """At most `limit` bytes of `data`, never ending inside a UTF-8 sequence."""
-    if len(data) <= limit:
-        return data
-    data = data[:limit]
-    return data.decode("utf-8", errors="ignore").encode("utf-8")
-
-
-def _fit(key: bytes, value: bytes, where: object) -> tuple[bytes, bytes]:
-    """Key and value cut to what one message can carry (511/2047 bytes + NUL).
-
-    Only records written by other tools without a terminator (a 512-byte key
-    packed by cloud-init) or intrinsic values longer than a field get here;
-    the host would truncate them further anyway (254/1022 UTF-16 units).
-    """
-    if len(key) > protocol.KEY_FIELD - 1 or len(value) > protocol.VALUE_FIELD - 1:
-        log.warning("record in pool %s longer than a message field; sent truncated", where)
-        key = _cut_utf8(key, protocol.KEY_FIELD - 1)
-        value = _cut_utf8(value, protocol.VALUE_FIELD - 1)
-    return key, value

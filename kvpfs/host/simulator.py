@@ -15,14 +15,11 @@ timeout and its consequences (see `SimulatedHost`).
 from __future__ import annotations
 
 import contextlib
-import enum
 import errno
 import logging
 import math
 import os
-import struct
 import threading
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -30,13 +27,13 @@ import trio
 
 from kvpfs.host.device import Channel
 from kvpfs.wire import kernelconv, kernelside, protocol
+from kvpfs.wire.kernelmodel import DRIVER_VERSION, KERNEL_TIMEOUT, HostRequest, KvpKernel
 from kvpfs.wire.protocol import MESSAGE_SIZE, Op, Status
 
 log = logging.getLogger(__name__)
 
-KERNEL_TIMEOUT = 30.0  # HV_UTIL_TIMEOUT
-# The legacy daemon's status convention looks at byte 20 (kvp_enum_data.data.key[0]).
-_LEGACY_KEY_OFFSET = 20
+__all__ = ["KERNEL_TIMEOUT", "HostResult", "IpInfoResult", "SimulatedChannel",
+           "SimulatedHost"]
 
 # Synthetic host identity, shaped like what a Hyper-V host pushes into pool 3
 # when the channel opens (no real host names or ids).
@@ -130,61 +127,25 @@ def _ip_text(text: str, limit: int) -> str:
     return kernelconv.host_to_guest(text, limit).decode("utf-8")
 
 
-class _State(enum.IntEnum):
-    """`enum hvutil_device_state`; the kernel compares with < and >, so order matters."""
-
-    DEVICE_INIT = 0
-    READY = 1
-    HOSTMSG_RECEIVED = 2
-    USERSPACE_REQ = 3
-    USERSPACE_RECV = 4
-
-
-class _HostRequest:
-    """One host request: in the ring, then the transaction, then answered exactly once."""
-
-    def __init__(self, message: bytes, token: trio.lowlevel.TrioToken) -> None:
-        self.message = message
-        self.status: int | None = None
-        self.reply: bytes | None = None
-        self.done = trio.Event()
-        self._token = token
-
-    def complete(self, status: int, reply: bytes | None) -> None:
-        """Callable from any thread (under the kernel lock); the first answer wins."""
-        if self.status is not None:
-            return
-        self.status = status & 0xFFFF_FFFF
-        self.reply = reply
-        with contextlib.suppress(trio.RunFinishedError):
-            self._token.run_sync_soon(self.done.set)
-
-
-@dataclass(eq=False)
-class _Transaction:
-    """`kvp_transaction` with its armed `kvp_timeout_work` (deadline on the trio clock)."""
-
-    request: _HostRequest
-    timer_pending: bool = True
-    deadline: float | None = None
-
-
 class SimulatedChannel(Channel):
     """What `SimulatedHost.open` returns: the device's read/write/poll/close semantics.
 
-    `read` and `write` go straight into the simulated kernel (from whichever thread
+    `read` and `write` go straight into the kernel model (from whichever thread
     calls them), so they fail the way the device does: EINVAL for a short read (the
-    message stays queued), EINVAL for a write the kernel refuses. The fd is the read
-    end of a pipe holding one byte while a message is queued, so poll(2) and trio
-    see exactly the device's POLLIN.
+    message stays queued), EINVAL for a write the kernel refuses, EBADF once the
+    module is gone; a read blocks until a message is queued, whatever O_NONBLOCK
+    says. The fd is the read end of a pipe holding one byte while a message is
+    queued, so poll(2) and trio see exactly the device's POLLIN (and POLLHUP once
+    the module is gone).
     """
 
-    def __init__(self, host: SimulatedHost, fd: int) -> None:
+    def __init__(self, host: SimulatedHost, kernel: KvpKernel, fd: int) -> None:
         super().__init__(fd, host.name)
         self._host = host
+        self.kernel = kernel
 
     def read(self, size: int = MESSAGE_SIZE) -> bytes:
-        """`hvt_op_read`, except that an empty queue raises BlockingIOError."""
+        """`hvt_op_read`: blocks while nothing is queued."""
         return self._host._daemon_read(self, size)
 
     def write(self, data: bytes) -> int:
@@ -192,10 +153,7 @@ class SimulatedChannel(Channel):
         return self._host._daemon_write(self, data)
 
     def read_ready_message(self) -> bytes | None:
-        try:
-            data = self.read(MESSAGE_SIZE)
-        except BlockingIOError:
-            return None
+        data = self.read(MESSAGE_SIZE)
         if len(data) != MESSAGE_SIZE:  # only a test's malformed `transact` gets here
             raise OSError(errno.EIO, f"{self.name}: read returned {len(data)} bytes, expected"
                                      f" one {MESSAGE_SIZE}-byte message")
@@ -213,22 +171,16 @@ class SimulatedChannel(Channel):
 
 
 class SimulatedHost:
-    """The simulated kernel (transport + KVP state machine) and a host API on top of it.
+    """The kernel model (`kvpfs.wire.kernelmodel`) behind a channel, and a host API on top.
 
-    The kernel part mirrors `hv_utils_transport.c` and `hv_kvp.c` row by row: one
-    opener (EBUSY otherwise); close resets the state (a pending transaction is
-    answered E_FAIL) so the next opener registers again; a registration other than
-    op 100/4 gets EINVAL and the fd stays usable; any write of >= 7432 bytes is one
-    message, shorter ones get EINVAL; a reply with no request outstanding gets
-    EINVAL; one transaction at a time with a `timeout` (HV_UTIL_TIMEOUT) after which
-    the host gets E_FAIL, the fd stays open and the unread request stays queued (so
-    the next host request fails at once, and a late reply pairs with whatever request
-    is outstanding, or gets EINVAL); host requests wait, without a timeout, until a
-    daemon registers. `hibernate` is `hv_kvp_pre_suspend`; `disconnect` a module
-    reload (the open fd dies).
-
-    State is guarded by a plain lock, as the kernel's is by `hvt->lock`, because the
-    daemon's reads and writes come from its device thread.
+    Every kernel behaviour lives in the model: one opener (EBUSY otherwise), close
+    resets the state, the 30 s timer (`timeout`) armed when a request leaves the
+    ring, late replies paired with whatever request is outstanding, EINVAL when none
+    is, host requests waiting without a timeout until a daemon registers. This class
+    adds the threads and clocks: calls from the daemon's device thread and from the
+    trio thread are serialised by a lock, as the kernel's by ``hvt->lock``; the
+    model's clock is trio's (thread-safe to read), and a trio task runs its timer.
+    `hibernate` is `hv_kvp_pre_suspend`; `disconnect` a module reload.
     """
 
     name = "simulated hv_kvp"
@@ -236,82 +188,104 @@ class SimulatedHost:
     def __init__(
         self,
         *,
-        version: str = "3.1",
+        version: str = DRIVER_VERSION,
         timeout: float = KERNEL_TIMEOUT,
         initial_pool3: tuple[tuple[str, str], ...] = SYNTHETIC_POOL3,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self.version = version
+        self.fake_clock = clock  # a test's clock: it then runs the timer with `tick`
         self.timeout = timeout
         self.initial_pool3 = initial_pool3
         self._lock = threading.Lock()
+        self._readable = threading.Condition(self._lock)
         self._token: trio.lowlevel.TrioToken | None = None
+        self._clock: trio.abc.Clock | None = None
         self._channel: SimulatedChannel | None = None
         self._wake_fd = -1
-        self._outmsg: bytes | None = None
-        self._on_read: Callable[[], None] | None = None
-        self._state = _State.DEVICE_INIT
-        self._dm_reg_value = 0
-        self._txn: _Transaction | None = None
-        self._ring: deque[_HostRequest] = deque()
-        self._starting = False
+        self._wake_byte = False
         self._timer_wake = trio.Event()
         self._first_registration = trio.Event()
-        self.registrations = 0
-        self.transactions = 0
-        self.timeouts = 0
-        self.ebusy_opens = 0
         self.refused_writes = 0
+        self._blocked_readers = 0
+        self.transactions = 0
         self.host_data_pushed = False
+        self._earlier: dict[str, int] = {}  # counters of unloaded modules
+        self.kernel = self._new_kernel()
+
+    def _new_kernel(self) -> KvpKernel:
+        return KvpKernel(self._now, timeout=self.timeout, version=self.version,
+                         on_change=self._on_change)
+
+    def _now(self) -> float:
+        if self.fake_clock is not None:
+            return self.fake_clock()
+        if self._clock is None:
+            self._clock = trio.lowlevel.current_clock()
+        return self._clock.current_time()
+
+    def _bind(self) -> None:
+        """Learn the trio run (token, clock) from whichever trio task calls first."""
+        self._token = trio.lowlevel.current_trio_token()
+        self._clock = trio.lowlevel.current_clock()
+
+    def _counter(self, name: str) -> int:
+        return self._earlier.get(name, 0) + self.kernel.counters[name]
+
+    @property
+    def registrations(self) -> int:
+        return self._counter("handshakes")
+
+    @property
+    def timeouts(self) -> int:
+        return self._counter("timeouts")
+
+    @property
+    def ebusy_opens(self) -> int:
+        return self._counter("ebusy_opens")
 
     # ------------------------------------------------------------ the guest side
     async def open(self) -> Channel:
         """What kvpfs gets instead of opening /dev/vmbus/hv_kvp (`hvt_op_open`)."""
-        self._token = trio.lowlevel.current_trio_token()
+        self._bind()
         with self._lock:
-            if self._channel is not None:
-                self.ebusy_opens += 1
-                raise OSError(errno.EBUSY, f"{self.name} is busy: it allows one opener")
+            self.kernel.open()
             read_fd, self._wake_fd = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-            self._channel = SimulatedChannel(self, read_fd)
+            self._wake_byte = False
+            self._channel = SimulatedChannel(self, self.kernel, read_fd)
             return self._channel
 
     @property
     def state(self) -> dict[str, object]:
         """The kernel's view, for tests and `kvpfs host status`."""
         with self._lock:
-            return {"state": self._state.name, "opened": self._channel is not None,
-                    "message_queued": self._outmsg is not None, "ring": len(self._ring),
-                    "transaction": self._txn is not None, "timeouts": self.timeouts,
+            snap = self.kernel.snapshot()
+            return {"state": snap["state"], "opened": self._channel is not None,
+                    "message_queued": snap["message_queued"], "ring": snap["ring"],
+                    "transaction": snap["transaction"], "timeouts": self.timeouts,
                     "registrations": self.registrations, "ebusy_opens": self.ebusy_opens,
-                    "refused_writes": self.refused_writes}
+                    "refused_writes": self.refused_writes,
+                    "blocked_readers": self._blocked_readers}
 
     def _daemon_read(self, channel: SimulatedChannel, size: int) -> bytes:
         with self._lock:
-            if channel is not self._channel:
-                raise OSError(errno.EBADF, f"{self.name}: the device went away")
-            if self._outmsg is None:
-                raise BlockingIOError(errno.EAGAIN, f"{self.name}: no message queued")
-            if size < len(self._outmsg):
-                raise OSError(errno.EINVAL, f"{self.name}: read of {size} bytes, a message"
-                                            f" is {len(self._outmsg)}")
-            message, callback = self._outmsg, self._on_read
-            self._outmsg = self._on_read = None
-            with contextlib.suppress(BlockingIOError):
-                os.read(channel.fd, 1)
-            if callback is not None:
-                callback()
-            return message
+            kernel = channel.kernel
+            while kernel.read_blocks and channel is self._channel and kernel is self.kernel:
+                self._blocked_readers += 1
+                try:
+                    self._readable.wait()
+                finally:
+                    self._blocked_readers -= 1
+            return kernel.read(size)
 
     def _daemon_write(self, channel: SimulatedChannel, data: bytes) -> int:
         with self._lock:
-            if channel is not self._channel:
-                raise OSError(errno.EBADF, f"{self.name}: the device went away")
-            why = self._on_msg(bytes(data))
-            if why:
-                self.refused_writes += 1
-        if why:
-            raise OSError(errno.EINVAL, f"{os.strerror(errno.EINVAL)}: {self.name} {why}")
-        return len(data)
+            try:
+                return channel.kernel.write(data)
+            except OSError as exc:
+                if exc.errno == errno.EINVAL:
+                    self.refused_writes += 1
+                raise
 
     def _release(self, channel: SimulatedChannel) -> None:
         """`hvt_op_release` + `kvp_on_reset`."""
@@ -320,167 +294,77 @@ class SimulatedHost:
                 return  # an fd of an earlier "module load" (see `disconnect`)
             self._channel = None
             self._close_wake()
-            self._outmsg = self._on_read = None
-            txn = self._txn
-            if txn is not None and self._cancel_timer(txn):
-                txn.request.complete(Status.E_FAIL, None)
-            self._txn = None
-            self._state = _State.DEVICE_INIT
+            channel.kernel.release()
+            self._readable.notify_all()
 
     def _close_wake(self) -> None:
         if self._wake_fd >= 0:
             os.close(self._wake_fd)
             self._wake_fd = -1
 
-    def _transport_send(self, message: bytes, on_read: Callable[[], None] | None) -> bool:
-        """`hvutil_transport_send`: no reader, or a previous message unread, fails."""
-        if self._channel is None or self._outmsg is not None:
-            return False
-        self._outmsg, self._on_read = message, on_read
-        os.write(self._wake_fd, b"m")
-        return True
-
-    def _on_msg(self, buf: bytes) -> str | None:
-        """`kvp_on_msg`: None if accepted, else why the write gets EINVAL."""
-        if len(buf) < protocol.MESSAGE_SIZE:
-            return f"takes messages of {protocol.MESSAGE_SIZE} bytes, not {len(buf)}"
-        if self._state < _State.READY:
-            return self._handle_handshake(buf)
-        if self._state < _State.USERSPACE_REQ:
-            return "had no request outstanding (timed out, or never sent)"
-        self._state = _State.USERSPACE_RECV
-        if self._dm_reg_value == protocol.LEGACY_REGISTER:
-            error = Status.S_CONT if buf[_LEGACY_KEY_OFFSET] == 0 else Status.S_OK
-        else:
-            (error,) = struct.unpack_from("<I", buf, 0)
-        txn = self._txn
-        if txn is not None and self._cancel_timer(txn):
-            txn.request.complete(error, buf[:protocol.MESSAGE_SIZE])
-            self._poll_channel()
-        return None
-
-    def _handle_handshake(self, buf: bytes) -> str | None:
-        op = buf[0]
-        if op not in (Op.REGISTER1, protocol.LEGACY_REGISTER):
-            log.warning("simulated kernel: incompatible daemon (op %d)", op)
-            return f"refused registration op {op} (expects {int(Op.REGISTER1)})"
-        self._dm_reg_value = op
-        if not self._transport_send(kernelside.encode_register_reply(op, self.version),
-                                    self._register_done):
-            return "still holds an unread message"  # the kernel says EFAULT here
-        return None
-
-    def _register_done(self) -> None:
-        """`kvp_register_done`: the daemon read the version; serve queued requests."""
-        self.registrations += 1
-        if self._token is not None:
-            with contextlib.suppress(trio.RunFinishedError):
-                self._token.run_sync_soon(self._first_registration.set)
-        self._poll_channel()
-
-    def _poll_channel(self) -> None:
-        """`kvp_poll_wrapper`: the transaction is over; look at the ring again."""
-        self._state = _State.READY
-        self._txn = None
-        self._start_next()
-
-    def _start_next(self) -> None:
-        """`hv_kvp_onchannelcallback`: nothing before registration, then one at a time."""
-        if self._starting:
-            return
-        self._starting = True
-        try:
-            while self._state == _State.READY and self._ring:
-                self._send_key(self._ring.popleft())
-        finally:
-            self._starting = False
-
-    def _send_key(self, request: _HostRequest) -> None:
-        self._state = _State.HOSTMSG_RECEIVED
-        txn = _Transaction(request)
-        # On the device thread there is no trio clock: the timer task sets the deadline.
-        with contextlib.suppress(RuntimeError):
-            txn.deadline = trio.current_time() + self.timeout
-        self._txn = txn
-        self._kick_timer()
-        self._state = _State.USERSPACE_REQ
-        if not self._transport_send(request.message, None):
-            log.info("simulated kernel: cannot pass the request down (no reader, or the"
-                     " previous one still unread); host gets E_FAIL")
-            if self._cancel_timer(txn):
-                request.complete(Status.E_FAIL, None)
-                self._poll_channel()
-
-    @staticmethod
-    def _cancel_timer(txn: _Transaction) -> bool:
-        """`cancel_delayed_work_sync`: True if the timeout had not fired yet."""
-        pending, txn.timer_pending = txn.timer_pending, False
-        return pending
-
-    def _kick_timer(self) -> None:
+    def _on_change(self) -> None:
+        """The model changed (called under the lock): mirror POLLIN, wake the timer."""
+        queued = self.kernel.outmsg is not None and self._channel is not None
+        if queued != self._wake_byte and self._wake_fd >= 0 and self._channel is not None:
+            if queued:
+                os.write(self._wake_fd, b"m")
+            else:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(self._channel.fd, 1)
+            self._wake_byte = queued
+        self._readable.notify_all()
         if self._token is not None:
             with contextlib.suppress(trio.RunFinishedError):
                 self._token.run_sync_soon(self._wake_timer)
 
     def _wake_timer(self) -> None:
         self._timer_wake.set()
+        if self.kernel.counters["handshakes"] and not self._first_registration.is_set():
+            self._first_registration.set()
+
+    def tick(self) -> None:
+        """With a test's clock: run the kernel's timer for the time the test moved on."""
+        with self._lock:
+            self.kernel.run_timer()
 
     async def _timer(self) -> None:
-        """`kvp_timeout_work`: E_FAIL to the host; the fd and any unread request stay."""
+        """Run the model's timer (`kvp_timeout_work`) when it is due on trio's clock."""
+        if self.fake_clock is not None:
+            return
         while True:
             wake = self._timer_wake = trio.Event()
-            deadline = math.inf
             with self._lock:
-                txn = self._txn
-                if txn is not None and txn.timer_pending:
-                    now = trio.current_time()
-                    if txn.deadline is None:
-                        txn.deadline = now + self.timeout
-                    if now >= txn.deadline:
-                        txn.timer_pending = False
-                        self.timeouts += 1
-                        log.warning("simulated kernel: no reply within %g s, host gets"
-                                    " E_FAIL", self.timeout)
-                        txn.request.complete(Status.E_FAIL, None)
-                        self._poll_channel()
-                        continue
-                    deadline = txn.deadline
-            with trio.move_on_at(deadline):
+                self.kernel.run_timer()
+                deadline = self.kernel.timer_deadline
+            with trio.move_on_at(math.inf if deadline is None else deadline):
                 await wake.wait()
 
     def hibernate(self) -> None:
-        """`hv_kvp_pre_suspend` and resume: no transport reset, state forced READY.
+        """`hv_kvp_pre_suspend` and resume: state forced READY, the queued message kept.
 
-        The host's transaction in flight is lost with the closed VMBus channel (here:
+        The host's requests in flight are lost with the closed VMBus channel (here:
         answered E_FAIL); an open fd stays usable, but a reply to a request read before
-        now gets EINVAL. With no daemon connected, the next registration gets EINVAL
-        until the device is closed and opened again.
+        now gets EINVAL, or answers the host's next request. With no daemon connected,
+        the next registration gets EINVAL until the device is closed and opened again.
         """
         with self._lock:
-            txn = self._txn
-            if txn is not None and self._cancel_timer(txn):
-                txn.request.complete(Status.E_FAIL, None)
-            self._txn = None
-            while self._ring:
-                self._ring.popleft().complete(Status.E_FAIL, None)
-            self._state = _State.READY
+            self.kernel.hibernate()
 
     def disconnect(self) -> None:
         """A module reload: the open fd fails (EBADF, poll HUP), a new open starts afresh."""
         with self._lock:
-            txn = self._txn
-            if txn is not None and self._cancel_timer(txn):
-                txn.request.complete(Status.E_FAIL, None)
-            self._txn = None
+            self.kernel.destroy()
+            for name, value in self.kernel.counters.items():
+                self._earlier[name] = self._earlier.get(name, 0) + value
             self._channel = None
             self._close_wake()  # poll on the old fd reports POLLHUP
-            self._outmsg = self._on_read = None
-            self._state = _State.DEVICE_INIT
+            self._readable.notify_all()
+            self.kernel = self._new_kernel()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:
         """The kernel's timer; the host's pool-3 push after the first registration."""
-        self._token = trio.lowlevel.current_trio_token()
+        self._bind()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._timer)
             task_status.started()
@@ -503,16 +387,24 @@ class SimulatedHost:
         shorter input is passed down as it is, for tests that feed the daemon a
         malformed message.
         """
-        self._token = trio.lowlevel.current_trio_token()
-        host_request = _HostRequest(request[:MESSAGE_SIZE], self._token)
+        self._bind()
+        done = trio.Event()
+        token = self._token
+        assert token is not None
+
+        def notify() -> None:  # under the lock, from any thread
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(done.set)
+
+        host_request = HostRequest(request[:MESSAGE_SIZE], notify)
         with self._lock:
-            self._ring.append(host_request)
-            self._start_next()
+            self.kernel.submit(host_request)
         try:
-            await host_request.done.wait()
+            await done.wait()
         finally:
-            with self._lock, contextlib.suppress(ValueError):
-                self._ring.remove(host_request)  # a cancelled caller withdraws its request
+            with self._lock:
+                if not host_request.answered:
+                    self.kernel.withdraw(host_request)  # a cancelled caller withdraws it
         status = host_request.status
         if status == Status.S_OK and host_request.reply is not None:
             self.transactions += 1

@@ -23,7 +23,8 @@ from kvpfs.storage.locks import (
 from kvpfs.storage.poolfile import pool_path
 from kvpfs.storage.poolrecords import PoolRecords, Signature
 from kvpfs.storage.records import Record, parse_pool
-from kvpfs.wire.pools import POOL_COUNT, POOL_NAMES
+from kvpfs.wire.pools import POOL_COUNT
+from kvpfs.wire.protocol import Pool
 
 
 @dataclass(kw_only=True)
@@ -43,7 +44,7 @@ class PoolFileRead(PoolRecords):
 
     @property
     def name(self) -> str:
-        return POOL_NAMES[self.pool]
+        return Pool(self.pool).dirname
 
 
 def read_pool(pool_dir: Path, pool: int, *, lock_timeout: float = DEFAULT_LOCK_TIMEOUT

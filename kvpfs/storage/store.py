@@ -21,13 +21,14 @@ never across I/O.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import enum
 import logging
 import os
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,19 +43,31 @@ from kvpfs.storage.poolrecords import PoolRecords, Signature, stat_signature
 from kvpfs.storage.records import Record
 from kvpfs.storage.worker import Worker
 from kvpfs.wire.limits import KEY_MAX_BYTES, VALUE_MAX_BYTES
-from kvpfs.wire.pools import AUTO, POOL_COUNT, SYSTEM_POOL_DIR
+from kvpfs.wire.pools import POOL_COUNT, SYSTEM_POOL_DIR
+from kvpfs.wire.protocol import Pool
 
 log = logging.getLogger(__name__)
 
 class Origin(enum.Enum):
-    HOST = "host"
-    MOUNT = "mount"
-    EXTERNAL = "external"
+    """Who made a change (never a pool: pool 0 is called `external` too)."""
+
+    HOST = "host"  # the host, through the device
+    MOUNT = "mount"  # a program, through the kvpfs mount
+    OTHER_PROGRAM = "other program"  # a program writing a pool file directly
+
+
+class ChangeKind(enum.Enum):
+    """What a change did to a key; the value is the word /.events shows for it."""
+
+    SET = "set"
+    DELETE = "delete"
 
 
 @dataclass(frozen=True, slots=True)
 class Change:
-    kind: str  # "set" or "delete"
+    """One key's change, as every listener learns of it."""
+
+    kind: ChangeKind
     pool: int
     key: bytes
     origin: Origin
@@ -138,11 +151,12 @@ def diff(old: PoolRecords, new: PoolRecords, pool: int, origin: Origin) -> list[
     """What changed between two loads of a pool, key by key (last-wins view)."""
     before, after = old.last_wins(), new.last_wins()
     changes = [
-        Change("set", pool, key, origin)
+        Change(ChangeKind.SET, pool, key, origin)
         for key, value in after.items()
         if before.get(key) != value
     ]
-    changes += [Change("delete", pool, key, origin) for key in before if key not in after]
+    changes += [Change(ChangeKind.DELETE, pool, key, origin)
+                for key in before if key not in after]
     return changes
 
 
@@ -192,8 +206,17 @@ class Store:
             return pf.read()
 
     def close(self) -> None:
+        """End and join the pool workers, then close the files they used.
+
+        Called once every request has been answered (`mount.serve` closes the store after
+        all services), so each worker is idle and ends at once; one that does not within
+        the lock timeout is named in the log rather than waited for forever.
+        """
         for worker in self._workers:
             worker.close()
+        for worker in self._workers:
+            if not worker.join(timeout=self.lock_timeout + 1):
+                log.warning("%s: still running a pool-file change at close", worker.name)
         for pf in self.files:
             pf.close()
 
@@ -256,6 +279,16 @@ class Store:
         """Remove every record with this key; False if there was none."""
         _check_writable(pool)
         return await self._change(pool, origin, writeplan.Delete(key))
+
+    @contextlib.contextmanager
+    def lock_waits_within(self, seconds: float) -> Iterator[None]:
+        """Changes made inside stop waiting for pool locks after `seconds` (or the lock
+        timeout, if sooner): for a caller with a deadline of its own, a host request."""
+        token = _request_deadline.set(Deadline.after(max(0.0, min(seconds, self.lock_timeout))))
+        try:
+            yield
+        finally:
+            _request_deadline.reset(token)
 
     def request_lock(self, pool: int) -> RequestLock:
         """A lock for a caller's own queue of changes to `pool`, bounded like the store's."""
@@ -323,7 +356,7 @@ class Store:
             except BaseException:
                 before.signature = None  # the file may be half-changed: reload next time
                 raise
-            changes = diff(before, reloaded, pool, Origin.EXTERNAL) if reloaded else []
+            changes = diff(before, reloaded, pool, Origin.OTHER_PROGRAM) if reloaded else []
             # Memory changes only here, on the trio thread, never while a reader iterates,
             # and by the very plan the worker carried out on the file.
             with self.memory_lock:
@@ -332,7 +365,8 @@ class Store:
             done = not isinstance(change, writeplan.Unchanged)
             if done:
                 state.mtime_ns = time.time_ns()
-                kind = "set" if isinstance(edit, writeplan.Upsert) else "delete"
+                kind = ChangeKind.SET if isinstance(edit, writeplan.Upsert) \
+                    else ChangeKind.DELETE
                 changes.append(Change(kind, pool, edit.key, origin))
             if state is not before:
                 self._install(pool, state)
@@ -402,7 +436,7 @@ class Store:
                 else:
                     state.mtime_ns = before.mtime_ns
                 self._install(pool, state)
-                changes = diff(before, state, pool, Origin.EXTERNAL)
+                changes = diff(before, state, pool, Origin.OTHER_PROGRAM)
             if changes:
                 log.info("pool %d changed on disk: %d key(s) affected", pool, len(changes))
                 await self._notify(changes)
@@ -431,7 +465,7 @@ class Store:
 
 
 def _check_writable(pool: int) -> None:
-    if pool == AUTO:
+    if pool == Pool.AUTO:
         raise ValueError("pool 2 (auto) is computed, not stored")
     if not 0 <= pool < POOL_COUNT:
         raise ValueError(f"no pool {pool}: pools are 0..{POOL_COUNT - 1}")

@@ -9,13 +9,20 @@ filesystem one for its kernel cache invalidations, which it runs in order.
 Like `to_thread.run_sync` without `abandon_on_cancel`, a call that has started
 is waited for even when the caller is cancelled: the blocking function's
 effects must be known before the caller moves on.
+
+Each `Worker` has an owner that ends and joins its thread at shutdown: the store
+in `Store.close`, a task with `async with Worker(...)`. The thread is still a
+daemon thread, so that an owner that never got to its shutdown (a crash on the
+way out) cannot keep the interpreter from exiting; joining is the rule.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Callable
+from types import TracebackType
 from typing import Any, TypeVar
 
 import outcome
@@ -27,12 +34,14 @@ _Job = tuple[Callable[..., Any], tuple[Any, ...], trio.lowlevel.Task, trio.lowle
 
 
 class Worker:
-    """One daemon thread, started on first use (again after `close`)."""
+    """One thread, started on first use (again after `close`), joined by `join`."""
 
     def __init__(self, name: str) -> None:
         self.name = name
         self._jobs: queue.SimpleQueue[_Job | None] | None = None
         self._thread: threading.Thread | None = None
+        # Threads told to end and not yet seen to have ended: what `join` waits for.
+        self._ending: list[threading.Thread] = []
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """`fn(*args)` in the worker thread; its result or its exception."""
@@ -51,11 +60,42 @@ class Worker:
         return result
 
     def close(self) -> None:
-        """Let the thread end once it has finished what it was given. A later `run`
-        starts a new thread, which does not wait for that last call to end."""
+        """Let the thread end once it has finished what it was given, without waiting.
+        A later `run` starts a new thread, which does not wait for that last call to end."""
         if self._jobs is not None:
             self._jobs.put(None)
+        if self._thread is not None:
+            self._ending.append(self._thread)
         self._jobs = self._thread = None
+
+    def join(self, timeout: float | None = None) -> bool:
+        """`close`, then wait up to `timeout` s for every thread this worker started to end.
+
+        True once none is left. Blocking: an owner on the trio thread calls it when every
+        caller of `run` has returned, so the thread is idle and ends at once (a call still
+        running would be waited for, which `aclose` does off the loop).
+        """
+        self.close()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for thread in list(self._ending):
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            if not thread.is_alive():
+                self._ending.remove(thread)
+        return not self._ending
+
+    async def aclose(self) -> None:
+        """`close`, then wait for the threads to end in a trio worker thread."""
+        self.close()
+        if self._ending:
+            with trio.CancelScope(shield=True):  # the owner's shutdown must see the end
+                await trio.to_thread.run_sync(self.join)
+
+    async def __aenter__(self) -> Worker:
+        return self
+
+    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.aclose()
 
 
 def _serve(jobs: queue.SimpleQueue[_Job | None]) -> None:

@@ -1,4 +1,4 @@
-"""File names for KVP keys: a reversible escaping, documented in README.md.
+"""File names for KVP keys: a reversible escaping, documented in docs/filesystem.md ("Names").
 
 A KVP key is up to 511 bytes of UTF-8 and may contain anything but NUL: `/`,
 `%`, newlines, a leading dot, or be exactly `.` or `..`. A file name may not.

@@ -127,13 +127,18 @@ class Op(enum.IntEnum):
 
 
 class Pool(enum.IntEnum):
-    """``enum hv_kvp_exchg_pool``."""
+    """``enum hv_kvp_exchg_pool``; each pool is a directory of the mount, `dirname`."""
 
     EXTERNAL = 0
     GUEST = 1
     AUTO = 2
     AUTO_EXTERNAL = 3
     AUTO_INTERNAL = 4
+
+    @property
+    def dirname(self) -> str:
+        """Its directory in the mount, and its name in kvpfs's commands and /.events."""
+        return self.name.lower()
 
 
 class ValueType(enum.IntEnum):

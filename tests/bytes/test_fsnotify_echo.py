@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvpfs.fuse.fsnotify_echo import CREATE, DELETE, MODIFY, EchoQueue
+from kvpfs.fuse.echo_helper import EchoKind
+from kvpfs.fuse.fsnotify_echo import EchoQueue
+
+CREATE, MODIFY, DELETE = EchoKind.CREATE, EchoKind.MODIFY, EchoKind.DELETE
 
 
 @dataclass(eq=False)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 import socket
 import threading
-import time
 from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from kvpfs.host.intrinsic import KEYS, FqdnCache, Intrinsics, OsInfo, read_os_info, resolve_fqdn
 
@@ -165,24 +165,40 @@ async def test_resolver_failure_after_success_reports_host_name() -> None:
     assert cache.value == socket.gethostname()
 
 
-async def test_hanging_resolver_is_bounded() -> None:
-    release = threading.Event()
+async def test_hanging_resolver_is_bounded(mock_clock: trio.testing.MockClock) -> None:
+    """The lookup is given up at `bound` on trio's clock, while it still hangs, and its late
+    answer is never reported."""
+    in_lookup, release, returned = threading.Event(), threading.Event(), threading.Event()
 
     def resolver(hostname: str) -> str:
-        release.wait(5)  # a getaddrinfo that hangs for 5 s
-        return "late.example.test"
+        in_lookup.set()
+        try:
+            release.wait(30)  # a getaddrinfo that hangs
+            return "late.example.test"
+        finally:
+            returned.set()
 
     cache = FqdnCache(bound=0.2, resolver=resolver)
-    started = time.monotonic()
+    results: list[bool] = []
+
+    async def refresh() -> None:
+        results.append(await cache.refresh_once())
+
     try:
-        assert await cache.refresh_once() is False
-        elapsed = time.monotonic() - started
-        assert 0.15 <= elapsed < 0.5
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(refresh)
+            await trio.to_thread.run_sync(in_lookup.wait, 10)
+            mock_clock.jump(0.19)
+            await trio.testing.wait_all_tasks_blocked()
+            assert results == []  # still waiting, short of its bound
+            mock_clock.jump(0.02)
+        assert results == [False]
+        assert not returned.is_set()  # given up while the lookup hung
         assert cache.value == socket.gethostname()
     finally:
         release.set()
-    # The abandoned lookup's late answer must not be reported afterwards.
-    await trio.sleep(0.05)
+    await trio.to_thread.run_sync(returned.wait, 10)  # the late answer exists now
+    await trio.testing.wait_all_tasks_blocked()
     assert cache.value == socket.gethostname()
 
 

@@ -5,8 +5,10 @@ modules it uses are tested against fake sysfs trees and a fake root (/etc, /run,
 /usr/libexec), with fake nmcli/networkctl/busctl/hv_set_ifconfig programs on PATH that
 record their argument lists -- interface names here (hv0...) do not exist in the test's
 namespace, so nothing real is touched.  Generated
-NetworkManager keyfiles are parsed by libnm itself (tests/nmkeyfile.py, system Python).
-The namespace tests with real interfaces are in test_ipinfo_netns.py.
+NetworkManager keyfiles are parsed by libnm itself (tests/support/nmkeyfile.py, system
+Python).  The service run by a DeviceServer against the simulated host is tested in
+tests/store/test_ipinfo_service.py; the namespace tests with real interfaces are in
+tests/process/test_ipinfo_netns.py.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ from ipaddress import ip_address, ip_interface
 from pathlib import Path
 
 import pytest
-import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -33,20 +34,15 @@ from kvpfs.host import (
     netsettings,
     netstate,
     netwriters,
-    simulator,
 )
-from kvpfs.host.intrinsic import FqdnCache, Intrinsics, OsInfo
-from kvpfs.host.netconfig import IpInfoService
 from kvpfs.host.netsettings import NetSettings
-from kvpfs.host.server import DeviceServer
-from kvpfs.host.simulator import SimulatedHost
-from kvpfs.storage.store import Store
-from kvpfs.wire import ipinfo, kernelside, protocol
+from kvpfs.wire import ipconfigfiles, ipinfo, kernelside, protocol
 from kvpfs.wire.ipinfo import InvalidArgument, LinkInfo, StaticConfig, parse_set
-from kvpfs.wire.protocol import Op, Status
+from kvpfs.wire.protocol import Status
+from tests.support.fakenet import GUIDS, NM_UUID, FakeSystem, set_request, write
 
 SYSTEM_PYTHON = "/usr/bin/python3"
-NMKEYFILE = Path(__file__).resolve().parents[1] / "nmkeyfile.py"
+NMKEYFILE = Path(__file__).resolve().parents[1] / "support" / "nmkeyfile.py"
 MAC = "00:15:5d:00:20:01"
 
 
@@ -70,7 +66,7 @@ requires_libnm = pytest.mark.skipif(
 
 
 def nm_parse(*texts: str) -> list[dict]:
-    """NetworkManager's verdict on each keyfile text (see tests/nmkeyfile.py)."""
+    """NetworkManager's verdict on each keyfile text (see tests/support/nmkeyfile.py)."""
     done = subprocess.run([SYSTEM_PYTHON, str(NMKEYFILE)], input=json.dumps(list(texts)),
                           capture_output=True, text=True, check=True, timeout=60)
     return json.loads(done.stdout)
@@ -275,7 +271,7 @@ EXAMPLE = parse_set("192.0.2.10;2001:db8::10;198.51.100.7", "255.255.255.0;64;25
 
 
 def test_render_ifcfg_is_the_reference_format() -> None:
-    assert ipinfo.render_ifcfg("eth0", MAC, EXAMPLE) == textwrap.dedent("""\
+    assert ipconfigfiles.render_ifcfg("eth0", MAC, EXAMPLE) == textwrap.dedent("""\
         HWADDR=00:15:5D:00:20:01
         DEVICE=eth0
         BOOTPROTO=none
@@ -291,12 +287,12 @@ def test_render_ifcfg_is_the_reference_format() -> None:
         DNS1=192.0.2.53
         DNS2=2001:0db8:0000:0000:0000:0000:0000:0053
         """)
-    dhcp = ipinfo.render_ifcfg("eth1", MAC, parse_set("", "", "", "", 1))
+    dhcp = ipconfigfiles.render_ifcfg("eth1", MAC, parse_set("", "", "", "", 1))
     assert dhcp == "HWADDR=00:15:5D:00:20:01\nDEVICE=eth1\nBOOTPROTO=dhcp\n"
 
 
 def test_render_networkd() -> None:
-    text = ipinfo.render_networkd("eth0", MAC, EXAMPLE)
+    text = ipconfigfiles.render_networkd("eth0", MAC, EXAMPLE)
     assert text.split("\n", 1)[1] == textwrap.dedent("""\
         [Match]
         Name=eth0
@@ -323,13 +319,13 @@ def test_render_networkd() -> None:
         Metric=30001
         """)
     assert text.startswith("# ")
-    dhcp = ipinfo.render_networkd("eth1", MAC, parse_set("", "", "", "", 1))
+    dhcp = ipconfigfiles.render_networkd("eth1", MAC, parse_set("", "", "", "", 1))
     assert "DHCP=ipv4\n" in dhcp and "[Route]" not in dhcp and "IPv6AcceptRA" not in dhcp
 
 
 @requires_libnm
 def test_nm_keyfile_is_accepted_by_libnm_as_is() -> None:
-    (parsed,) = nm_parse(ipinfo.render_nm_keyfile("eth0", MAC, EXAMPLE))
+    (parsed,) = nm_parse(ipconfigfiles.render_nm_keyfile("eth0", MAC, EXAMPLE))
     assert parsed == {
         "warnings": [], "ok": True, "id": "hyperv-eth0", "uuid": ipinfo.nm_connection_uuid(MAC),
         "type": "802-3-ethernet", "interface_name": "eth0", "mac": "00:15:5D:00:20:01",
@@ -359,7 +355,7 @@ VALID_SETS = {
 @requires_libnm
 def test_every_valid_set_gives_a_keyfile_libnm_accepts() -> None:
     configs = {name: parse_set(*args) for name, args in VALID_SETS.items()}
-    texts = [ipinfo.render_nm_keyfile("eth0", MAC, c) for c in configs.values()]
+    texts = [ipconfigfiles.render_nm_keyfile("eth0", MAC, c) for c in configs.values()]
     for (name, config), parsed in zip(configs.items(), nm_parse(*texts), strict=True):
         assert parsed["ok"] and parsed["warnings"] == [], (name, parsed)
         got = [a for v in ("ipv4", "ipv6") for a in parsed[v]["addresses"]]
@@ -375,95 +371,6 @@ def test_every_valid_set_gives_a_keyfile_libnm_accepts() -> None:
 
 # --------------------------------------------------------------------------- fake system
 
-GUIDS = {name: f"{{11111111-2222-3333-4444-{i:012x}}}"
-         for i, name in enumerate(("hv0", "hv1", "hv2", "hv3"), 1)}
-NM_UUID = "0f5e6a1c-8d8e-4a3e-9b1b-2a6c0a1e2d01"
-
-
-def write(path: Path, text: str, mode: int = 0o644) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    path.chmod(mode)
-    return path
-
-
-class FakeSystem:
-    """A sysfs tree and a root with NetworkManager, networkd and ifupdown state.
-
-    hv0 is NetworkManager's (profile with ipv4.method=auto), hv1 networkd's (DHCP=yes, a
-    drop-in may turn it off), hv2 ifupdown's (`iface hv2 inet dhcp` via source-directory),
-    hv3 nobody's.  Interface indexes come from sysfs (the names do not exist here).
-    """
-
-    def __init__(self, base: Path) -> None:
-        self.sysfs = base / "sys"
-        self.root = base / "root"
-        self.out = base / "out"
-        self.bin = base / "bin"
-        self.calls = base / "calls.log"
-        for index, name in enumerate(GUIDS, 101):
-            net = self.sysfs / "class" / "net" / name
-            write(net / "address", f"00:15:5d:00:20:0{index - 100}\n")
-            write(net / "ifindex", f"{index}\n")
-            write(net / "device" / "device_id", GUIDS[name] + "\n")
-        write(self.sysfs / "class/net/lo/address", "00:00:00:00:00:00\n")
-        write(self.sysfs / "class/net/lo/ifindex", "1\n")
-        write(self.root / "run/NetworkManager/devices/101",
-              f"# state\n[device]\nmanaged=true\nconnection-uuid={NM_UUID}\n")
-        write(self.root / "etc/NetworkManager/system-connections/Wired.nmconnection",
-              f"[connection]\nid=Wired\nuuid={NM_UUID}\ntype=ethernet\n\n"
-              "[ipv4]\nmethod=auto\ndns=192.0.2.53;\n", 0o600)
-        write(self.root / "run/systemd/netif/links/102",
-              "# This is private data. Do not parse.\nADMIN_STATE=configured\n"
-              "NETWORK_FILE=/etc/systemd/network/50-hv1.network\nDNS=192.0.2.54 2001:db8::54\n")
-        write(self.root / "etc/systemd/network/50-hv1.network",
-              "[Match]\nName=hv1\n\n[Network]\nDHCP=yes\n")
-        write(self.root / "run/network/ifstate", "hv2=hv2\nlo=lo\n")
-        write(self.root / "etc/network/interfaces",
-              "auto lo\niface lo inet loopback\nsource-directory interfaces.d\n")
-        write(self.root / "etc/network/interfaces.d/hv2",
-              "allow-hotplug hv2\niface hv2 inet dhcp\n")
-        write(self.root / "etc/network/interfaces.d/hv2.dpkg-old", "iface hv2 inet static\n")
-        write(self.root / "etc/resolv.conf", "# x\nnameserver 192.0.2.53\nnameserver bogus\n"
-                                             "nameserver fe80::53%eth0\nsearch example\n")
-        self.bin.mkdir()
-
-    def settings(self, *, run: bool = True, timeout: float = 5.0) -> NetSettings:
-        return NetSettings(sysfs=self.sysfs, root=self.root, output=self.out,
-                           run_commands=run, command_timeout=timeout, activation_wait=3)
-
-    def fake_program(self, name: str, *, status: int = 0, sleep: float = 0,
-                     stdout: str = "") -> Path:
-        """A program that records `name argv...` in calls.log (one JSON list per line)."""
-        return write(self.bin / name, textwrap.dedent(f"""\
-            #!/usr/bin/python3
-            import json, sys, time
-            with open({str(self.calls)!r}, "a") as log:
-                log.write(json.dumps([{name!r}, *sys.argv[1:]]) + "\\n")
-            time.sleep({sleep})
-            sys.stdout.write({stdout!r})
-            sys.exit({status})
-            """), 0o755)
-
-    def install_script(self, status: int = 0) -> Path:
-        script = self.root / "usr/libexec/hypervkvpd/hv_set_ifconfig"
-        write(script, textwrap.dedent(f"""\
-            #!/usr/bin/python3
-            import json, sys
-            with open({str(self.calls)!r}, "a") as log:
-                log.write(json.dumps(["hv_set_ifconfig", *sys.argv[1:]]) + "\\n")
-            sys.exit({status})
-            """), 0o755)
-        return script
-
-    def recorded(self) -> list[list[str]]:
-        if not self.calls.exists():
-            return []
-        return [json.loads(line) for line in self.calls.read_text().splitlines()]
-
-    def written(self) -> list[Path]:
-        return sorted(p for p in self.out.rglob("*") if p.is_file()) if self.out.exists() else []
-
 
 @pytest.fixture
 def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeSystem:
@@ -474,11 +381,6 @@ def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeSystem:
 
 def iface(fake: FakeSystem, name: str) -> netlinks.Interface:
     return next(i for i in netlinks.list_interfaces(fake.settings()) if i.name == name)
-
-
-def set_request(guid: str, ip: str = "", mask: str = "", gw: str = "", dns: str = "",
-                dhcp: int = 0) -> protocol.IpInfoRequest:
-    return protocol.IpInfoRequest(Op.SET_IP_INFO, 0, guid, 0, dhcp, ip, mask, gw, dns)
 
 
 def test_interfaces_from_sysfs(fake: FakeSystem) -> None:
@@ -577,7 +479,8 @@ def test_set_networkmanager(fake: FakeSystem) -> None:
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     config = parse_set("192.0.2.10;2001:db8::10", "255.255.255.0;64", "192.0.2.1",
                        "192.0.2.53", 0)
-    assert path.read_text() == ipinfo.render_nm_keyfile("hv0", "00:15:5d:00:20:01", config)
+    assert path.read_text() == ipconfigfiles.render_nm_keyfile("hv0", "00:15:5d:00:20:01",
+                                                               config)
     uuid = ipinfo.nm_connection_uuid("00:15:5d:00:20:01")
     assert fake.recorded() == [
         ["nmcli", "connection", "load", str(path)],
@@ -662,113 +565,6 @@ def test_set_refuses_an_unsafe_interface_name(fake: FakeSystem) -> None:
     assert fake.written() == [] and fake.recorded() == []
 
 
-# --------------------------------------------------------------------------- the service
-
-
-async def test_service_answers_through_the_simulated_host(fake: FakeSystem, tmp_path: Path,
-                                                         ) -> None:
-    """GET and SET through the byte protocol; a slow SET does not stall the trio loop."""
-    fake.fake_program("nmcli", sleep=0.5)
-    store = Store(tmp_path / "pools", lock_timeout=0.5, poll_interval=0.05)
-    await store.open()
-    host = SimulatedHost(timeout=10, initial_pool3=())
-    server = DeviceServer(host, store, Intrinsics(FqdnCache(bound=0.1),
-                                                  os_info=OsInfo("T", "1", "")),
-                          ip_info=IpInfoService(fake.settings()))
-    async with trio.open_nursery() as nursery:
-        await nursery.start(host.run)
-        await nursery.start(server.run)
-        unknown = await host.ip_get("00:15:5D:99:99:99")
-        assert unknown.status == Status.E_FAIL
-        assert (await host.ip_get("not a mac")).status == Status.INVALIDARG
-        ticks = 0
-
-        async def ticker() -> None:
-            nonlocal ticks
-            while True:
-                await trio.sleep(0.01)
-                ticks += 1
-
-        nursery.start_soon(ticker)
-        started = trio.current_time()
-        result = await host.ip_set(GUIDS["hv0"], "192.0.2.10", "255.255.255.0", "192.0.2.1",
-                                   "192.0.2.53")
-        assert result.ok, result.status_name
-        assert trio.current_time() - started >= 1.0  # two nmcli runs of 0.5 s each
-        assert ticks >= 30  # the loop kept running meanwhile
-        bad = await host.ip_set(GUIDS["hv0"], "192.0.2.10", "255.255.0.255")
-        assert bad.status == Status.INVALIDARG
-        missing = await host.ip_set("{00000000-0000-0000-0000-000000000000}", "192.0.2.10", "24")
-        assert missing.status == Status.GUID_NOTFOUND
-        assert (await host.set(1, "still", "serving")).ok
-        nursery.cancel_scope.cancel()
-    store.close()
-
-
-async def test_slow_activation_never_answers_another_request(fake: FakeSystem,
-                                                             tmp_path: Path) -> None:
-    """SET_IP_INFO whose nmcli runs outlast the kernel's (shrunk) timeout: the host gets S_OK
-    once the keyfile is written, and the requests after it get their own answers."""
-    fake.fake_program("nmcli", sleep=0.8)  # load + up: 1.6 s, the kernel gives up at 1 s
-    store = Store(tmp_path / "pools", lock_timeout=0.5, poll_interval=0.05)
-    await store.open()
-    host = SimulatedHost(timeout=1.0, initial_pool3=())
-    service = IpInfoService(fake.settings())
-    server = DeviceServer(host, store, Intrinsics(FqdnCache(bound=0.1),
-                                                  os_info=OsInfo("T", "1", "")),
-                          ip_info=service, reply_deadline=0.5, kernel_timeout=1.0)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(service.run)
-        await nursery.start(host.run)
-        await nursery.start(server.run)
-        assert (await host.set(1, "k", "v")).ok
-        result = await host.ip_set(GUIDS["hv0"], "192.0.2.10", "255.255.255.0", "192.0.2.1",
-                                   "192.0.2.53")
-        assert result.ok, result.status_name
-        keyfile = fake.out / "etc/NetworkManager/system-connections/hyperv-hv0.nmconnection"
-        assert "address1=192.0.2.10/24\ngateway=192.0.2.1\n" in keyfile.read_text()
-        assert service.activations_succeeded == 0  # still activating
-        assert await host.list(1) == [("k", "v")]
-        own = simulator.ip_info_as_host_sees(await trio.to_thread.run_sync(
-            service.get_reply, protocol.IpInfoRequest(Op.GET_IP_INFO, 0, "00:15:5D:00:20:01",
-                                                      0, 0, "", "", "", "")))
-        assert own.ok and own.adapter_id == "00:15:5D:00:20:01"
-        assert await host.ip_get("00:15:5D:00:20:01") == own
-        with trio.fail_after(10):
-            while service.activations_succeeded + service.activations_failed == 0:
-                await trio.sleep(0.02)
-        assert service.activations_succeeded == 1
-        assert [call[:3] for call in fake.recorded()] == [
-            ["nmcli", "connection", "load"], ["nmcli", "--wait", "3"]]
-        assert (host.timeouts, host.refused_writes, host.registrations) == (0, 0, 1)
-        assert (await host.enumerate(1, 0)).key == "k"
-        nursery.cancel_scope.cancel()
-    store.close()
-
-
-async def test_activation_is_cancelled_cleanly_at_shutdown(fake: FakeSystem) -> None:
-    pid_file = fake.root / "nmcli.pid"
-    write(fake.bin / "nmcli", textwrap.dedent(f"""\
-        #!/usr/bin/python3
-        import os, time
-        with open({str(pid_file)!r}, "w") as out:
-            out.write(str(os.getpid()))
-        time.sleep(60)
-        """), 0o755)
-    service = IpInfoService(fake.settings(timeout=120))
-    async with trio.open_nursery() as nursery:
-        await nursery.start(service.run)
-        reply = await service(set_request(GUIDS["hv0"], "192.0.2.10", "24"))
-        assert kernelside.decode_daemon_message(reply).status == Status.S_OK
-        with trio.fail_after(10):
-            while not pid_file.exists() or not pid_file.read_text():
-                await trio.sleep(0.02)
-        pid = int(pid_file.read_text())
-        nursery.cancel_scope.cancel()
-    assert not os.path.exists(f"/proc/{pid}")  # terminated and reaped, not left behind
-    assert service.activations_started == 1 and service.activations_succeeded == 0
-
-
 def test_settings_from_env(tmp_path: Path) -> None:
     real = NetSettings.from_env(environ={})
     assert (real.sysfs, real.root, real.output, real.run_commands) == (
@@ -788,7 +584,7 @@ def test_settings_from_env(tmp_path: Path) -> None:
 def test_no_shell_anywhere() -> None:
     """Host strings never reach a shell: no shell=True, os.system or popen in the modules."""
     for module in (netconfig, netfiles, netlinks, netprograms, netsettings, netstate,
-                   netwriters, ipinfo):
+                   netwriters, ipinfo, ipconfigfiles):
         source = Path(module.__file__).read_text()
         for needle in ("shell=True", "os.system", "os.popen", "/bin/sh"):
             assert needle not in source, (module.__name__, needle)
@@ -833,7 +629,8 @@ def test_any_host_input_is_refused_or_renders_clean_lines(
         config = parse_set(ip, mask, gw, dns, dhcp)
     except InvalidArgument:
         return
-    for render in (ipinfo.render_nm_keyfile, ipinfo.render_networkd, ipinfo.render_ifcfg):
+    for render in (ipconfigfiles.render_nm_keyfile, ipconfigfiles.render_networkd,
+                   ipconfigfiles.render_ifcfg):
         text = render("eth0", MAC, config)
         for line in text.splitlines():
             assert _LINE.fullmatch(line), (render.__name__, line)

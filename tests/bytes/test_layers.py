@@ -72,6 +72,82 @@ def test_a_layer_never_imports_the_layers_above_it(layer):
     assert broken == []
 
 
+# Whole packages, bottom to top: each imports nothing of the ones after it. `mount` (the
+# composition root) and its services sit between the filesystem and the command line.
+LADDER = ("kvpfs.wire", "kvpfs.storage", "kvpfs.host", "kvpfs.fuse", "kvpfs.mount", "kvpfs.cli")
+# Modules of the mount's own services: they import only the foundation below.
+# (`mountguard`, issue 18's watch on other users' mounts inside ours, lands separately.)
+SERVICES = ("kvpfs.control", "kvpfs.watchdog", "kvpfs.recovery", "kvpfs.mountguard")
+# The foundation every layer may use; it imports nothing of kvpfs but itself.
+FOUNDATION = ("kvpfs", "kvpfs.compat", "kvpfs.quietlog", "kvpfs.mountinfo")
+
+
+def in_package(name: str, package: str) -> bool:
+    """`name` is `package` or one of its modules (`kvpfs` alone means the top module)."""
+    return name == package or (package != "kvpfs" and name.startswith(package + "."))
+
+
+def package_of(name: str) -> str | None:
+    for package in (*LADDER, *SERVICES, *FOUNDATION):
+        if in_package(name, package):
+            return package
+    return None
+
+
+def test_every_module_has_a_place_in_the_layers():
+    homeless = sorted(n for n in MODULES if package_of(n) is None and n != "kvpfs.__main__")
+    assert homeless == []
+
+
+def upward_imports(graph: dict[str, set[str]], package: str) -> list[str]:
+    """Imports from `package` into a package above it on the ladder."""
+    above = LADDER[LADDER.index(package) + 1:]
+    return sorted(f"{name} imports {target}"
+                  for name, targets in graph.items() if in_package(name, package)
+                  for target in targets if any(in_package(target, a) for a in above))
+
+
+def command_line_imports(graph: dict[str, set[str]]) -> list[str]:
+    """Imports of anything in kvpfs.cli from outside it (`python -m kvpfs` aside)."""
+    return sorted(f"{name} imports {target}"
+                  for name, targets in graph.items()
+                  if not in_package(name, "kvpfs.cli") and name != "kvpfs.__main__"
+                  for target in targets if in_package(target, "kvpfs.cli"))
+
+
+def outside_the_foundation(graph: dict[str, set[str]]) -> list[str]:
+    """Imports by the services or the foundation of anything but the foundation."""
+    own = (*SERVICES, *FOUNDATION)
+    return sorted(f"{name} imports {target}"
+                  for name, targets in graph.items() if package_of(name) in own
+                  for target in targets if package_of(target) not in FOUNDATION)
+
+
+@pytest.mark.parametrize("package", LADDER)
+def test_a_package_imports_nothing_of_the_packages_above_it(package):
+    assert upward_imports(GRAPH, package) == []
+
+
+def test_nothing_below_the_command_line_imports_any_of_it():
+    assert command_line_imports(GRAPH) == []
+
+
+def test_the_services_and_the_foundation_import_only_the_foundation():
+    assert outside_the_foundation(GRAPH) == []
+
+
+def test_the_layer_checks_catch_a_breach():
+    """The rules above on a made-up graph with one breach of each kind."""
+    graph = {"kvpfs.storage.store": {"kvpfs.cli.results", "kvpfs.wire.pools"},
+             "kvpfs.host.server": {"kvpfs.fuse.nodes"}, "kvpfs.cli.results": set(),
+             "kvpfs.compat": {"kvpfs.storage.store"}, "kvpfs.watchdog": {"kvpfs.mountinfo"}}
+    assert upward_imports(graph, "kvpfs.storage") == [
+        "kvpfs.storage.store imports kvpfs.cli.results"]
+    assert upward_imports(graph, "kvpfs.host") == ["kvpfs.host.server imports kvpfs.fuse.nodes"]
+    assert command_line_imports(graph) == ["kvpfs.storage.store imports kvpfs.cli.results"]
+    assert outside_the_foundation(graph) == ["kvpfs.compat imports kvpfs.storage.store"]
+
+
 def test_only_the_command_line_starts_a_mount():
     """`mount` is the one composition root: nothing inside the layers reaches back to it."""
     users = sorted(name for name, targets in GRAPH.items() if "kvpfs.mount" in targets)

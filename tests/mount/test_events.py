@@ -8,14 +8,15 @@ import os
 import select
 import subprocess
 import sys
-import threading
 import time
+from pathlib import Path
 
 import pytest
 
 from kvpfs.storage.poolfile import pool_path
 from kvpfs.storage.records import encode_record
 from tests.conftest import KvpfsProcess, requires_fuse
+from tests.support.waiting import wait_for
 
 pytestmark = requires_fuse
 
@@ -60,6 +61,36 @@ def test_feed_reports_host_mount_and_external_changes(kvpfs):
         os.close(fd)
 
 
+def has_open(pid: int, path: Path) -> bool:
+    """Whether process `pid` holds a descriptor on `path`."""
+    try:
+        return any(os.readlink(f"/proc/{pid}/fd/{fd}") == str(path)
+                   for fd in os.listdir(f"/proc/{pid}/fd"))
+    except OSError:  # a descriptor closed while we looked, or the process ended
+        return False
+
+
+def kernel_wait(pid: int) -> tuple[str, str]:
+    """The process's state letter and where in the kernel it sleeps (wchan)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+        return state, Path(f"/proc/{pid}/wchan").read_text().strip()
+    except OSError:
+        return "", ""
+
+
+def blocked_reading(pid: int, feed: Path) -> bool:
+    """The process has the feed open and waits in the kernel for kvpfs's answer to a read."""
+    return has_open(pid, feed) and kernel_wait(pid) == ("S", "request_wait_answer")
+
+
+def waiting_outside_fuse(pid: int) -> bool:
+    """The process sleeps, and not for a FUSE answer: `kvpfs wait` between two looks
+    (in poll on the feed, or in its 0.1 s sleep without poll support or without a mount)."""
+    state, wchan = kernel_wait(pid)
+    return state == "S" and wchan not in ("", "0", "request_wait_answer")
+
+
 def test_each_open_gets_its_own_stream(kvpfs):
     first = os.open(kvpfs.path(".events"), os.O_RDONLY | os.O_NONBLOCK)
     second = os.open(kvpfs.path(".events"), os.O_RDONLY | os.O_NONBLOCK)
@@ -79,7 +110,9 @@ def test_shell_loop_reads_the_feed(kvpfs):
     )
     loop = subprocess.Popen(["bash", "-c", script], stdout=subprocess.PIPE, text=True)
     try:
-        time.sleep(0.3)  # let the loop open the feed
+        # A stream starts empty at its open: the loop must be reading before the host sets.
+        wait_for(lambda: blocked_reading(loop.pid, kvpfs.path(".events")), 10,
+                 what="the shell loop blocked reading the feed")
         kvpfs.host("set", "external", "one", "1")
         kvpfs.host("delete", "external", "one")
         kvpfs.host("set", "guest", "done", "1")
@@ -92,7 +125,8 @@ def test_shell_loop_reads_the_feed(kvpfs):
 def test_blocked_reader_does_not_stop_unmount(tmp_path):
     proc = KvpfsProcess(tmp_path).start()
     reader = subprocess.Popen(["cat", str(proc.path(".events"))], stdout=subprocess.PIPE)
-    time.sleep(0.3)
+    wait_for(lambda: blocked_reading(reader.pid, proc.path(".events")), 10,
+             what="cat blocked reading the feed")
     assert proc.stop() == 0  # SIGTERM while `cat` is blocked in read
     reader.wait(10)
 
@@ -100,7 +134,8 @@ def test_blocked_reader_does_not_stop_unmount(tmp_path):
 def test_blocked_reader_does_not_stop_external_umount(tmp_path):
     proc = KvpfsProcess(tmp_path).start()
     reader = subprocess.Popen(["cat", str(proc.path(".events"))], stdout=subprocess.PIPE)
-    time.sleep(0.3)
+    wait_for(lambda: blocked_reading(reader.pid, proc.path(".events")), 10,
+             what="cat blocked reading the feed")
     subprocess.run(["umount", "-l", str(proc.mnt)], check=True)
     assert proc.proc.wait(15) == 0
     reader.kill()
@@ -117,17 +152,33 @@ def run_wait(*args: str, timeout: float = 20) -> subprocess.CompletedProcess:
                           text=True, timeout=timeout)
 
 
-def test_wait_returns_when_the_host_sets_the_key(kvpfs):
-    def later():
-        time.sleep(0.5)
-        kvpfs.host("set", "external", "ignition.config", "{}")
+def start_wait(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "kvpfs", "wait", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
-    threading.Thread(target=later).start()
-    started = time.monotonic()
-    result = run_wait("external", "ignition.config", "--timeout", "10", "--mount", str(kvpfs.mnt))
-    assert result.returncode == 0, result.stderr
-    assert result.stdout == "{}\n"
-    assert time.monotonic() - started < 5
+
+def waiting_on_the_feed(waiter: subprocess.Popen, feed: Path) -> bool:
+    """`kvpfs wait` has its feed open and has gone to sleep after its first look."""
+    assert waiter.poll() is None, waiter.communicate()
+    return has_open(waiter.pid, feed) and waiting_outside_fuse(waiter.pid)
+
+
+def finish(waiter: subprocess.Popen) -> tuple[int, str, str]:
+    try:
+        out, err = waiter.communicate(timeout=20)
+    finally:
+        waiter.kill()
+    return waiter.returncode, out, err
+
+
+def test_wait_returns_when_the_host_sets_the_key(kvpfs):
+    feed = kvpfs.path(".events")
+    waiter = start_wait("external", "ignition.config", "--timeout", "10",
+                        "--mount", str(kvpfs.mnt))
+    wait_for(lambda: waiting_on_the_feed(waiter, feed), 10, what="kvpfs wait on the feed")
+    kvpfs.host("set", "external", "ignition.config", "{}")
+    status, out, err = finish(waiter)
+    assert (status, out) == (0, "{}\n"), err
 
 
 def test_wait_present_key_returns_at_once_and_changed_waits(kvpfs):
@@ -135,13 +186,15 @@ def test_wait_present_key_returns_at_once_and_changed_waits(kvpfs):
     result = run_wait("guest", "state", "--timeout", "5", "--mount", str(kvpfs.mnt))
     assert (result.returncode, result.stdout) == (0, "one\n")
 
-    def later():
-        time.sleep(0.5)
-        kvpfs.host("set", "guest", "state", "two")
-
-    threading.Thread(target=later).start()
-    result = run_wait("guest", "state", "--changed", "--timeout", "10", "--mount", str(kvpfs.mnt))
-    assert (result.returncode, result.stdout) == (0, "two\n")
+    feed = kvpfs.path(".events")
+    waiter = start_wait("guest", "state", "--changed", "--timeout", "10",
+                        "--mount", str(kvpfs.mnt))
+    # Asleep with the value "one" seen: it waits for the change, not for the key.
+    wait_for(lambda: waiting_on_the_feed(waiter, feed), 10, what="kvpfs wait on the feed")
+    assert waiter.poll() is None
+    kvpfs.host("set", "guest", "state", "two")
+    status, out, err = finish(waiter)
+    assert (status, out) == (0, "two\n"), err
 
 
 def test_wait_times_out_with_its_own_status(kvpfs):
@@ -153,14 +206,12 @@ def test_wait_times_out_with_its_own_status(kvpfs):
 def test_wait_without_a_mount_watches_pool_files(tmp_path):
     pool_dir = tmp_path / "pools"
     pool_dir.mkdir(mode=0o700)
-
-    def later():
-        time.sleep(0.5)
-        with open(pool_path(pool_dir, 0), "ab") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            f.write(encode_record(b"cloudstack-vm-userdata", b"template=domP"))
-
-    threading.Thread(target=later).start()
-    result = run_wait("0", "cloudstack-vm-userdata", "--timeout", "10", "--pool-dir",
-                      str(pool_dir))
-    assert (result.returncode, result.stdout) == (0, "template=domP\n")
+    waiter = start_wait("0", "cloudstack-vm-userdata", "--timeout", "10", "--pool-dir",
+                        str(pool_dir))
+    wait_for(lambda: waiter.poll() is None and waiting_outside_fuse(waiter.pid), 10,
+             what="kvpfs wait asleep between two looks at the pool file")
+    with open(pool_path(pool_dir, 0), "ab") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        f.write(encode_record(b"cloudstack-vm-userdata", b"template=domP"))
+    status, out, err = finish(waiter)
+    assert (status, out) == (0, "template=domP\n"), err

@@ -2,7 +2,7 @@
 
 Device messages go through a real DeviceServer + SimulatedHost + Store in-process (trio),
 as raw bytes with `host.transact()`. Every message is judged by an oracle written here from
-the protocol reference (/work/shared/docs/kvp-protocol.md §1, §3) and README's contract:
+the message layout (kvpfs/wire/protocol.py) and the documented contract (docs/host.md):
 a well-formed SET/DELETE changes the model, anything malformed is answered E_FAIL and changes
 nothing, unknown operations NOT_SUPPORTED, a message of the wrong size is a device error after
 which kvpfs registers again. Checked after every message: kvpfs answered (7432 bytes, a status
@@ -63,7 +63,7 @@ from tests.support.safety import (
 SIZE = 7432
 S_OK, E_FAIL, S_CONT, NOT_SUPPORTED = 0, 0x80004005, 0x80070103, 0x80070032
 GET, SET, DELETE, ENUMERATE, GET_IP_INFO, SET_IP_INFO, REGISTER1 = 0, 1, 2, 3, 4, 5, 100
-# offsets in struct hv_kvp_msg (kvp-protocol.md §1)
+# offsets in struct hv_kvp_msg (pinned in tests/bytes/test_protocol.py)
 SET_KEY_SIZE, SET_VALUE_SIZE, SET_KEY, SET_VALUE = 8, 12, 16, 528
 ENUM_INDEX, ENUM_KEY, ENUM_VALUE = 4, 20, 532
 DEL_KEY_SIZE, DEL_KEY = 4, 8
@@ -475,14 +475,15 @@ class ScriptedDevice:
         return self.kernel
 
 
-async def _handshake_with_junk(sock: trio.socket.SocketType, rng: random.Random) -> int:
-    """Expect REGISTER1; answer with junk first, then a proper reply. Returns junk sent."""
-    with trio.fail_after(5):
-        hello = await sock.recv(SIZE + 1)
-    assert len(hello) == SIZE and hello[0] == REGISTER1
+async def _handshake_with_junk(device: ScriptedDevice, opens: int, rng: random.Random
+                               ) -> tuple[trio.socket.SocketType, int, int]:
+    """Expect REGISTER1 and answer junk first: each junk message must make kvpfs close the
+    device and register again on a fresh open (the kernel took its REGISTER1 as a host
+    request's reply); then a proper echo. Returns the socket, junk sent and opens seen."""
     junk = [
         bytes(build(SET, 0, b"early", b"x")),  # a request before the reply
         bytes(build(ENUMERATE, 1, b"", b"")),
+        bytes(build(GET_IP_INFO, 0, b"", b"")),  # op 4: the legacy echo's op, never ours
         bytes(kernelside.encode_register_reply(REGISTER1, "3.1")[:4] + b"L" * 512
               + bytes(SIZE - 516)),  # version without NUL in its 512-byte field
         bytes(mutate(bytearray(kernelside.encode_register_reply(REGISTER1, "3.1")),
@@ -492,10 +493,18 @@ async def _handshake_with_junk(sock: trio.socket.SocketType, rng: random.Random)
                     rng.randrange(256), b"?", b"?")),
     ]
     rng.shuffle(junk)
-    for message in junk:
+    junk = junk[:rng.randint(1, len(junk))]
+    for message in [*junk, None]:
+        sock = await device.wait_open(opens)
+        with trio.fail_after(5):
+            hello = await sock.recv(SIZE + 1)
+        assert len(hello) == SIZE and hello[0] == REGISTER1
+        if message is None:
+            await sock.send(kernelside.encode_register_reply(REGISTER1, "3.1"))
+            return sock, len(junk), opens
         await sock.send(message)
-    await sock.send(kernelside.encode_register_reply(REGISTER1, "3.1"))
-    return len(junk)
+        opens += 1
+    raise AssertionError("unreachable")
 
 
 async def _request(sock: trio.socket.SocketType, raw: bytes) -> int:
@@ -507,8 +516,9 @@ async def _request(sock: trio.socket.SocketType, raw: bytes) -> int:
 
 
 async def test_handshake_out_of_order(tmp_path: Path, caplog) -> None:
-    """Junk during the handshake is ignored; a register message outside it is just an unknown
-    op; a short read mid-service makes kvpfs reopen and register again, junk or not."""
+    """Anything but the echo after REGISTER1 makes kvpfs reopen and register again, and
+    never becomes its version; a register message outside the handshake is just an
+    unknown op; a short read mid-service makes kvpfs reopen and register again."""
     rng, seed = seeded_random("test_handshake_out_of_order")
     caplog.set_level(logging.WARNING)
     store = Store(tmp_path / "pools", lock_timeout=1.0)
@@ -517,11 +527,12 @@ async def test_handshake_out_of_order(tmp_path: Path, caplog) -> None:
     server = DeviceServer(device, store, Intrinsics(FqdnCache(resolver=lambda n: n)),
                           reopen_delay=0.002, max_reopen_delay=0.05)
     junk_total = 0
+    opens = 1
     async with trio.open_nursery() as nursery:
         nursery.start_soon(server.run)
         for round_ in range(1, 6):
-            sock = await device.wait_open(round_)
-            junk_total += await _handshake_with_junk(sock, rng)
+            sock, junk, opens = await _handshake_with_junk(device, opens, rng)
+            junk_total += junk
             with trio.fail_after(5):
                 while server.registrations < round_:
                     await trio.sleep(0.001)
@@ -533,16 +544,18 @@ async def test_handshake_out_of_order(tmp_path: Path, caplog) -> None:
             assert await _request(sock, protocol.encode_register(REGISTER1)) == NOT_SUPPORTED
             assert await _request(sock, kernelside.encode_register_reply(4, "3.1")) in (
                 E_FAIL, NOT_SUPPORTED)
-            assert server.registrations == round_ and device.opens == round_
+            assert server.registrations == round_ and device.opens == opens
+            assert server.registration_races == junk_total
             # a short message: a device error, so kvpfs reopens and registers again
             await sock.send(b"\x01\x00" + bytes(rng.randrange(0, SIZE - 2)))
+            opens += 1
         nursery.cancel_scope.cancel()
     store.close()
     assert [k for k, _ in (slot_pair(s) for s in split_slots(
         pool_file(tmp_path / "pools", 0).read_bytes()))] == [b"k%d" % r for r in range(1, 6)]
-    assert "expected the registration reply" in caplog.text
+    assert "instead of the registration echo" in caplog.text
     record_figures("fuzz: handshake", seed=seed, handshakes=server.registrations,
-                   device_opens=device.opens, junk_messages_ignored=junk_total)
+                   device_opens=device.opens, junk_messages_reset=junk_total)
 
 
 # --------------------------------------------------------------------------- pool file fuzzing
@@ -765,7 +778,7 @@ async def test_pool_file_replaced_while_running(tmp_path: Path, what: str, caplo
 
 
 def escape(key: bytes) -> bytes:
-    """README's escaping, written out again: `/`, `%`, control bytes, a leading `.`."""
+    """docs/filesystem.md's escaping, written out again: `/`, `%`, control bytes, a leading `.`."""
     out = bytearray()
     for i, byte in enumerate(key):
         if byte in b"/%" or byte < 0x20 or byte == 0x7F or (i == 0 and byte == 0x2E):
@@ -777,7 +790,8 @@ def escape(key: bytes) -> bytes:
 
 def tree(base: Path, skip: Path) -> dict[str, bytes | None]:
     """Every path under `base` except `skip` (the mount), with file contents. The pools'
-    redo journals are left out once checked empty: they are kept between changes."""
+    redo journals are left out once checked empty: they are kept between changes; so is
+    the guest keys' metadata file."""
     found: dict[str, bytes | None] = {}
     for root, dirs, files in os.walk(base):
         if Path(root) == skip.parent and skip.name in dirs:
@@ -787,6 +801,8 @@ def tree(base: Path, skip: Path) -> dict[str, bytes | None]:
             if name.startswith(".kvpfs-journal.kvp_pool_") and path.parent.name == "pools":
                 assert path.read_bytes() == b"", f"{path} holds a change after it ended"
                 continue
+            if name == ".kvpfs-keymeta" and path.parent.name == "pools":
+                continue  # what users set on guest keys (docs/tools.md): changes with them
             found[str(path.relative_to(base))] = (
                 path.read_bytes() if path.is_file() and not path.is_symlink() else None)
     return found

@@ -1,10 +1,11 @@
 """The host's path never waits on the kernel's cache (issue 10.5).
 
 The simulated host's SET and DELETE go through the real byte protocol to the device
-server and the store, whose listener is the filesystem (KvpOperations). Its invalidator
-never runs: every kernel invalidation stays stuck in the queue. trio's clock is frozen
-(pytest-trio's mock_clock), so a wait "bounded to 1 s" would never end either; the test's
-only bound is a real-time timer far above what the answer takes.
+server and the store, whose listeners are the filesystem's (`build_filesystem`). Its
+notification service never runs: every kernel invalidation stays stuck in the queue.
+trio's clock is frozen (pytest-trio's mock_clock), so a wait "bounded to 1 s" would
+never end either; the test's only bound is a real-time timer far above what the answer
+takes.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ import pyfuse3
 import pytest
 import trio
 
-from kvpfs.fuse.operations import DIR_INODES, KvpOperations
+from kvpfs.fuse.operations import DIR_INODES
 from kvpfs.host.intrinsic import FqdnCache, Intrinsics
+from kvpfs.mount import build_filesystem
 from kvpfs.wire.protocol import Status
 from tests.store.test_server import start_rig
 
@@ -47,7 +49,8 @@ async def within_real_time(fn, *args):
 async def test_host_is_answered_while_invalidations_are_stuck(tmp_path, mock_clock):
     async with trio.open_nursery() as nursery:
         rig = await start_rig(nursery, tmp_path / "pools")
-        ops = KvpOperations(rig.store, Intrinsics(FqdnCache()))  # its invalidator: not running
+        fs = build_filesystem(rig.store, Intrinsics(FqdnCache()))  # notifications: not running
+        ops = fs.operations
         assert (await rig.host.set(0, "Config", "one")).status == Status.S_OK
         # The kernel looks the key up and opens it: it now holds attributes and a file.
         attr = await ops.lookup(DIR_INODES[0], b"Config", Ctx())
@@ -56,10 +59,14 @@ async def test_host_is_answered_while_invalidations_are_stuck(tmp_path, mock_clo
         result = await within_real_time(rig.host.set, 0, "Config", "two, longer")
         assert result is not None, "the host's SET waited for the kernel's cache"
         assert result.status == Status.S_OK
-        stuck = ops.changes.queued()
+        stuck = fs.notifications.queued()
         assert stuck >= 1  # queued, not lost, not waited for
-        # Our side answers the new value at once, whatever the kernel still caches.
-        assert (await ops.getattr(attr.st_ino, Ctx())).st_size == len("two, longer")
+        # The held file keeps the value it opened, with its size (docs/tools.md); the name
+        # answers the new value at once, whatever the kernel still caches.
+        assert (await ops.getattr(attr.st_ino, Ctx())).st_size == len("one")
+        assert await ops.read(held.fh, 0, 100) == b"one"
+        attr = await ops.lookup(DIR_INODES[0], b"Config", Ctx())
+        assert attr.st_size == len("two, longer")
         fresh = await ops.open(attr.st_ino, os.O_RDONLY, Ctx())
         assert await ops.read(fresh.fh, 0, 100) == b"two, longer"
         assert not fresh.keep_cache  # the kernel drops pages from before the change
@@ -67,7 +74,7 @@ async def test_host_is_answered_while_invalidations_are_stuck(tmp_path, mock_clo
         result = await within_real_time(rig.host.delete, 0, "Config")
         assert result is not None, "the host's DELETE waited for the kernel's cache"
         assert result.status == Status.S_OK
-        assert ops.changes.queued() > stuck
+        assert fs.notifications.queued() > stuck
         await ops.release(held.fh)
         await ops.release(fresh.fh)
         # The kernel may still hold the deleted key's name: its GETATTR and OPEN get

@@ -117,8 +117,8 @@ def test_append_offsets_truncate_and_o_trunc(shared_kvpfs):
     assert path.read_bytes() == b"new"
     sh(f": > {path}")
     assert path.read_bytes() == b""
-    # An open that only truncates is published at release, a moment after close(2)
-    # returns (README: a shell's first close after dup2 must not publish an empty value).
+    # An open that only truncates is published at release, a moment after close(2) returns
+    # (docs/filesystem.md: a shell's first close after dup2 must not publish an empty value).
     wait_for(lambda: host_items(shared_kvpfs, "guest")[path.name] == "", timeout=2)
 
 
@@ -340,7 +340,10 @@ def test_restart_after_kill_clears_dead_mount_and_keeps_data(tmp_path):
     assert info.value.errno == errno.ENOTCONN
     proc.start()
     try:
-        assert proc.path("guest", "Persist").read_text() == "kept"
+        # As written, or (killed within the moment before its trailing newline was saved,
+        # docs/tools.md) as stored; the host's value is the same either way.
+        assert proc.path("guest", "Persist").read_text() in ("kept\n", "kept")
+        assert host_items(proc, "guest")["Persist"] == "kept"
     finally:
         proc.cleanup()
 
@@ -398,17 +401,24 @@ def _inotify_masks(fd: int) -> list[int]:
     return masks
 
 
-def test_host_changes_after_the_kernel_timeouts_need_no_invalidation(shared_kvpfs):
+def test_host_changes_after_the_kernel_timeouts_are_read_whole(shared_kvpfs):
     """Once the kernel's timeouts (1 s, plus as much again to be sure) have run out and no
-    file is open, a changed value is not invalidated (kvpfs skips the round trip); the next
-    reader must still see it whole, longer or shorter than before. A delete is always
-    invalidated while the kernel knows the inode: an inotify watcher learns of it."""
+    file is open, kvpfs may leave a changed value's attributes alone (the kernel asks again
+    anyway); the next reader must still see the value whole, longer or shorter than before,
+    and while a file is open too. A delete reaches an inotify watcher of the file.
+
+    Whether an invalidation was sent is not visible through the mount (a GETATTR follows
+    either way once the timeout has run out); the notification service's own tests count
+    them. The sleeps here are the condition itself: the kernel's timeouts running out."""
     key = unique("expired")
     path = shared_kvpfs.path("external", key)
     shared_kvpfs.host("set", "external", key, "short")
     assert path.stat().st_size == 5  # cached by the kernel for 1 s
     shared_kvpfs.host("set", "external", key, "longer, within the timeouts")
-    assert path.stat().st_size == len("longer, within the timeouts")  # invalidated
+    # Invalidated, not expired: the host's S_OK does not wait for the kernel (issue 10.5),
+    # so the new size shows up just after it, well within the 1 s attribute timeout.
+    wait_for(lambda: path.stat().st_size == len("longer, within the timeouts"), 0.9,
+             what="the new size before the kernel's attribute timeout")
     assert path.read_text() == "longer, within the timeouts"  # page cache filled too
     with open(path):  # while a file is open, host changes are invalidated as always
         time.sleep(2.2)

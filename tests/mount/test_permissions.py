@@ -139,8 +139,11 @@ def test_guest_group_members_write_guest(start):
            ("read", kvpfs.path("external", key))]
     assert probe(ops, groups=[GUEST_GID]) == ["ok", "ok", "EACCES"]
     assert dict(kvpfs.host("list", "guest")["items"])["FromGroup"] == "hello"
-    # Not in the group: still read-only, even on the file the group wrote.
-    assert probe([("write", kvpfs.path("guest", "FromGroup"), "no"),
+    # The member who made the key owns it, as on any filesystem (docs/tools.md); out of the
+    # group, nobody may write guest/ or a key somebody else made.
+    assert kvpfs.path("guest", "FromGroup").stat().st_uid == NOBODY
+    kvpfs.path("guest", "FromRoot").write_text("root's\n")
+    assert probe([("write", kvpfs.path("guest", "FromRoot"), "no"),
                   ("write", kvpfs.path("guest", "Other"), "no")]) == ["EACCES", "EACCES"]
     assert probe([("unlink", kvpfs.path("guest", "FromGroup"))], groups=[GUEST_GID]) == ["ok"]
     assert "FromGroup" not in dict(kvpfs.host("list", "guest")["items"])

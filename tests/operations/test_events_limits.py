@@ -17,7 +17,7 @@ import trio.testing
 
 from kvpfs.fuse import events
 from kvpfs.fuse.events import EventFeed
-from kvpfs.storage.store import Change, Origin
+from kvpfs.storage.store import Change, ChangeKind, Origin
 
 
 class Ctx:
@@ -78,7 +78,7 @@ async def test_waiting_reads_are_capped_per_user_for_others_and_in_all(small_lim
             nursery.start_soon(read, fh)
         await trio.testing.wait_all_tasks_blocked()
         assert await refused(f.feed.read(roots[2], 100)) == errno.EMFILE  # everyone
-        f.feed.publish([Change("set", 1, b"k", Origin.HOST)])
+        f.feed.publish([Change(ChangeKind.SET, 1, b"k", Origin.HOST)])
     assert set(results) == {*first[:2], other, *roots[:2]}
     assert set(results.values()) == {b"set guest k\n"}
     # Every slot is free again: the same number of reads waits once more.
@@ -128,7 +128,7 @@ async def test_every_new_line_notifies_a_registered_poller():
     handle = object()
     assert f.feed.poll(fh, handle) == 0
     for i in range(3):
-        f.feed.publish([Change("set", 1, b"k%d" % i, Origin.HOST)])
+        f.feed.publish([Change(ChangeKind.SET, 1, b"k%d" % i, Origin.HOST)])
         assert f.notified == [handle] * (i + 1)
         # Answering "ready" keeps the handle: an edge-triggered waiter drains
         # the queue and must still hear of the next line.

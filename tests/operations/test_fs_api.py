@@ -1,4 +1,7 @@
-"""KvpOperations called directly, without a mount (the s3ql way): FUSE semantics in detail."""
+"""The mounted handlers called directly, without a mount (the s3ql way): FUSE semantics.
+
+Built by kvpfs.mount.build_filesystem, as mounted (the echo seam included).
+"""
 
 from __future__ import annotations
 
@@ -9,8 +12,9 @@ import pyfuse3
 import pytest
 
 from kvpfs.fuse import events
-from kvpfs.fuse.operations import DIR_INODES, EVENTS_INODE, KvpOperations
+from kvpfs.fuse.operations import DIR_INODES, EVENTS_INODE
 from kvpfs.host.intrinsic import FqdnCache, Intrinsics
+from kvpfs.mount import build_filesystem
 from kvpfs.storage.store import Origin, Store
 
 
@@ -36,7 +40,7 @@ EXTERNAL_DIR = DIR_INODES[0]
 async def ops(tmp_path, monkeypatch):
     store = Store(tmp_path / "pools", lock_timeout=0.5)
     await store.open()
-    operations = KvpOperations(store, Intrinsics(FqdnCache()))
+    operations = build_filesystem(store, Intrinsics(FqdnCache())).operations
     listing: list[tuple[bytes, int]] = []
 
     def fake_reply(token, name, attr, next_id):
@@ -188,14 +192,36 @@ async def test_rename_noreplace_and_exchange(ops):
 
 
 async def test_mkdir_and_friends_have_clear_errors(ops):
-    for call in (ops.mkdir(GUEST_DIR, b"d", 0o755, Ctx()),
-                 ops.symlink(GUEST_DIR, b"l", b"target", Ctx())):
-        with pytest.raises(pyfuse3.FUSEError) as info:
-            await call
-        assert info.value.errno == errno.EPERM
+    with pytest.raises(pyfuse3.FUSEError) as info:
+        await ops.symlink(GUEST_DIR, b"l", b"target", Ctx())
+    assert info.value.errno == errno.EPERM
     with pytest.raises(pyfuse3.FUSEError) as info:
         await ops.mkdir(EXTERNAL_DIR, b"d", 0o755, Ctx())
     assert info.value.errno == errno.EACCES
+
+
+async def test_guest_directories_are_private_empty_and_bounded(ops, monkeypatch):
+    from kvpfs.fuse import privatedirs
+
+    monkeypatch.setattr(privatedirs, "MAX_DIRS", 2)
+    made = await ops.mkdir(GUEST_DIR, b"Role.lock", 0o755, Ctx())
+    assert made.st_mode & 0o170000 == 0o040000
+    assert b"Role.lock" in await list_dir(ops, GUEST_DIR)
+    assert ops.store.get(1, b"Role.lock") is None  # never a key
+    for call in (ops.create(made.st_ino, b"inside", 0o644, os.O_WRONLY | os.O_CREAT, Ctx()),
+                 ops.mkdir(made.st_ino, b"sub", 0o755, Ctx())):
+        with pytest.raises(pyfuse3.FUSEError) as info:
+            await call
+        assert info.value.errno in (errno.EPERM, errno.EACCES)
+    await ops.mkdir(GUEST_DIR, b"Second", 0o755, Ctx())
+    with pytest.raises(pyfuse3.FUSEError) as info:
+        await ops.mkdir(GUEST_DIR, b"Third", 0o755, Ctx())
+    assert info.value.errno == errno.ENOSPC
+    await ops.rmdir(GUEST_DIR, b"Role.lock", Ctx())
+    await ops.rmdir(GUEST_DIR, b"Second", Ctx())
+    assert await list_dir(ops, GUEST_DIR) == []
+    assert ops.store.states[1].unique_keys() is not None and not list(
+        ops.store.states[1].unique_keys())
 
 
 async def test_xattrs_give_the_raw_key(ops):

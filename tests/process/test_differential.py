@@ -9,8 +9,8 @@ the pool files themselves: the records decoded in file order (cut at the first N
 stale bytes after the terminators, and the files' names and modes.
 
 Everything must be equal except what `INTENDED` lists: each row names a request pattern, what
-the reference daemon answers, what kvpfs answers, and why kvpfs differs on purpose (README,
-"What the host sees, compared with hv_kvp_daemon"). A difference no row explains fails the
+the reference daemon answers, what kvpfs answers, and why kvpfs differs on purpose (docs/host.md,
+"Compared with hv_kvp_daemon"). A difference no row explains fails the
 test; the scripted transcript must also make every row fire (the FQDN fallback only shows
 when the host name does not resolve: its own test runs both daemons in a UTS namespace with
 such a name), so the table cannot go stale.
@@ -532,7 +532,7 @@ MAY_NOT_FIRE = {
 }
 
 # Intended differences that need a transcript of their own (a duplicated key, GET on
-# pool 2); README lists them with the others. test_extra_intended_difference runs each.
+# pool 2); docs/host.md lists them with the others. test_extra_intended_difference runs each.
 EXTRA_INTENDED: tuple[Intended, ...] = (
     Intended(
         "GET on pool 2 answers the computed value",

@@ -535,3 +535,51 @@ def test_hibernation_keeps_the_fd_and_fails_only_the_reply_in_flight(emu, opened
     assert after.result(timeout=5) == Status.S_OK
     state = host.state()
     assert (state["opens"], state["handshakes"], state["resets"]) == (1, 1, 0)
+
+
+def _registered_once_then_hibernated(opened: Callable[[], Dev], host: EmulatedHost) -> None:
+    """A daemon registered, went away, and the guest hibernated: the kernel is READY."""
+    dev = opened()
+    dev.register()
+    dev.close()
+    host.wait_for(min_resets=1)
+    assert host.hibernate()["state"] == "READY"
+
+
+def test_registration_race_register1_answers_a_request_that_arrived_after_open(
+    emu, opened, pool,
+) -> None:
+    """hv_kvp_pre_suspend + kvp_on_msg: a host request passed down between the open and
+    REGISTER1 takes REGISTER1 as its reply (the host sees the op byte as a status) and
+    the daemon reads the request where it expected the echo."""
+    _, host = emu
+    _registered_once_then_hibernated(opened, host)
+    host.hold_until_open()
+    raced = in_thread(pool, lambda: host.transact(set_request(b"raced", b"x")))
+    host.wait_for(min_held=1)
+    dev = opened()
+    assert dev.poll(2000) & select.POLLIN  # already queued when open returns
+    assert os.write(dev.fd, encode_register()) == MESSAGE_SIZE
+    result = raced.result(timeout=5)
+    assert (result.status, result.source) == (Op.REGISTER1, ReplySource.DAEMON)
+    assert dev.read_message()[0] == Op.SET  # instead of the echo
+    assert host.state()["handshakes"] == 1  # only the one before the hibernation
+
+
+@needs_reference
+def test_reference_daemon_recovers_from_the_registration_race(emu, opened, tmp_path) -> None:
+    """Debian's daemon reads the raced request as one, answers it (EINVAL: nothing is
+    outstanding any more), reopens the device and registers: service resumes."""
+    device, host = emu
+    _registered_once_then_hibernated(opened, host)
+    host.hold_until_open()
+    with ThreadPoolExecutor(max_workers=1) as executor:
+        raced = executor.submit(lambda: host.transact(set_request(b"raced", b"x")))
+        host.wait_for(min_held=1)
+        with run_reference_daemon(device, tmp_path / "pools", host) as ref:
+            result = raced.result(timeout=10)
+            assert (result.status, result.source) == (Op.REGISTER1, ReplySource.DAEMON)
+            state = host.wait_registered(timeout=10, min_handshakes=2)
+            assert state["spurious_writes"] >= 1 and ref.alive()
+            assert host.set(Pool.GUEST, "after", "race") == Status.S_OK
+            assert ("after", "race") in host.enumerate_all(Pool.GUEST)

@@ -480,7 +480,7 @@ def test_set_static_through_networkmanager(kvpfs_ns: NamespacedKvpfs) -> None:
     wait_for(lambda: "SET_IP_INFO for kv3: configuration active" in kvpfs_ns.output(), 10,
              what="the activation's outcome in the log")
     if os.access(SYSTEM_PYTHON, os.X_OK):  # NetworkManager's own reader, when available
-        parsed = subprocess.run([SYSTEM_PYTHON, str(REPO / "tests/nmkeyfile.py")],
+        parsed = subprocess.run([SYSTEM_PYTHON, str(REPO / "tests/support/nmkeyfile.py")],
                                 input=json.dumps([text]), capture_output=True, text=True,
                                 check=False)
         if parsed.returncode == 0:

@@ -25,7 +25,7 @@ import trio
 from kvpfs.host.intrinsic import KEYS, FqdnCache, Intrinsics, OsInfo
 from kvpfs.host.server import DeviceServer
 from kvpfs.host.simulator import SYNTHETIC_POOL3, SimulatedHost
-from kvpfs.storage.store import Origin, Store
+from kvpfs.storage.store import ChangeKind, Origin, Store
 from kvpfs.wire import kernelside, protocol
 from kvpfs.wire.protocol import Op, Status
 from tests.support.lockholder import start_locker, stop_locker
@@ -169,7 +169,8 @@ async def test_host_set_is_seen_by_store_and_listeners(rig: Rig) -> None:
     rig.store.add_listener(listener)
     assert (await rig.host.set(0, "from-host", "x")).ok
     assert rig.store.get(0, b"from-host") == b"x"
-    assert [(c.kind, c.key, c.origin) for c in seen] == [("set", b"from-host", Origin.HOST)]
+    assert [(c.kind, c.key, c.origin) for c in seen] == [
+        (ChangeKind.SET, b"from-host", Origin.HOST)]
 
 
 async def test_guest_write_is_seen_by_host(rig: Rig) -> None:
@@ -512,9 +513,8 @@ async def test_kernel_timeout_makes_server_register_again(tmp_path: Path) -> Non
         assert (await rig.host.set(1, "existing", "1")).ok
         proc = start_locker(rig.path(1))
         try:
-            started = time.monotonic()
             assert (await rig.host.set(1, "blocked", "x")).status == Status.E_FAIL
-            assert time.monotonic() - started < 0.45
+            assert rig.host.timeouts == 1  # the kernel's own E_FAIL, from its timer
             # The server is still waiting for the lock; once it gives up, its reply cannot
             # be delivered and it registers again.
             with trio.fail_after(2):

@@ -288,3 +288,48 @@ async def test_a_request_after_the_daemon_left_waits_for_the_next_one(
         await channel.read_message()
         channel.write(ok_reply())
     assert pending.result is not None and pending.result.ok
+
+
+def test_the_simulated_host_and_the_emulated_device_drive_one_kernel_model() -> None:
+    """Issue 17: one model of hv_kvp.c, not a copy per stand-in."""
+    import inspect
+
+    from emulation import emulated_device
+    from kvpfs.host import simulator
+    from kvpfs.wire.kernelmodel import KvpKernel
+
+    device = emulated_device.KvpDevice(timeout=1.5)
+    assert type(SimulatedHost(initial_pool3=()).kernel) is KvpKernel
+    assert type(device.kernel) is KvpKernel and device.kernel.timeout == 1.5
+    for module in (simulator, emulated_device):
+        source = inspect.getsource(module)
+        assert "USERSPACE_REQ" not in source and "KERNEL_TIMEOUT = " not in source
+
+
+async def test_a_read_blocks_until_a_request_is_queued_whatever_o_nonblock_says() -> None:
+    """`hvt_op_read` waits (wait_event_interruptible): no EAGAIN for an empty device."""
+    host = SimulatedHost(initial_pool3=())
+    async with trio.open_nursery() as nursery:
+        await nursery.start(host.run)
+        channel = await registered(host)
+        results: list[bytes] = []
+
+        async def read_in_thread() -> None:
+            results.append(await trio.to_thread.run_sync(channel.read))
+
+        nursery.start_soon(read_in_thread)
+        with trio.fail_after(10):
+            while host.state["blocked_readers"] != 1:
+                await trio.sleep(0.005)
+        pending = start(nursery, lambda: host.set(Pool.EXTERNAL, "k", "v"))
+        with trio.fail_after(10):
+            while not results:
+                await trio.sleep(0.005)
+        assert results[0][0] == Op.SET
+        channel.write(ok_reply())
+        with trio.fail_after(10):
+            while pending.result is None:
+                await trio.sleep(0.005)
+        assert pending.result.ok
+        channel.close()
+        nursery.cancel_scope.cancel()

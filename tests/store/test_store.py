@@ -20,7 +20,7 @@ import pytest
 import trio
 
 from kvpfs.storage.errors import LockTimeout
-from kvpfs.storage.store import Change, Origin, Store
+from kvpfs.storage.store import Change, ChangeKind, Origin, Store
 from tests.support.lockholder import start_locker, stop_locker
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "reference-daemon"
@@ -265,9 +265,9 @@ async def test_listeners_hear_our_own_changes(store: Store) -> None:
     assert await store.delete(4, b"k", Origin.HOST) is True
     assert await store.delete(4, b"k", Origin.HOST) is False
     assert recorder.take() == [
-        Change("set", 4, b"k", Origin.MOUNT),
-        Change("set", 4, b"k", Origin.HOST),
-        Change("delete", 4, b"k", Origin.HOST),
+        Change(ChangeKind.SET, 4, b"k", Origin.MOUNT),
+        Change(ChangeKind.SET, 4, b"k", Origin.HOST),
+        Change(ChangeKind.DELETE, 4, b"k", Origin.HOST),
     ]
 
 
@@ -411,7 +411,7 @@ async def test_external_append_is_picked_up(store: Store) -> None:
     recorder.take()
     external_append(path, record_bytes(b"CLOUD_INIT|event", b'{"msg":"hi"}'))
     await store.check_external_changes()
-    assert recorder.take() == [Change("set", 1, b"CLOUD_INIT|event", Origin.EXTERNAL)]
+    assert recorder.take() == [Change(ChangeKind.SET, 1, b"CLOUD_INIT|event", Origin.OTHER_PROGRAM)]
     assert store.get(1, b"CLOUD_INIT|event") == b'{"msg":"hi"}'
     assert store.enumerate(1, 1).key == b"CLOUD_INIT|event"
     await store.check_external_changes()  # nothing new: no second notification
@@ -427,8 +427,8 @@ async def test_external_duplicate_append_updates_last_wins_view(store: Store) ->
     external_append(path, record_bytes(b"REPORT", b"new"))
     await store.check_external_changes()
     assert recorder.take() == [
-        Change("set", 1, b"REPORT", Origin.EXTERNAL),
-        Change("set", 1, b"REPORT", Origin.EXTERNAL),
+        Change(ChangeKind.SET, 1, b"REPORT", Origin.OTHER_PROGRAM),
+        Change(ChangeKind.SET, 1, b"REPORT", Origin.OTHER_PROGRAM),
     ]
     assert store.get(1, b"REPORT") == b"new"
     assert [store.enumerate(1, i).value for i in range(2)] == [b"old", b"new"]
@@ -445,7 +445,8 @@ async def test_external_truncate_is_seen_as_deletes(store: Store) -> None:
         f.truncate(0)
     await store.check_external_changes()
     assert sorted(c.key for c in recorder.changes) == [b"a", b"b"]
-    assert all(c.kind == "delete" and c.origin is Origin.EXTERNAL for c in recorder.changes)
+    assert all(c.kind is ChangeKind.DELETE and c.origin is Origin.OTHER_PROGRAM
+               for c in recorder.changes)
     assert store.states[0].records == []
 
 
@@ -462,8 +463,8 @@ async def test_our_append_after_external_append_keeps_both(store: Store) -> None
     assert file_pairs(path) == want
     assert pairs(store.states[1].records) == want
     assert recorder.take() == [
-        Change("set", 1, b"ext", Origin.EXTERNAL),
-        Change("set", 1, b"ours", Origin.MOUNT),
+        Change(ChangeKind.SET, 1, b"ext", Origin.OTHER_PROGRAM),
+        Change(ChangeKind.SET, 1, b"ours", Origin.MOUNT),
     ]
 
 
@@ -508,7 +509,7 @@ async def test_deleted_pool_file_is_recreated_empty(store: Store) -> None:
     assert store.get(3, b"HostName") is None
     changes = recorder.take()
     assert sorted(c.key for c in changes) == [b"HostName", b"VirtualMachineId"]
-    assert all(c.kind == "delete" and c.origin is Origin.EXTERNAL for c in changes)
+    assert all(c.kind is ChangeKind.DELETE and c.origin is Origin.OTHER_PROGRAM for c in changes)
     # And the pool keeps working on the new file.
     await store.set(3, b"HostName", b"y", Origin.HOST)
     assert file_pairs(path) == [(b"HostName", b"y")]
@@ -561,7 +562,7 @@ async def test_pool_file_replaced_by_rename_is_followed(store: Store) -> None:
     os.rename(replacement, path)
     await store.check_external_changes()
     assert pairs(store.states[0].records) == [(b"from-rename", b"2")]
-    assert sorted((c.kind, c.key) for c in recorder.take()) == [
+    assert sorted((c.kind.value, c.key) for c in recorder.take()) == [
         ("delete", b"old"),
         ("set", b"from-rename"),
     ]

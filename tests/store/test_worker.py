@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import trio
 import trio.testing
 
+from kvpfs.storage.store import Store
 from kvpfs.storage.worker import Worker
 
 
@@ -84,17 +86,56 @@ async def test_a_started_call_is_waited_for_when_cancelled() -> None:
         worker.close()
 
 
-async def test_close_ends_the_thread() -> None:
+async def test_close_ends_the_thread_and_join_waits_for_it() -> None:
     worker = Worker("closing worker")
-    await worker.run(lambda: None)
-    assert any(t.name == "closing worker" for t in threading.enumerate())
+    thread = await worker.run(threading.current_thread)
+    assert thread.is_alive()
     worker.close()
-    with trio.fail_after(5):
-        while any(t.name == "closing worker" for t in threading.enumerate()):
-            await trio.sleep(0.01)
+    assert worker.join(5)
+    assert not thread.is_alive()
     assert await worker.run(lambda: "restarted on use") == "restarted on use"
-    worker.close()
+    assert worker.join(5)
 
+
+async def test_join_waits_for_the_call_in_flight() -> None:
+    """The owner's join ends only after the last call it was given; a timeout says so."""
+    worker = Worker("busy worker")
+    started, release = threading.Event(), threading.Event()
+    finished = []
+
+    def slow() -> threading.Thread:
+        started.set()
+        release.wait(10)
+        finished.append(True)
+        return threading.current_thread()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(worker.run, slow)
+        await trio.to_thread.run_sync(started.wait)
+        assert not await trio.to_thread.run_sync(worker.join, 0.05)  # still running slow()
+        release.set()
+        assert await trio.to_thread.run_sync(worker.join, 10)
+        assert finished == [True]
+    assert not any(t.name == "busy worker" for t in threading.enumerate())
+
+
+async def test_a_worker_owned_by_async_with_is_joined_on_exit() -> None:
+    async with Worker("owned worker") as worker:
+        thread = await worker.run(threading.current_thread)
+        worker.close()  # a restart inside the block: both threads are the owner's
+        restarted = await worker.run(threading.current_thread)
+        assert restarted is not thread
+    assert not thread.is_alive() and not restarted.is_alive()
+
+
+async def test_the_store_joins_its_pool_workers_at_close(tmp_path: Path) -> None:
+    store = Store(tmp_path / "pools", lock_timeout=1.0)
+    await store.open()
+    await store.prepare_set(1, 1)  # runs in pool 1's worker thread
+    threads = [t for t in threading.enumerate() if t.name.startswith("kvpfs pool ")]
+    assert threads
+    store.close()
+    assert [t for t in threads if t.is_alive()] == []
 
 
 def test_a_worker_serves_one_trio_run_after_another() -> None:

@@ -1,12 +1,28 @@
-"""Host changes reaching the kernel: cache invalidations and inotify echoes.
+"""Everything kvpfs tells the kernel and watchers after a change, in one service.
 
-The store's listener (`HostChanges.on_store_change`) brings our nodes up to
-date at once and queues the kernel's side as typed requests; `invalidator()`
-runs them one at a time, in order, outside any handler (invalidating inside
-one can deadlock the kernel against our own single thread, fuse-pyfuse3.md
-1.8). Host changes reach inotify watchers through echoes: a helper process
-repeats each one through the mount (fsnotify_echo.py); its requests are
-answered by `echoes.EchoRequests`. The host's reply never waits for any of it.
+A change reaches the store from the host, from another program writing a pool
+file, or through the mount. The store's listener (`on_store_change`) brings
+our nodes up to date at once, so the next request is answered from the new
+state, and queues what the kernel and watchers must be told:
+
+- attribute invalidations (`attr_invalidation.py`, a thread of their own: they
+  take no kernel lock, and a `stat` right after the host's reply must not see
+  the old size);
+- page and entry invalidations, and the inotify echoes (`fsnotify_echo.py`:
+  a helper process repeats a host change through the mount, and the handlers
+  answer it in `echoes.py`), run by `run()` one at a time, in order, outside
+  any handler (invalidating inside one can deadlock the kernel against our own
+  single thread, fuse-pyfuse3.md 1.8);
+- wake-ups of /.events pollers (`wake_poller`), for the same reason.
+
+It coalesces: the lane lets a burst of changes end first (SETTLE, at most
+SETTLE_MAX), so that its work does not compete with the host's next request;
+then the requests queued meanwhile are taken as one batch, in which an
+inode's page drop, a name's entry drop and a poller's wake-up each run once,
+echoes are one per key (`EchoQueue`), and an inode's attribute invalidation
+folds into one still waiting for its thread. The host's reply never waits
+for any of it. `mount.py` builds this service, adds
+its listener to the store and runs it.
 """
 
 from __future__ import annotations
@@ -23,16 +39,22 @@ import pyfuse3
 import trio
 
 from kvpfs.fuse.attr_invalidation import AttrInvalidator
-from kvpfs.fuse.echo_helper import DELETE
+from kvpfs.fuse.echo_helper import EchoKind
 from kvpfs.fuse.fsnotify_echo import EchoHelper, EchoOp, EchoQueue
 from kvpfs.fuse.nodes import DIR_INODES, Node, NodeTable
-from kvpfs.storage.store import Change, Origin, Store
+from kvpfs.storage.store import Change, ChangeKind, Origin, Store
 from kvpfs.storage.worker import Worker
 from kvpfs.wire import names
-from kvpfs.wire.pools import AUTO as AUTO_POOL
-from kvpfs.wire.pools import POOL_NAMES
+from kvpfs.wire.protocol import Pool
 
 log = logging.getLogger(__name__)
+
+# A burst of host (or other programs') changes is let end before the lane tells the
+# kernel and watchers, so that its work folds and does not compete with the host's next
+# request: the lane waits until no such change came for SETTLE seconds, and never
+# longer than SETTLE_MAX (a lone change's inotify events come SETTLE later).
+SETTLE = 0.001
+SETTLE_MAX = 0.004
 
 
 # ---------------------------------------------------------------- the requests
@@ -67,7 +89,7 @@ class EchoDue:
 Invalidation = PollNotify | InodeDrop | EntryDrop | EchoDue
 
 
-class HostChanges:
+class Notifications:
     """The kernel's side of every change: what it must drop, and what watchers must see."""
 
     def __init__(self, store: Store, table: NodeTable) -> None:
@@ -79,29 +101,57 @@ class HostChanges:
         # Attribute-only invalidations take no lock in the kernel: a thread of their own,
         # never behind an echo or an entry invalidation.
         self.attrs = AttrInvalidator(lambda ino: pyfuse3.invalidate_inode(ino, True))
-        # inotify echoes; the helper starts with the invalidator, which is given the
-        # mount point.
+        # inotify echoes; the helper starts with `run`, which is given the mount point.
         self.echo_queue = EchoQueue({pool: store.states[pool].unique_keys()
-                                     for pool in range(len(POOL_NAMES)) if pool != AUTO_POOL})
+                                     for pool in Pool if pool != Pool.AUTO})
         self.echo: EchoHelper | None = None
         self.echo_op: EchoOp | None = None  # the echo running now
         self.host_deleted: set[int] = set()  # inodes whose kernel entry is still to drop
+        self._page_drops: set[int] = set()  # inodes with an InodeDrop queued, not yet run
+        self._last_change = float("-inf")  # trio clock: the last change not through the mount
 
-    def queue(self, request: Invalidation) -> None:
+    def _queue(self, request: Invalidation) -> None:
         self._send.send_nowait(request)
 
     def queued(self) -> int:
-        """Requests not yet run (the invalidator may not be running)."""
+        """Requests not yet run (the service may not be running)."""
         return self._requests.statistics().current_buffer_used
 
+    # ================================================================ what others ask
+    def wake_poller(self, handle: pyfuse3.PollHandle) -> None:
+        """A reader polling /.events has something to read (never from inside a handler)."""
+        self._queue(PollNotify(handle))
+
+    def drop_refused_name(self, node: Node) -> None:
+        """A file created through the mount whose value was refused: the kernel's name for
+        it goes, as the pool never held it."""
+        self._queue(EntryDrop(DIR_INODES[node.pool], node.name, node.ino))
+
+    def attrs_pending(self, ino: int) -> bool:
+        """The kernel may still hold attributes from before a change (not dropped yet)."""
+        return self.attrs.pending(ino)
+
+    def echo_owns(self, pid: int) -> bool:
+        """A request from the inotify echo helper, answered for the echo (echoes.py)."""
+        return self.echo is not None and self.echo.owns(pid)
+
+    def _drop_pages(self, ino: int) -> None:
+        if ino not in self._page_drops:  # one queued already: it runs after this change
+            self._page_drops.add(ino)
+            self._queue(InodeDrop(ino))
+
     # ================================================================ the listener
-    def on_store_change(self, changes: list[Change]) -> None:
+    async def on_store_change(self, changes: list[Change]) -> None:
+        """Store listener (see `apply`)."""
+        self.apply(changes)
+
+    def apply(self, changes: list[Change]) -> None:
         """Bring our nodes up to date and queue the kernel's side.
 
         Never waits for the kernel: the host's reply (and the store's caller) must
         not depend on the kernel's cache. Our own state changes here, at once, so
         lookups, getattr and open answer the new value; invalidations and inotify
-        echoes are queued to `invalidator()`.
+        echoes are queued to `run()`.
 
         Changes made through the mount are already known to the kernel, except
         that a dropped trailing newline makes a value shorter than written:
@@ -114,25 +164,36 @@ class HostChanges:
         without one, invalidated as before.
         """
         echo = self.echo_mountpoint is not None
+        if any(change.origin is not Origin.MOUNT for change in changes):
+            self._last_change = trio.current_time()
         for change in changes:
+            is_set = change.kind is ChangeKind.SET
             node = self.table.by_key.get((change.pool, change.key))
             if change.origin is Origin.MOUNT:
-                self.echo_queue.seen_by_kernel(change.pool, change.key, change.kind == "set")
-                if node is not None and change.kind == "set":
+                self.echo_queue.seen_by_kernel(change.pool, change.key, is_set)
+                if node is not None and is_set:
                     self.attr_invalidate(node, None)
                 continue
+            if node is not None and is_set and node.handles > 0 and node.writers == 0 \
+                    and node.linked and not node.pending:
+                # Open for reading only: the host's value replaces the file, as a rename
+                # would (its readers keep what they opened, with its size: docs/tools.md);
+                # the kernel drops the name, the echo below then reaches the new file.
+                self.table.replace(node)
+                self._queue(EntryDrop(DIR_INODES[change.pool], node.name, 0))
+                node = None
             if node is not None:
                 node.mtime_ns = node.ctime_ns = time.time_ns()
-                node.cached = False
-                if node.handles or time.monotonic() < node.kernel_attr_until:
+                node.kernel.cached = False
+                if node.handles or time.monotonic() < node.kernel.attrs_until:
                     # First of all: a `stat` or `cat` right after the host's reply must
                     # not get the old size from the kernel's attribute cache.
-                    self.attr_invalidate(node, node.kernel_attr_until)
-                if change.kind == "set" and node.handles:
+                    self.attr_invalidate(node, node.kernel.attrs_until)
+                if is_set and node.handles:
                     # Pages an open file holds; a later open drops them itself (`cached`).
-                    self.queue(InodeDrop(node.ino))
+                    self._drop_pages(node.ino)
             deleted = None
-            if change.kind == "delete":
+            if change.kind is ChangeKind.DELETE:
                 deleted = node or Node(self.table.new_ino(), change.pool, change.key,
                                        names.key_to_name(change.key), linked=False)
             due: bool | None
@@ -140,10 +201,10 @@ class HostChanges:
                 due = self.echo_queue.note(change.pool, change.key, deleted)
             else:  # not mounted yet (or no echo possible): nobody could watch
                 due = None
-                self.echo_queue.seen_by_kernel(change.pool, change.key, change.kind == "set")
+                self.echo_queue.seen_by_kernel(change.pool, change.key, is_set)
             if due:
-                self.queue(EchoDue())
-            if node is None or change.kind == "set":
+                self._queue(EchoDue())
+            if node is None or is_set:
                 continue
             name = node.name
             known = node.lookups > 0 or node.handles > 0
@@ -151,13 +212,13 @@ class HostChanges:
             if known:
                 self.host_deleted.add(node.ino)
             if known and due is None:  # no echo will unlink it: drop the entry ourselves
-                self.queue(EntryDrop(DIR_INODES[change.pool], name, node.ino))
+                self._queue(EntryDrop(DIR_INODES[change.pool], name, node.ino))
 
     def attr_invalidate(self, node: Node, given_until: float | None) -> None:
         def done() -> None:
             # The kernel asks again next time, unless it already has (a new deadline).
-            if given_until is not None and node.kernel_attr_until == given_until:
-                node.kernel_attr_until = 0.0
+            if given_until is not None and node.kernel.attrs_until == given_until:
+                node.kernel.attrs_until = 0.0
 
         self.attrs.submit(node.ino, done)
 
@@ -179,13 +240,13 @@ class HostChanges:
             return False
         return node.handles <= 0
 
-    # ================================================================ the invalidator
+    # ================================================================ the service
     @property
     def echo_mountpoint(self) -> Path | None:
         return self.echo.mountpoint if self.echo is not None and not self.echo.disabled \
             else None
 
-    async def invalidator(self, mountpoint: Path | None = None) -> None:
+    async def run(self, mountpoint: Path | None = None) -> None:
         """Run kernel cache invalidations and inotify echoes, one at a time, in order.
 
         Invalidations run in a worker thread. Echoes run in the helper process,
@@ -201,31 +262,62 @@ class HostChanges:
         try:
             await self._serial_lane()
         finally:
-            self.attrs.close()
+            await self.attrs.aclose()
             if self.echo is not None:
                 await self.echo.aclose()
 
     async def _serial_lane(self) -> None:
         worker = Worker("kvpfs invalidations")
         try:
-            async for request in self._requests:
-                try:
-                    if isinstance(request, EchoDue):
-                        await self._run_echo(worker)
-                    elif isinstance(request, PollNotify):
-                        request.handle.notify()
-                    elif isinstance(request, InodeDrop):
-                        await worker.run(pyfuse3.invalidate_inode, request.ino)
-                    else:
-                        try:
-                            await worker.run(pyfuse3.invalidate_entry, request.parent,
-                                             request.name, request.deleted)
-                        finally:
-                            self.host_deleted.discard(request.deleted)
-                except (FileNotFoundError, OSError) as exc:
-                    log.debug("invalidation %r: %s", request, exc)
+            async for first in self._requests:
+                await self._settle()
+                for request in self._batch(first):
+                    await self._perform(request, worker)
         finally:
             worker.close()
+
+    async def _settle(self) -> None:
+        """Wait while changes keep coming, SETTLE_MAX at most (see SETTLE)."""
+        until = trio.current_time() + SETTLE_MAX
+        while (now := trio.current_time()) < until:
+            quiet_at = self._last_change + SETTLE
+            if now >= quiet_at:
+                return
+            await trio.sleep(min(quiet_at, until) - now)
+
+    def _batch(self, first: Invalidation) -> list[Invalidation]:
+        """`first` and everything queued behind it, each invalidation and wake-up once
+        (in the order first asked); every EchoDue stays, as each stands for one key."""
+        batch = [first]
+        seen: set[Invalidation] = {first}
+        while True:
+            try:
+                request = self._requests.receive_nowait()
+            except trio.WouldBlock:
+                return batch
+            if isinstance(request, EchoDue):
+                batch.append(request)
+            elif request not in seen:
+                seen.add(request)
+                batch.append(request)
+
+    async def _perform(self, request: Invalidation, worker: Worker) -> None:
+        try:
+            if isinstance(request, EchoDue):
+                await self._run_echo(worker)
+            elif isinstance(request, PollNotify):
+                request.handle.notify()
+            elif isinstance(request, InodeDrop):
+                self._page_drops.discard(request.ino)  # a change from now on asks again
+                await worker.run(pyfuse3.invalidate_inode, request.ino)
+            else:
+                try:
+                    await worker.run(pyfuse3.invalidate_entry, request.parent,
+                                     request.name, request.deleted)
+                finally:
+                    self.host_deleted.discard(request.deleted)
+        except OSError as exc:
+            log.debug("invalidation %r: %s", request, exc)
 
     async def _run_echo(self, worker: Worker) -> None:
         """The echoes for one key whose change watchers have not seen yet."""
@@ -235,19 +327,19 @@ class HostChanges:
             if self.echo is not None and not self.echo.disabled:
                 self.echo_op = op
                 try:
-                    error = await self.echo.run(op, POOL_NAMES[op.pool].encode())
+                    error = await self.echo.run(op, Pool(op.pool).dirname.encode())
                 finally:
                     self.echo_op = None
             if error:
-                log.debug("inotify echo %s of %s/%r: %s", op.kind, POOL_NAMES[op.pool],
-                          op.name, os.strerror(error))
-            node = op.node if isinstance(op.node, Node) else None  # DELETE's only
-            if error and op.kind == DELETE and node is not None \
+                log.debug("inotify echo %s of %s/%r: %s", op.kind.name.lower(),
+                          Pool(op.pool).dirname, op.name, os.strerror(error))
+            node = op.node  # DELETE's only
+            if error and op.kind is EchoKind.DELETE and node is not None \
                     and (node.lookups > 0 or node.handles > 0):
                 with contextlib.suppress(OSError):  # the kernel may have dropped it already
                     await worker.run(pyfuse3.invalidate_entry, DIR_INODES[op.pool],
                                      op.name, node.ino)
-            if op.kind == DELETE and node is not None:
+            if op.kind is EchoKind.DELETE and node is not None:
                 self.host_deleted.discard(node.ino)
             for ino in op.touched:  # echo-only attributes: the next stat asks again
                 touched = self.table.get(ino)
