@@ -1,3 +1,3 @@
 """kvpfs: Hyper-V KVP (Data Exchange) pools as a FUSE filesystem."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

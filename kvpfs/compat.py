@@ -1,9 +1,11 @@
 """Every difference between the library versions kvpfs runs on, in one place.
 
-kvpfs runs on the newest trio and pyfuse3 from PyPI and on what Debian 12 ships
-(python3-trio 0.22.0, python3-pyfuse3 3.2.1, Python 3.11). The rest of the code
-calls the helpers here instead of testing versions itself, so that dropping an
-old release later means deleting lines in this module only.
+kvpfs runs on the newest trio and pyfuse3 from PyPI and on what the distributions
+ship: Debian 12 (trio 0.22.0, pyfuse3 3.2.1, Python 3.11), Ubuntu 24.04 (0.24.0,
+3.3.0, 3.12), Debian 13 (0.29.0, 3.4.0, 3.13) and Ubuntu 26.04 (0.32.0, 3.4.0, 3.14);
+CI tests each of the first three (docs/packaging.md). The rest of the code calls the
+helpers here instead of testing versions itself, so that dropping an old release
+later means deleting lines in this module only.
 
 What differs:
 
@@ -11,13 +13,14 @@ What differs:
   (the old name is deprecated, and will go) and added `thread_name=`;
 - before trio 0.23 `nursery.start` wrapped an error its task raised before
   `task_status.started()` in an ExceptionGroup of one (with strict groups);
-- pyfuse3 3.5 brought poll support (`Operations.poll`, `PollHandle`); before it,
-  the kernel takes every kvpfs file as always readable, so `/.events` cannot be
-  waited on with poll/select: `kvpfs wait` (kvpfs/cli/wait.py) then reads it every
-  0.1 s instead of spinning, and `fuse_can_poll()` tells the tests;
-- before trio 0.25 a nursery re-raised a lone child exception bare, not wrapped in
-  an ExceptionGroup. kvpfs is written for the new rule (`strict_exception_groups`,
-  accepted by `trio.run` since 0.22), so `run` asks for it on every version.
+- pyfuse3 3.5 brought poll support (`Operations.poll`, `PollHandle`); before it (all
+  four distributions above), the kernel takes every kvpfs file as always readable,
+  so `/.events` cannot be waited on with poll/select: `kvpfs wait` (kvpfs/cli/wait.py)
+  then reads it every 0.1 s instead of spinning, and `fuse_can_poll()` tells the tests;
+- before trio 0.25 (Debian 12, Ubuntu 24.04) a nursery re-raised a lone child
+  exception bare, not wrapped in an ExceptionGroup. kvpfs is written for the new rule
+  (`strict_exception_groups`, accepted by `trio.run` since 0.22), so `run` asks for it
+  on every version.
 """
 
 from __future__ import annotations

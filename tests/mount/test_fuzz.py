@@ -743,11 +743,21 @@ async def test_pool_file_replaced_while_running(tmp_path: Path, what: str, caplo
     async with serving(pools, watch=True) as rig:
         assert (await rig.host.set(0, "k", "v")).ok
         target = pool_file(pools, 0)
-        target.unlink()
         if what == "directory":
-            target.mkdir()
+            # The watcher may recreate the missing file between the unlink and the
+            # mkdir (it reloads a pool whose file changed): then try again.
+            for _ in range(100):
+                target.unlink(missing_ok=True)
+                try:
+                    target.mkdir()
+                    break
+                except FileExistsError:
+                    continue
+            assert target.is_dir()
         else:
-            target.symlink_to(outside)
+            link = target.with_name("link-to-outside")
+            link.symlink_to(outside)
+            link.replace(target)  # one rename: the file is never missing meanwhile
         await trio.sleep(0.2)  # the watcher notices; it must not crash or follow the link
         assert (await rig.host.set(0, "k", "v2")).status == E_FAIL
         assert (await rig.host.set(1, "other-pool", "fine")).ok

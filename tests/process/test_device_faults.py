@@ -331,6 +331,7 @@ def test_registration_race_after_hibernation_resets_instead_of_answering(
 
 
 @pytest.mark.log_errors("not answered: the kernel may have armed")
+@pytest.mark.fuse_poll  # fails on pyfuse3 3.2.1 and 3.4.0: the emulator's device needs poll
 def test_sigstop_past_the_kernel_timeout_then_a_lock_held_through_the_next_request(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The judge's scenario with the kernel's timeout shrunk to 1 s (both sides): kvpfs is
