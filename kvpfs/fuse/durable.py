@@ -97,11 +97,13 @@ class DurableMeta:
                 or self.unreadable:
             error = await self._save()
             if error is not None and record is not None:
-                # Not on disk: the next keep of this record must try again.
-                if previous is None:
-                    self.records.pop(key, None)
-                else:
-                    self.records[key] = previous
+                # Not on disk: the next keep of this record must try again (unless another
+                # change of this key came meanwhile: its own save decides for it).
+                if self.records.get(key) is record:
+                    if previous is None:
+                        del self.records[key]
+                    else:
+                        self.records[key] = previous
                 raise pyfuse3.FUSEError(error.errno or errno.EIO)
         else:
             self._dirty.set()
