@@ -13,14 +13,17 @@ Two speeds (docs/tools.md):
   by `saver()` a moment later, many writes in one save (not fsynced, like the pools), and
   at shutdown; a crash may lose the last moment's, and then shows the value as the pool
   holds it, with the pool's time.
-Saves run in a worker thread, one at a time, in order.
+Saves run in a worker thread, one at a time, in order. A mode or owner that cannot be
+saved fails the call that set it (its errno), rather than being lost at the next restart.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 from collections.abc import Iterable
 
+import pyfuse3
 import trio
 
 from kvpfs.fuse.nodes import Node
@@ -75,19 +78,33 @@ class DurableMeta:
 
     async def keep(self, key: bytes, record: KeyMeta | None) -> None:
         """Keep `key`'s record (None: forget it). Saved now if its mode or owner differ from
-        the saved one's, else by `saver()`."""
+        the saved one's, else by `saver()`. A record that must be on disk now and cannot be
+        is a FUSEError with the save's errno (the caller's change is not answered as done);
+        a record to forget that cannot be is left to the next save (a stale record only
+        restricts)."""
+        previous = self.records.get(key)
         if record is None or record.is_empty():
+            record = None
             if self.records.pop(key, None) is None:
                 return
         else:
-            if self.records.get(key) == record:
+            if previous == record:
                 return
             self.records[key] = record
         saved = self.on_disk.get(key, KeyMeta())
         new = record or KeyMeta()
         if (new.mode, new.uid, new.gid) != (saved.mode, saved.uid, saved.gid) \
                 or self.unreadable:
-            await self._save()
+            error = await self._save()
+            if error is not None and record is not None:
+                # Not on disk: the next keep of this record must try again (unless another
+                # change of this key came meanwhile: its own save decides for it).
+                if self.records.get(key) is record:
+                    if previous is None:
+                        del self.records[key]
+                    else:
+                        self.records[key] = previous
+                raise pyfuse3.FUSEError(error.errno or errno.EIO)
         else:
             self._dirty.set()
 
@@ -103,9 +120,10 @@ class DurableMeta:
                 if self.records != self.on_disk:
                     await self._save()
 
-    async def _save(self, *, durable: bool = True) -> None:
+    async def _save(self, *, durable: bool = True) -> OSError | None:
+        """Save the records; the error (logged) if that failed."""
         if self.file is None:
-            return
+            return None
         async with self._saving:
             self._dirty = trio.Event()
             snapshot = dict(self.records)
@@ -115,6 +133,7 @@ class DurableMeta:
             except OSError as exc:
                 log.warning("could not save guest keys' modes, owners and mtimes to %s: %s;"
                             " they hold until kvpfs restarts", self.file.path, exc)
-                return
+                return exc
             self.on_disk = snapshot
             self.unreadable = False
+            return None

@@ -40,6 +40,7 @@ class PrivateDir:
     ctime_ns: int = field(default_factory=time.time_ns)
     lookups: int = 0
     linked: bool = True
+    maker: int = 0  # whose count it takes (`uid` may change by chown; the count may not)
 
 
 class PrivateDirs:
@@ -65,7 +66,7 @@ class PrivateDirs:
             refusals.warning("refused mkdir guest/%s: %s, the most kvpfs keeps; remove some",
                              name.decode(errors="replace"), why)
             raise pyfuse3.FUSEError(errno.ENOSPC)
-        directory = PrivateDir(self._new_ino(), name, stat.S_IMODE(mode), uid, gid)
+        directory = PrivateDir(self._new_ino(), name, stat.S_IMODE(mode), uid, gid, maker=uid)
         self.by_name[name] = directory
         self.by_ino[directory.ino] = directory
         return directory
@@ -75,7 +76,7 @@ class PrivateDirs:
         if directory is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
         directory.linked = False
-        self.quota.give(directory.uid)
+        self.quota.give(directory.maker)
         self._maybe_drop(directory)
 
     def forget(self, ino: int, count: int) -> bool:

@@ -410,8 +410,13 @@ class Writes:
         delete the old key. A scratch file renamed to a key is stored as a write would be; a
         key renamed to a scratch file keeps its bytes as they read."""
         # A temporary name (docs/tools.md) is never a key: renamed to one, a key leaves
-        # the host; renamed from one to a key name, the file is published now.
-        new_key = None if is_temporary(name_new) else self.checked_key(name_new)
+        # the host; renamed from one to a key name, the file is published now. But a key
+        # the pool already holds under that name (the host's `Build.tmp`) is replaced as
+        # any key is, not left beside a scratch file of the same name.
+        if target is not None and target.key is not None:
+            new_key: bytes | None = target.key
+        else:
+            new_key = None if is_temporary(name_new) else self.checked_key(name_new)
         # The file's bytes (a key's written form, newline included) and what is stored.
         data = await self.contents.current(node) or b""
         if node.key is None:

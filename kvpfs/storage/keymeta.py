@@ -188,6 +188,8 @@ def parse(data: bytes) -> dict[bytes, KeyMeta]:
         document = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"not JSON: {exc}") from None
+    except RecursionError:  # nested deeper than any file kvpfs writes
+        raise ValueError("nested too deeply to be a kvpfs metadata file") from None
     if not isinstance(document, dict) or document.get("format") != FORMAT:
         raise ValueError(f"not format {FORMAT}")
     keys = document.get("keys")

@@ -87,3 +87,24 @@ async def test_records_of_keys_gone_are_dropped_and_a_rename_moves_the_record(tm
         assert info.value.errno == errno.ENOENT
     finally:
         store.close()
+
+
+async def test_a_chmod_that_cannot_be_saved_is_not_answered_as_done(tmp_path):
+    """chmod 600 answered 0 while the record failed to save would show the key 0644 again
+    after a restart: the caller must hear that it is not on disk."""
+    pools = tmp_path / "pools"
+    store, ops = await mounted(pools)
+    try:
+        await store.set(Pool.GUEST, b"Secret", b"s3cret", Origin.HOST)
+        (pools / (FILE_NAME + ".new")).mkdir()  # the save's temporary file cannot be made
+        attr = await ops.lookup(GUEST_DIR, b"Secret", Ctx())
+        attr.st_mode = stat.S_IFREG | 0o600
+        with pytest.raises(pyfuse3.FUSEError) as info:
+            await ops.setattr(attr.st_ino, attr, Fields(update_mode=True), None, Ctx())
+        assert info.value.errno == errno.EISDIR
+        assert b"Secret" not in KeyMetaFile(pools).load().records
+        (pools / (FILE_NAME + ".new")).rmdir()
+        await ops.setattr(attr.st_ino, attr, Fields(update_mode=True), None, Ctx())
+        assert KeyMetaFile(pools).load().records[b"Secret"].mode == 0o600
+    finally:
+        store.close()

@@ -145,3 +145,22 @@ async def test_a_guest_group_may_write_guest_and_no_one_else(tmp_path, monkeypat
         # Others read only; external readable by all here (--external-readable).
         external = await m.ops.getattr(EXTERNAL_DIR, Ctx())
         assert stat.S_IMODE(external.st_mode) == 0o555 and external.st_gid == 0
+
+
+async def test_a_private_directory_chowned_then_removed_gives_back_its_makers_count(
+        m, monkeypatch):
+    """The count goes back to whoever it was taken from, whoever owns the directory at
+    rmdir: else root's `chown -R root guest/` leaves a user unable to make one ever again."""
+    from kvpfs.fuse import privatedirs
+    from tests.support.handlers import Fields
+
+    monkeypatch.setattr(privatedirs, "MAX_DIRS", 1)
+    user = Ctx(uid=1000, gid=1000)
+    made = await m.ops.mkdir(GUEST_DIR, b"Role.lock", 0o755, user)
+    attr = await m.ops.getattr(made.st_ino, Ctx())
+    attr.st_uid = 0
+    await m.ops.setattr(made.st_ino, attr, Fields(update_uid=True), None, Ctx())
+    await m.ops.rmdir(GUEST_DIR, b"Role.lock", Ctx())
+    await m.ops.mkdir(GUEST_DIR, b"Role2.lock", 0o755, user)  # not ENOSPC
+    await m.ops.rmdir(GUEST_DIR, b"Role2.lock", user)
+    assert m.ops.dirs.quota.sum_all == 0

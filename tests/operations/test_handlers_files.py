@@ -385,6 +385,18 @@ async def test_a_key_renamed_to_a_scratch_name_leaves_the_pool_and_keeps_its_byt
     assert m.store.get(GUEST, b"Back") == b"value"
 
 
+async def test_rename_over_a_key_whose_name_looks_temporary_replaces_that_key(m):
+    """A key the pool holds under a name of a temporary file's shape (the host's
+    `Build.tmp`): renamed over, it is replaced like any key, not left in the pool beside
+    a scratch file of the same name (listed twice, its value never changed)."""
+    await m.store.set(GUEST, b"Build.tmp", b"old", Origin.HOST)
+    await m.write_file(b"Build", b"new")
+    await m.ops.rename(GUEST_DIR, b"Build", GUEST_DIR, b"Build.tmp", 0, Ctx())
+    assert m.store.get(GUEST, b"Build") is None and m.store.get(GUEST, b"Build.tmp") == b"new"
+    assert pool_file_records(m, GUEST) == [(b"Build.tmp", b"new")]
+    assert sorted(await m.list_dir(GUEST_DIR)) == [b"Build.tmp"]
+
+
 async def test_ftruncate_through_an_open_file_is_stored_at_close(m):
     ino = await m.write_file(b"Key", b"abcdef")
     info = await m.ops.open(ino, os.O_WRONLY, Ctx())

@@ -54,6 +54,8 @@ def test_missing_file_is_empty_and_safe(tmp_path):
     b'{"format": 1, "keys": {"41": {"mode": 99999}}}',
     b'{"format": 1, "keys": {"41": {"value_sha256": "short"}}}',
     b"\xff\xfe",
+    b"[" * 100_000,  # nested past Python's recursion limit: RecursionError, not ValueError
+    b'{"format": 1, "keys": {"41": ' + b"{" * 100_000 + b"}",
 ])
 def test_a_damaged_file_makes_every_key_owner_only(tmp_path, content, caplog):
     (tmp_path / FILE_NAME).write_bytes(content)
