@@ -71,11 +71,10 @@ def public_kvpfs():
 
 def test_unprivileged_readers_cannot_stop_the_mount(public_kvpfs):
     kvpfs = public_kvpfs
-    # More than pyfuse3's 99 default handlers, and no more than one user may hold open:
-    # past STREAMS_PER_USER, whether the extra opens are refused (before their readers
-    # could wait) depends on how fast the refused readers exit, and so does which
-    # limit the one log line names.
-    readers = events.STREAMS_PER_USER
+    # More than pyfuse3's 99 default handlers, and fewer than one user may hold open,
+    # with a margin: at STREAMS_PER_USER exactly, an open refused under load (seen once
+    # in a loaded full run) made the one log line name the open limit instead.
+    readers = events.STREAMS_PER_USER - 8
     assert readers > 99
     errors = kvpfs.base / "errors"
     errors.touch(mode=0o666)
