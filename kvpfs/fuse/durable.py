@@ -46,6 +46,11 @@ class DurableMeta:
         keys = set(guest_keys)
         self.records = {k: r for k, r in self.on_disk.items() if k in keys}
         self.unreadable = loaded.unreadable if loaded else False
+        if self.unreadable:
+            # The lost file may have held a chmod 600 for any of these keys: each keeps an
+            # owner-only record of its own, so the next save cannot widen it.
+            for key in keys:
+                self.records[key] = KeyMeta(mode=UNREADABLE_MODE)
         self._saving = trio.Lock()
         self._dirty = trio.Event()
 

@@ -55,6 +55,33 @@ async def test_a_damaged_file_shows_keys_owner_only(tmp_path):
         store.close()
 
 
+async def test_keys_of_a_damaged_file_stay_owner_only_after_the_next_save(tmp_path):
+    """A damaged file (garbage, or the empty file a power loss can leave after a save that
+    was not synced) may have held `chmod 600`: the keys it covered stay owner-only across
+    the saves and restarts that follow, not only until the first save."""
+    pools = tmp_path / "pools"
+    store, ops = await mounted(pools)
+    for key in (b"Secret", b"Other"):
+        await store.set(Pool.GUEST, key, b"v", Origin.HOST)
+    store.close()
+    (pools / FILE_NAME).write_bytes(b"")
+    store, ops = await mounted(pools)
+    try:
+        attr = await ops.lookup(GUEST_DIR, b"Other", Ctx())
+        attr.st_mode = stat.S_IFREG | 0o644  # the user widens one key on purpose: a save
+        await ops.setattr(attr.st_ino, attr, Fields(update_mode=True), None, Ctx())
+    finally:
+        store.close()
+    store, ops = await mounted(pools)
+    try:
+        secret = await ops.lookup(GUEST_DIR, b"Secret", Ctx())
+        assert stat.S_IMODE(secret.st_mode) == 0o600
+        other = await ops.lookup(GUEST_DIR, b"Other", Ctx())
+        assert stat.S_IMODE(other.st_mode) == 0o644
+    finally:
+        store.close()
+
+
 async def test_records_of_keys_gone_are_dropped_and_a_rename_moves_the_record(tmp_path):
     pools = tmp_path / "pools"
     store, ops = await mounted(pools)
