@@ -433,6 +433,7 @@ class KvpOperations(pyfuse3.Operations):
             handle = self._handles.get(fh) if fh is not None else None
             await self.writes.truncate(node, attr.st_size, handle)
         now = time.time_ns()
+        owned_before = (node.chmod.mode, node.chmod.uid, node.chmod.gid)
         if fields.update_mode:
             node.chmod.mode = stat.S_IMODE(attr.st_mode)
         if fields.update_uid:
@@ -450,8 +451,12 @@ class KvpOperations(pyfuse3.Operations):
                 or fields.update_mtime):
             # On disk before chmod returns (durable.py).
             stored = self.contents.stored(node)
-            await self.meta.keep(node.key, self.meta.record_of(
-                node, stored, self.contents.value(node) or stored))
+            try:
+                await self.meta.keep(node.key, self.meta.record_of(
+                    node, stored, self.contents.value(node) or stored))
+            except pyfuse3.FUSEError:  # not on disk, so not done: the key stays as it was
+                node.chmod.mode, node.chmod.uid, node.chmod.gid = owned_before
+                raise
         return await self.attributes.of_node(node)
 
     @handler

@@ -18,8 +18,8 @@ Safety of modes: a record is written (and synced) before the change it describes
 answered, and removed only after the key is gone from the pool, so a crash can leave a
 stale restrictive record but never a key shown more widely than its user set it. A file
 that exists but cannot be read makes every guest key owner-only (`UNREADABLE_MODE`), a
-record each that later saves keep (kvpfs.fuse.durable). Pure but for the file itself: no FUSE, no pools, no threads
-(the caller runs `save` in a worker thread).
+record each that later saves keep (kvpfs.fuse.durable). Pure but for the file itself: no
+FUSE, no pools, no threads (the caller runs `save` in a worker thread).
 """
 
 from __future__ import annotations

@@ -130,6 +130,8 @@ async def test_a_chmod_that_cannot_be_saved_is_not_answered_as_done(tmp_path):
             await ops.setattr(attr.st_ino, attr, Fields(update_mode=True), None, Ctx())
         assert info.value.errno == errno.EISDIR
         assert b"Secret" not in KeyMetaFile(pools).load().records
+        # ...and the refused chmod is not shown either: the key is as it was.
+        assert stat.S_IMODE((await ops.getattr(attr.st_ino, Ctx())).st_mode) == 0o644
         (pools / (FILE_NAME + ".new")).rmdir()
         await ops.setattr(attr.st_ino, attr, Fields(update_mode=True), None, Ctx())
         assert KeyMetaFile(pools).load().records[b"Secret"].mode == 0o600
