@@ -338,3 +338,23 @@ def timed_batch(op: Callable[[], object], *, min_seconds: float, min_count: int 
         times.append(end - start)
         if len(times) >= min_count and end >= deadline:
             return statistics.median(times)
+
+
+def start_kvpfs(base: Path, src: Path, group: int) -> subprocess.Popen[bytes]:
+    """kvpfs from checkout `src` on the simulated host in `base`, for attacks by members of
+    `group`: mounted with --allow-other, its log in base/kvpfs.log."""
+    mnt, control = base / "mnt", base / "control.sock"
+    mnt.mkdir()
+    env = dict(os.environ, PYTHONPATH=str(src), PYTHONDONTWRITEBYTECODE="1")
+    log = open(base / "kvpfs.log", "ab")  # noqa: SIM115 - the child keeps it
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kvpfs", "mount", str(mnt), "--simulate",
+         "--pool-dir", str(base / "pools"), "--control", str(control),
+         "--allow-other", "--guest-group", str(group)],
+        stdout=log, stderr=log, stdin=subprocess.DEVNULL, cwd=src, env=env)
+    deadline = time.monotonic() + 30
+    while not (control.exists() and os.path.ismount(mnt)):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"kvpfs did not start:\n{(base / 'kvpfs.log').read_text()}")
+        time.sleep(0.05)
+    return proc

@@ -34,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import fmt_mb, lazy_unmount, rss_bytes, stop_process
+from bench.common import fmt_mb, lazy_unmount, rss_bytes, start_kvpfs, stop_process
 
 REPO = Path(__file__).resolve().parent.parent
 NOBODY = 65534
@@ -80,24 +80,6 @@ for fd in fds:
 """
 
 
-def start_kvpfs(base: Path, src: Path) -> subprocess.Popen[bytes]:
-    mnt, control = base / "mnt", base / "control.sock"
-    mnt.mkdir()
-    env = dict(os.environ, PYTHONPATH=str(src), PYTHONDONTWRITEBYTECODE="1")
-    log = open(base / "kvpfs.log", "ab")  # noqa: SIM115 - the child keeps it
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "kvpfs", "mount", str(mnt), "--simulate",
-         "--pool-dir", str(base / "pools"), "--control", str(control),
-         "--allow-other", "--guest-group", str(GROUP)],
-        stdout=log, stderr=log, stdin=subprocess.DEVNULL, cwd=src, env=env)
-    deadline = time.monotonic() + 30
-    while not (control.exists() and os.path.ismount(mnt)):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"kvpfs did not start:\n{(base / 'kvpfs.log').read_text()}")
-        time.sleep(0.05)
-    return proc
-
-
 def host(src: Path, base: Path, *args: str) -> str:
     done = subprocess.run([sys.executable, "-m", "kvpfs", "host", "--control",
                            str(base / "control.sock"), *args], capture_output=True, text=True,
@@ -139,7 +121,7 @@ def main() -> int:
     src = args.src.resolve()
     base = Path(tempfile.mkdtemp(prefix="kvpfs-hostile18-", dir="/tmp"))
     os.chmod(base, 0o755)
-    proc = start_kvpfs(base, src)
+    proc = start_kvpfs(base, src, GROUP)
     mnt = base / "mnt"
     try:
         for i in range(300):

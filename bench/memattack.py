@@ -30,12 +30,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import fmt_mb, lazy_unmount, rss_bytes, stop_process
+from bench.common import fmt_mb, lazy_unmount, rss_bytes, start_kvpfs, stop_process
 
 REPO = Path(__file__).resolve().parent.parent
 NOBODY = 65534
@@ -115,24 +114,6 @@ print(json.dumps(out), flush=True)
 """
 
 
-def start_kvpfs(base: Path, src: Path) -> subprocess.Popen[bytes]:
-    mnt, control = base / "mnt", base / "control.sock"
-    mnt.mkdir()
-    env = dict(os.environ, PYTHONPATH=str(src), PYTHONDONTWRITEBYTECODE="1")
-    log = open(base / "kvpfs.log", "ab")  # noqa: SIM115 - the child keeps it
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "kvpfs", "mount", str(mnt), "--simulate",
-         "--pool-dir", str(base / "pools"), "--control", str(control),
-         "--allow-other", "--guest-group", str(GROUP)],
-        stdout=log, stderr=log, stdin=subprocess.DEVNULL, cwd=src, env=env)
-    deadline = time.monotonic() + 30
-    while not (control.exists() and os.path.ismount(mnt)):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"kvpfs did not start:\n{(base / 'kvpfs.log').read_text()}")
-        time.sleep(0.05)
-    return proc
-
-
 def attack(step: str, guest: Path, *extra: str, pid: int) -> tuple[dict, int, int]:
     python = shutil.which("python3", path="/usr/bin:/bin") or "python3"
     argv = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", f"--groups={GROUP}", "--",
@@ -163,7 +144,7 @@ def main() -> int:
         raise SystemExit("run as root: it mounts FUSE and switches to nobody")
     base = Path(tempfile.mkdtemp(prefix="kvpfs-memattack-", dir="/tmp"))
     os.chmod(base, 0o755)
-    proc = start_kvpfs(base, args.src.resolve())
+    proc = start_kvpfs(base, args.src.resolve(), GROUP)
     guest = base / "mnt" / "guest"
     try:
         rss, hwm = rss_bytes(proc.pid)
