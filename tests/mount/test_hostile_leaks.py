@@ -14,11 +14,9 @@ issue 16 items 5 and 9).
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -28,7 +26,7 @@ import pytest
 from kvpfs import mountinfo
 from tests.conftest import KvpfsProcess, requires_fuse
 from tests.support.figures import record_figure
-from tests.support.hostile import StuckInOwnFuse, as_user, user_argv, user_dir
+from tests.support.hostile import StuckInOwnFuse, as_user, group_mount, user_argv, user_dir
 from tests.support.waiting import wait_for
 
 pytestmark = requires_fuse
@@ -38,14 +36,8 @@ GROUP = 4247
 
 @pytest.fixture
 def mount():
-    base = Path(tempfile.mkdtemp(prefix="kvpfs-leaks18-", dir="/tmp"))
-    os.chmod(base, 0o755)
-    proc = KvpfsProcess(base, "--allow-other", "--guest-group", str(GROUP)).start()
-    try:
+    with group_mount(GROUP, "kvpfs-leaks18-") as proc:
         yield proc
-    finally:
-        proc.cleanup()
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def strangers_view(kv: KvpfsProcess) -> dict[str, str]:
