@@ -17,7 +17,7 @@ from kvpfs.mount import build_filesystem
 from kvpfs.storage.keymeta import FILE_NAME, KeyMetaFile
 from kvpfs.storage.store import Origin, Store
 from kvpfs.wire.protocol import Pool
-from tests.operations.test_fs_api import Ctx, Fields
+from tests.support.handlers import Ctx, Fields
 
 GUEST_DIR = DIR_INODES[Pool.GUEST]
 

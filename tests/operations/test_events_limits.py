@@ -18,15 +18,7 @@ import trio.testing
 from kvpfs.fuse import events
 from kvpfs.fuse.events import EventFeed
 from kvpfs.storage.store import Change, ChangeKind, Origin
-from tests.support.handlers import refused
-
-
-class Ctx:
-    def __init__(self, uid: int) -> None:
-        self.uid = uid
-        self.gid = uid
-        self.pid = os.getpid()
-        self.umask = 0o022
+from tests.support.handlers import Ctx, refused
 
 
 @pytest.fixture

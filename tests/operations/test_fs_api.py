@@ -16,21 +16,7 @@ from kvpfs.fuse.operations import DIR_INODES, EVENTS_INODE
 from kvpfs.host.intrinsic import FqdnCache, Intrinsics
 from kvpfs.mount import build_filesystem
 from kvpfs.storage.store import Origin, Store
-
-
-class Ctx:
-    uid = 0
-    gid = 0
-    pid = os.getpid()
-    umask = 0o022
-
-
-class Fields:
-    def __init__(self, **set_fields: bool) -> None:
-        for name in ("update_atime", "update_mtime", "update_ctime", "update_mode",
-                     "update_uid", "update_gid", "update_size"):
-            setattr(self, name, set_fields.get(name, False))
-
+from tests.support.handlers import Ctx, Fields
 
 GUEST_DIR = DIR_INODES[1]
 EXTERNAL_DIR = DIR_INODES[0]
@@ -236,11 +222,8 @@ async def test_xattrs_give_the_raw_key(ops):
 
 
 async def test_events_feed_filters_external_for_other_users(ops):
-    class User(Ctx):
-        uid = 1000
-
     root = await ops.open(EVENTS_INODE, os.O_RDONLY | os.O_NONBLOCK, Ctx())
-    user = await ops.open(EVENTS_INODE, os.O_RDONLY | os.O_NONBLOCK, User())
+    user = await ops.open(EVENTS_INODE, os.O_RDONLY | os.O_NONBLOCK, Ctx(uid=1000))
     await ops.store.set(0, b"secret-name", b"v", Origin.HOST)
     await ops.store.set(1, b"Status", b"v", Origin.HOST)
     assert await ops.read(root.fh, 0, 4096) == b"set external secret-name\nset guest Status\n"

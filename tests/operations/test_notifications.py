@@ -19,19 +19,13 @@ from kvpfs.host.intrinsic import FqdnCache, Intrinsics
 from kvpfs.mount import build_filesystem
 from kvpfs.storage.store import Origin, Store
 from kvpfs.wire.protocol import Pool
+from tests.support.handlers import Ctx
 
 THREAD_NAME = "kvpfs attribute invalidations"
 
 
 def invalidation_threads() -> int:
     return sum(thread.name == THREAD_NAME for thread in threading.enumerate())
-
-
-class Ctx:
-    uid = 0
-    gid = 0
-    pid = os.getpid()
-    umask = 0o022
 
 
 async def test_requests_for_a_waiting_inode_fold_into_one_call_and_every_callback_runs():
