@@ -65,8 +65,11 @@ from kvpfs.wire.protocol import SET_KEY_SIZE_OFFSET, Op, Status, ValueType
 from tests.conftest import REPO, KvpfsDeviceProcess, fuse_missing
 from tests.support.figures import record_figure
 
+# Under CI=true FUSE is checked at session start and ./dev.sh installs hyperv-daemons:
+# a missing daemon there fails the tests instead of skipping them.
 pytestmark = pytest.mark.skipif(
-    fuse_missing() is not None or not os.access(REFERENCE_DAEMON, os.X_OK),
+    (fuse_missing() is not None or not os.access(REFERENCE_DAEMON, os.X_OK))
+    and os.environ.get("CI") != "true",
     reason=f"needs root, /dev/fuse and {REFERENCE_DAEMON} (Debian package hyperv-daemons)",
 )
 
